@@ -1,0 +1,1 @@
+"""Critical-sparsity eval harness, installed as ``vllm_sparsity.eval``."""

@@ -1,0 +1,1 @@
+"""Triton kernels of vllm-sparsity, installed as ``vllm_sparsity.kernels``."""

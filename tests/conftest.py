@@ -1,0 +1,134 @@
+"""Shared fixtures: the demo model, and real `vllm serve` processes shared by the whole session.
+
+vLLM start-up (Inductor compile included) takes minutes on this CPU, so the session starts exactly
+two servers, in parallel, on first use: ``sparse_server`` (plugin on, ``--sparsity-p 0.9``, the
+runtime-control route enabled, an API key set) and ``dense_server`` (plugin off). Each is stopped
+at the end of the session, whatever happened.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+VLLM = Path(sys.executable).with_name("vllm")
+API_KEY = "test-key"
+SERVED_NAME = "gemma-3-270m"
+START_TIMEOUT_S = float(os.environ.get("VLLM_SPARSITY_TEST_START_TIMEOUT", 900))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A `vllm serve` subprocess on a loopback port."""
+
+    name: str
+    proc: subprocess.Popen
+    port: int
+    log: Path
+    api_key: str | None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def wait_ready(self) -> Server:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n"
+                                   + self.log.read_text()[-4000:])
+            try:
+                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(2)
+        raise TimeoutError(f"{self.name} not ready after {START_TIMEOUT_S} s; log: {self.log}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def completion(self, prompt, **kw) -> dict:
+        body = {"model": SERVED_NAME, "prompt": prompt, "temperature": 0.0, **kw}
+        r = requests.post(f"{self.url}/v1/completions", json=body, headers=self.headers,
+                          timeout=300)
+        r.raise_for_status()
+        return r.json()
+
+
+def start_server(name: str, args: list[str], log_dir: Path, env: dict | None = None,
+                 api_key: str | None = None) -> Server:
+    """Start `vllm serve MODEL ARGS` in its own process group (so stop() ends every child)."""
+    from vllm_sparsity.demo_model import demo_model_path
+
+    port = free_port()
+    log = log_dir / f"{name}.log"
+    cmd = [str(VLLM), "serve", str(demo_model_path()), "--served-model-name", SERVED_NAME,
+           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048", *args]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
+    for k in list(full_env):  # start from a clean sparsity environment
+        if k.startswith("VLLM_SPARSITY_") and k not in (env or {}):
+            del full_env[k]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=full_env,
+                            start_new_session=True, cwd=log_dir)
+    return Server(name, proc, port, log, api_key)
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    from vllm_sparsity.demo_model import demo_model_path
+
+    return demo_model_path()
+
+
+@pytest.fixture(scope="session")
+def _servers(tmp_path_factory, demo_model):
+    log_dir = tmp_path_factory.mktemp("servers")
+    servers = {
+        "sparse": start_server("sparse", ["--sparsity-p", "0.9"], log_dir,
+                               env={"VLLM_PLUGINS": "sparsity"}, api_key=API_KEY),
+        "dense": start_server("dense", [], log_dir),
+    }
+    try:
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def sparse_server(_servers) -> Server:
+    return _servers["sparse"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def dense_server(_servers) -> Server:
+    return _servers["dense"].wait_ready()

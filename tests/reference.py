@@ -1,0 +1,101 @@
+"""Independent references for the top-p rule; tests and benchmarks import them from here.
+
+``paper_top_p_mask`` is the paper's own recipe (Szatkowski et al., reference implementation
+``get_topp_mask``): sort |x| descending, float64 cumulative sum, first index where it reaches
+``p * sum|x|``, keep ``|x| >=`` the value there. ``loop_top_p_mask`` restates the rule one row at a
+time in plain Python, so that neither shares code with ``vllm_sparsity.rule``.
+
+Both follow the plugin's documented edge cases (see ``vllm_sparsity.rule``): zero entries are never
+kept, a row holding a NaN is kept whole, ``p >= 1`` keeps every nonzero entry.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def paper_top_p_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Paper's sort rule on x [..., K] (any float dtype) -> bool mask [..., K]."""
+    a = x.abs()
+    s, _ = a.sort(dim=-1, descending=True)
+    c = s.cumsum(dim=-1, dtype=torch.float64)
+    reached = c >= c[..., -1:] * p
+    idx = reached.int().argmax(dim=-1, keepdim=True)
+    mask = a >= s.gather(-1, idx)
+    if p >= 1.0:
+        mask = torch.ones_like(mask)
+    mask &= a != 0
+    return mask | x.isnan().any(dim=-1, keepdim=True)
+
+
+def loop_top_p_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The same rule, one row and one element at a time in Python floats (float64)."""
+    rows = x.reshape(-1, x.shape[-1]).tolist()
+    out = []
+    for row in rows:
+        if any(math.isnan(v) for v in row):
+            out.append([True] * len(row))
+            continue
+        mags = sorted((abs(v) for v in row), reverse=True)
+        total = math.fsum(mags) if not any(math.isinf(m) for m in mags) else math.inf
+        threshold, running = 0.0, 0.0
+        if p < 1.0 and total > 0:
+            for m in mags:
+                running += m
+                if running >= p * total:
+                    threshold = m
+                    break
+        out.append([v != 0 and abs(v) >= threshold for v in row])
+    return torch.tensor(out, dtype=torch.bool).reshape(x.shape)
+
+
+SITES = {"input": ("input",), "intermediate": ("intermediate",),
+         "all_inputs": ("input", "intermediate")}
+
+
+class HFTopP:
+    """HF transformers running the paper's rule through forward pre-hooks (the paper's method).
+
+    The rule sits on each decoder layer's MLP input ("input") and on ``down_proj``'s input
+    ("intermediate"); ``counts[(layer, site)]`` accumulates ``[zeroed, total]`` activations.
+    """
+
+    def __init__(self, path, dtype=torch.bfloat16):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.p, self.target = None, "all_inputs"
+        self.counts: dict[tuple[int, str], list[int]] = {}
+        for i, layer in enumerate(self.model.model.layers):
+            layer.mlp.register_forward_pre_hook(self._hook(i, "input"))
+            layer.mlp.down_proj.register_forward_pre_hook(self._hook(i, "intermediate"))
+
+    def _hook(self, layer, site):
+        def hook(module, args):
+            if self.p is None or site not in SITES[self.target]:
+                return None
+            x = args[0]
+            flat = x.reshape(-1, x.shape[-1])
+            mask = paper_top_p_mask(flat, self.p)
+            c = self.counts.setdefault((layer, site), [0, 0])
+            c[0] += int((~mask).sum())
+            c[1] += mask.numel()
+            return (torch.where(mask, flat, 0).view_as(x), *args[1:])
+        return hook
+
+    @torch.inference_mode()
+    def greedy(self, prompt: str, max_tokens: int = 16) -> list[int]:
+        """Greedy continuation token ids: one prefill, then one forward per new token but the
+        last, exactly the forwards vLLM runs for ``max_tokens`` tokens."""
+        ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+        out = self.model(ids, use_cache=True)
+        tokens = []
+        while True:
+            tokens.append(int(out.logits[0, -1].argmax()))
+            if len(tokens) == max_tokens:
+                return tokens
+            out = self.model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values,
+                             use_cache=True)

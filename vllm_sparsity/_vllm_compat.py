@@ -1,0 +1,155 @@
+"""Every place where the plugin reaches into vLLM internals (tested against vLLM 0.32).
+
+vLLM's ``vllm.general_plugins`` hook runs ``register()`` in every process before the argument
+parser is built, but it offers no hook to add CLI flags, to turn flags into config, or to touch the
+model after its weights are loaded. The wrappers below fill those gaps; each wraps a single vLLM
+method and calls the original unchanged. A vLLM upgrade should only ever need this file.
+
+- ``EngineArgs.add_cli_args``: adds the ``--sparsity-*`` flags (so ``vllm serve --help`` lists them).
+- ``EngineArgs.from_cli_args``: folds the flags into ``additional_config["sparsity"]``; a bad value
+  ends the CLI with one line naming the flag (exit status 2, like argparse).
+- ``EngineArgs.create_engine_config``: resolves flags > additional_config > environment into the
+  canonical ``additional_config["sparsity"]`` (also for offline ``LLM(...)``), which vLLM ships to
+  every worker and hashes into its compile cache.
+- ``BaseModelLoader.create_model``: once the model is built (weights allocated, not yet loaded),
+  swaps the gated MLPs' linear methods, so that vLLM's own ``process_weights_after_loading`` pass
+  reaches the sparse methods too (a kernel backend prepares its weight layout there).
+- ``WorkerWrapperBase``: gains the worker-side RPC methods of ``control.py`` (the endpoint-plugin
+  contract asks general plugins to install such methods).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import sys
+
+from vllm_sparsity import config as cfg
+
+logger = logging.getLogger("vllm.vllm_sparsity")  # under vLLM's handler and format
+
+_FLAG_HELP = {
+    "p": "Top-p activation sparsity: share of each token's L1 activation mass kept at the inputs "
+    "of every gated MLP's linear layers, a number in (0, 1]. Unset: sparsity off.",
+    "target": "Which inputs the top-p rule sparsifies: input (gate_up_proj input), intermediate "
+    "(down_proj input) or all_inputs (both). Default: all_inputs.",
+    "backend": "Sparse compute backend: auto (triton on CUDA, torch elsewhere), triton or torch. "
+    "Default: auto.",
+}
+_FLAG_METAVAR = {"p": "P", "target": "{" + ",".join(cfg.TARGETS) + "}",
+                 "backend": "{" + ",".join(cfg.BACKENDS) + "}"}
+
+
+def install() -> None:
+    """Wrap the vLLM methods once per process (vLLM may call ``register()`` repeatedly)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    if getattr(EngineArgs, "_vllm_sparsity_installed", False):
+        return
+    EngineArgs._vllm_sparsity_installed = True
+
+    add_cli_args = EngineArgs.add_cli_args  # staticmethod: a plain function here
+
+    @functools.wraps(add_cli_args)
+    def _add_cli_args(parser, *args, **kwargs):
+        parser = add_cli_args(parser, *args, **kwargs)
+        group = parser.add_argument_group("Sparsity", "Top-p activation sparsity (vllm-sparsity)")
+        for field in cfg.FIELDS:
+            group.add_argument(f"--sparsity-{field}", dest=f"sparsity_{field}", default=None,
+                               type=str, metavar=_FLAG_METAVAR[field], help=_FLAG_HELP[field])
+        return parser
+
+    EngineArgs.add_cli_args = staticmethod(_add_cli_args)
+
+    from_cli_args = EngineArgs.from_cli_args.__func__
+
+    @functools.wraps(from_cli_args)
+    def _from_cli_args(cls, args: argparse.Namespace):
+        engine_args = from_cli_args(cls, args)
+        flags = {f: getattr(args, f"sparsity_{f}", None) for f in cfg.FIELDS}
+        try:
+            engine_args.additional_config = with_resolved_sparsity(
+                engine_args.additional_config, flags
+            )
+        except cfg.SparsityConfigError as e:
+            print(f"vllm serve: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return engine_args
+
+    EngineArgs.from_cli_args = classmethod(_from_cli_args)
+
+    create_engine_config = EngineArgs.create_engine_config
+
+    @functools.wraps(create_engine_config)
+    def _create_engine_config(self, *args, **kwargs):
+        self.additional_config = with_resolved_sparsity(self.additional_config)
+        return create_engine_config(self, *args, **kwargs)
+
+    EngineArgs.create_engine_config = _create_engine_config
+
+    create_model = BaseModelLoader.create_model
+
+    @functools.wraps(create_model)
+    def _create_model(self, vllm_config, model_config, *args, **kwargs):
+        model = create_model(self, vllm_config, model_config, *args, **kwargs)
+        sparsity = cfg.SparsityConfig.from_additional_config(vllm_config.additional_config)
+        if sparsity is not None:
+            from vllm_sparsity.replace import replace_mlp
+
+            replace_mlp(model, sparsity)
+        return model
+
+    BaseModelLoader.create_model = _create_model
+
+    # Worker-side RPC methods for the endpoint plugin (see control.py). vLLM resolves a
+    # collective_rpc method name with getattr on the worker wrapper.
+    from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+    from vllm_sparsity.control import WORKER_METHODS
+
+    for name, method in WORKER_METHODS.items():
+        setattr(WorkerWrapperBase, name, method)
+
+
+def with_resolved_sparsity(additional_config, flags=None) -> dict:
+    """``additional_config`` with its ``"sparsity"`` section replaced by the resolved config
+    (absent when sparsity is off). Raises ``SparsityConfigError``."""
+    additional_config = dict(additional_config or {})
+    resolved = cfg.resolve(flags, additional_config, os.environ)
+    additional_config.pop(cfg.ADDITIONAL_CONFIG_KEY, None)
+    if resolved is not None:
+        additional_config[cfg.ADDITIONAL_CONFIG_KEY] = resolved.to_dict()
+    return additional_config
+
+
+def tp_world_size() -> int:
+    """Tensor-parallel world size of this worker (1 outside a distributed run)."""
+    from vllm.distributed import parallel_state
+
+    if parallel_state._TP is None:
+        return 1
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def tp_all_reduce(t):
+    """Sum ``t`` over the tensor-parallel group (vLLM's ``tensor_model_parallel_all_reduce``)."""
+    from vllm.distributed import tensor_model_parallel_all_reduce
+
+    return tensor_model_parallel_all_reduce(t)
+
+
+def gated_mlp_types():
+    """(MergedColumnParallelLinear, RowParallelLinear, act-and-mul classes) of this vLLM."""
+    from vllm.model_executor.layers import activation
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+
+    # Every "<act>AndMul" op (SiluAndMul, GeluAndMul, FatreluAndMul, ...) plus MulAndSilu: each
+    # computes act(gate) * up from the merged gate_up_proj output.
+    act_and_mul = tuple(
+        obj for name, obj in vars(activation).items()
+        if isinstance(obj, type) and (name.endswith("AndMul") or name == "MulAndSilu")
+    )
+    return MergedColumnParallelLinear, RowParallelLinear, act_and_mul

@@ -1,0 +1,168 @@
+"""The plugin's configuration: one object, three sources, one resolver.
+
+Sources, highest precedence first:
+
+1. ``vllm serve`` flags: ``--sparsity-p``, ``--sparsity-target``, ``--sparsity-backend``;
+2. ``--additional-config '{"sparsity": {"p": 0.9, "target": "all_inputs", "backend": "auto"}}'``
+   (also ``LLM(..., additional_config={"sparsity": {...}})`` in offline use);
+3. environment variables ``VLLM_SPARSITY_P``, ``VLLM_SPARSITY_TARGET``, ``VLLM_SPARSITY_BACKEND``.
+
+Each field is taken from the highest source that sets it. The resolved values are written back into
+``VllmConfig.additional_config["sparsity"]``, which vLLM ships to the engine core and every worker
+and includes in its compilation-cache hash; workers read nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, get_args
+
+Target = Literal["input", "intermediate", "all_inputs"]
+Backend = Literal["auto", "triton", "torch"]
+
+TARGETS: tuple[str, ...] = get_args(Target)
+BACKENDS: tuple[str, ...] = get_args(Backend)
+ADDITIONAL_CONFIG_KEY = "sparsity"
+ENV_PREFIX = "VLLM_SPARSITY_"
+FIELDS = ("p", "target", "backend")
+
+
+class SparsityConfigError(ValueError):
+    """A configuration value is out of range; the message names where it came from."""
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """Top-p activation sparsity settings (Szatkowski et al., "Universal Properties of Activation
+    Sparsity in Modern LLMs", Sec. 3: the top-p rule and its input targets).
+
+    Attributes:
+        p: share of each token's L1 activation mass that is kept, in (0, 1]. ``p = 1`` keeps every
+            nonzero entry (output equals the dense model). Lower ``p`` zeroes more entries.
+        target: which linear-layer inputs of each gated MLP the rule applies to: ``"input"`` (the
+            MLP input feeding ``gate_up_proj``), ``"intermediate"`` (the act-and-mul output feeding
+            ``down_proj``) or ``"all_inputs"`` (both).
+        backend: ``"torch"`` (the exact torch rule, any device), ``"triton"`` (the input-sparse
+            Triton kernels, CUDA only) or ``"auto"`` (triton on CUDA, torch elsewhere).
+    """
+
+    p: float
+    target: Target = "all_inputs"
+    backend: Backend = "auto"
+
+    def __post_init__(self) -> None:
+        _check_p(self.p, "p")
+        _check_choice(self.target, TARGETS, "target")
+        _check_choice(self.backend, BACKENDS, "backend")
+
+    @property
+    def sparsify_input(self) -> bool:
+        return self.target in ("input", "all_inputs")
+
+    @property
+    def sparsify_intermediate(self) -> bool:
+        return self.target in ("intermediate", "all_inputs")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> SparsityConfig | None:
+        """The resolved config that process 0 stored in ``VllmConfig.additional_config``, or None
+        when sparsity is off."""
+        section = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY) if isinstance(
+            additional_config, Mapping
+        ) else None
+        if not section or section.get("p") is None:
+            return None
+        return cls(**{k: section[k] for k in FIELDS if k in section})
+
+
+def resolve(
+    flags: Mapping[str, Any] | None = None,
+    additional_config: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> SparsityConfig | None:
+    """Merge the three sources (flags > additional_config > environment) into one config.
+
+    Args:
+        flags: ``{"p", "target", "backend"}`` from the ``--sparsity-*`` flags; None values are unset.
+        additional_config: vLLM's ``additional_config`` dict; its ``"sparsity"`` section is read.
+        environ: environment (default ``os.environ``); ``VLLM_SPARSITY_*`` variables are read.
+
+    Returns:
+        The config, or None when no source sets ``p`` (the plugin is off).
+
+    Raises:
+        SparsityConfigError: a value is malformed or out of range, or the ``sparsity`` section has
+            an unknown key. The message names the flag, field or variable and the allowed values.
+    """
+    environ = os.environ if environ is None else environ
+    section = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY) or {}
+    if not isinstance(section, Mapping):
+        raise SparsityConfigError(
+            f"--additional-config: 'sparsity' must be an object with keys {list(FIELDS)}, "
+            f"got {section!r}"
+        )
+    unknown = sorted(set(section) - set(FIELDS))
+    if unknown:
+        raise SparsityConfigError(
+            f"--additional-config: unknown key(s) {unknown} in 'sparsity'; allowed: {list(FIELDS)}"
+        )
+
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for field in FIELDS:
+        flag_value = (flags or {}).get(field)
+        env_name = ENV_PREFIX + field.upper()
+        if flag_value is not None:
+            values[field], origin[field] = flag_value, f"--sparsity-{field}"
+        elif section.get(field) is not None:
+            values[field] = section[field]
+            origin[field] = f"--additional-config sparsity.{field}"
+        elif environ.get(env_name, "") != "":
+            values[field], origin[field] = environ[env_name], env_name
+
+    if "p" not in values:
+        extra = sorted(origin.values())
+        if extra:
+            raise SparsityConfigError(
+                f"{', '.join(extra)} given without p: set --sparsity-p (a number in (0, 1]) "
+                "to turn sparsity on"
+            )
+        return None
+    values["p"] = parse_p(values["p"], origin["p"])
+    for field, choices in (("target", TARGETS), ("backend", BACKENDS)):
+        if field in values:
+            _check_choice(values[field], choices, origin[field])
+    return SparsityConfig(**values)
+
+
+def parse_p(value: Any, name: str = "--sparsity-p") -> float:
+    """``value`` as a float in (0, 1]; strings are parsed. Raises SparsityConfigError naming
+    ``name`` and quoting the value as given."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or math.isnan(number) \
+            or not 0.0 < number <= 1.0:
+        raise SparsityConfigError(f"{name} must be a number in (0, 1], got {value!r}")
+    return float(number)
+
+
+def _check_p(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SparsityConfigError(f"{name} must be a number in (0, 1], got {value!r}")
+    if math.isnan(value) or not 0.0 < value <= 1.0:
+        raise SparsityConfigError(f"{name} must be a number in (0, 1], got {value!r}")
+
+
+def _check_choice(value: Any, choices: tuple[str, ...], name: str) -> None:
+    if value not in choices:
+        raise SparsityConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")

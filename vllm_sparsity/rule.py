@@ -1,0 +1,109 @@
+"""The top-p activation sparsity rule, in torch: the CPU backend and the reference for the kernels.
+
+Paper (Szatkowski et al., "Universal Properties of Activation Sparsity in Modern LLMs", Sec. 3.1 and
+its reference ``get_topp_mask``): per token row x [K], sort |x| descending, take the float64
+cumulative sum, find the first index i where it reaches ``p * sum|x|``, keep every entry with
+``|x| >= sorted[i]`` and zero the rest.
+
+Sort-free, exact restatement. Let ``mass(v) = sum of |x_j| over |x_j| >= v``. ``mass`` only falls as
+``v`` grows, and ``sorted[i]`` is exactly the largest value of |x| with ``mass(v) >= p * sum|x|``
+(every larger value's mass is a cumulative sum before index i, so below the target). The bit
+pattern of a non-negative float, read as an integer ("code"), orders the same way as its value, so
+that value is found by a radix select over the codes: per row, a float64 histogram of |x| mass over
+the top 8 bits of the code, a reverse cumulative sum to pick the bin where the target is reached,
+then the same over the next bits of the entries in that bin (2 levels for bf16/fp16, 4 for fp32).
+No sort, no host synchronisation, no data-dependent shapes, and ties are kept together exactly as by
+the paper's ``>=``. The kept set equals the paper's whenever the float64 sums are exact, which holds
+for bf16/fp16 rows (a row would need magnitudes spread over more than 2^30 to round).
+
+Edge cases (defined here, tested in tests/test_rule.py):
+
+- zero entries are never kept: an all-zero row keeps nothing (the paper keeps it whole; the output
+  is the same zeros either way), and sparsity counts every zero of the output;
+- ``p >= 1`` keeps every nonzero entry, so the output equals the input bit for bit;
+- a row holding a NaN is kept whole, so the NaN reaches the output as in the dense model (the paper
+  zeroes such a row, which would hide the fault);
+- ±Inf carries all of a row's mass: only the infinite entries are kept (as in the paper);
+- one massive outlier holding at least ``p`` of the mass is kept alone (paper, App. A.3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# dtype -> (integer view, code bits, radix digit widths from the top).
+_CODE = {
+    torch.bfloat16: (torch.int16, 15, (8, 7)),
+    torch.float16: (torch.int16, 15, (8, 7)),
+    torch.float32: (torch.int32, 31, (8, 8, 8, 7)),
+}
+
+
+def top_p_threshold_code(x: torch.Tensor, p: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row threshold of the top-p rule, as a magnitude code.
+
+    Args:
+        x: activations [M, K], bf16, fp16 or fp32, any device.
+        p: share of each row's L1 mass to keep, in (0, 1]; a float or a float64 tensor [1] (a tensor can
+            be changed in place between steps without recompiling a graph).
+
+    Returns:
+        ``(code, threshold)``: ``code`` [M, K] int64 codes of |x|, and ``threshold`` [M, 1] int64;
+        entry (m, k) is kept iff ``code[m, k] >= threshold[m]``.
+
+    Raises:
+        ValueError: x is not 2-D or its dtype is not bf16, fp16 or fp32.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [num_tokens, dim], got shape {tuple(x.shape)}")
+    if x.dtype not in _CODE:
+        raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
+    int_dtype, bits_left, digits = _CODE[x.dtype]
+    a = x.abs()
+    # The sign bit is clear after abs(), so the integer view is the (monotone) magnitude code.
+    code = a.view(int_dtype).to(torch.int64)
+    a64 = a.to(torch.float64)
+    target = a64.sum(dim=-1, keepdim=True) * p
+    prefix = torch.zeros_like(code[:, :1])  # the threshold's code bits found so far
+    above = torch.zeros_like(target)  # mass of the entries whose code prefix is above `prefix`
+    for bits in digits:
+        bits_left -= bits
+        digit = (code >> bits_left) & ((1 << bits) - 1)
+        in_bin = (code >> (bits_left + bits)) == prefix
+        hist = torch.zeros(x.shape[0], 1 << bits, dtype=torch.float64, device=x.device)
+        hist.scatter_add_(1, digit, torch.where(in_bin, a64, 0.0))
+        # mass(digit >= d) for every d; the largest d whose mass reaches the target is the digit.
+        reach = hist.flip(-1).cumsum(-1).flip(-1) + above
+        d = ((reach >= target).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
+        above = torch.where(d < (1 << bits) - 1, reach.gather(1, (d + 1).clamp(max=(1 << bits) - 1)), above)
+        prefix = (prefix << bits) | d
+    # Code 1 is the smallest positive magnitude: keep every nonzero (p >= 1, or a row whose float64
+    # total absorbed tiny entries); code 0 keeps the whole row (NaN rows).
+    one = torch.ones_like(prefix)
+    threshold = torch.where(torch.as_tensor(p, device=x.device) >= 1.0, one, prefix.clamp(min=1))
+    threshold = torch.where(a.isnan().any(dim=-1, keepdim=True), one - 1, threshold)
+    return code, threshold
+
+
+def top_p_mask(x: torch.Tensor, p: torch.Tensor | float) -> torch.Tensor:
+    """Boolean mask [M, K] of the entries of x [M, K] that the top-p rule keeps (see module doc)."""
+    code, threshold = top_p_threshold_code(x, p)
+    return code >= threshold
+
+
+def top_p_sparsify(x: torch.Tensor, p: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the top-p rule to each row of x.
+
+    Args:
+        x: activations [M, K], bf16/fp16/fp32.
+        p: share of L1 mass kept per row, in (0, 1] (float or float64 tensor [1]).
+
+    Returns:
+        ``(y, kept)``: y [M, K], same dtype, kept entries bit-identical to x and the rest exactly
+        zero; kept [M] int64, how many entries of each row are kept (nonzero unless a NaN row).
+
+    Raises:
+        ValueError: as ``top_p_threshold_code``.
+    """
+    mask = top_p_mask(x, p)
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)), mask.sum(dim=-1)
