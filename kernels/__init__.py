@@ -1,1 +1,12 @@
-"""Triton kernels of vllm-sparsity, installed as ``vllm_sparsity.kernels``."""
+"""Triton kernels of vllm-sparsity, installed as ``vllm_sparsity.kernels``.
+
+- ``top_p_threshold``: per-row top-p threshold on device (``top_p_threshold``, ``top_p_sparsify``,
+  and ``top_p_partial_mass`` / ``top_p_threshold_sharded`` for K sharded across TP ranks);
+- ``sparse_gemv``: y = mask(x) @ Wt reading only the kept rows of a K-major weight;
+- ``backend``: ``prepare`` / ``apply``, the triton backend of ``sparse_linear``;
+- ``compile_check``: sm_80/sm_90 builds without a GPU, registers and spills;
+- ``bench/bench_sparse_mlp.py``: timings against cuBLAS on a CUDA GPU.
+
+Launchers are torch custom ops under ``torch.ops.vllm_sparsity``; importing a module registers its
+ops. Nothing here is imported by the package itself: triton loads only when the backend is used.
+"""

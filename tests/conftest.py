@@ -3,7 +3,9 @@
 vLLM start-up (Inductor compile included) takes minutes on this CPU, so the session starts exactly
 two servers, in parallel, on first use: ``sparse_server`` (plugin on, ``--sparsity-p 0.9``, the
 runtime-control route enabled, an API key set) and ``dense_server`` (plugin off). Each is stopped
-at the end of the session, whatever happened.
+at the end of the session, whatever happened. Both run in float32 (``--dtype float32``), so that
+comparisons with HF transformers are not swamped by bf16 rounding (see test_fidelity.py); bf16 is
+covered by the rule and kernel tests and by ``make demo``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Server:
     port: int
     log: Path
     api_key: str | None
+    model: str = SERVED_NAME
 
     @property
     def url(self) -> str:
@@ -90,7 +93,8 @@ def start_server(name: str, args: list[str], log_dir: Path, env: dict | None = N
     port = free_port()
     log = log_dir / f"{name}.log"
     cmd = [str(VLLM), "serve", str(demo_model_path()), "--served-model-name", SERVED_NAME,
-           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048", *args]
+           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048", "--dtype", "float32",
+           *args]
     if api_key:
         cmd += ["--api-key", api_key]
     full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}

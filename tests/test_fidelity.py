@@ -1,8 +1,24 @@
 """Fidelity on the real Gemma 3 270M: the plugin inside vLLM against HF transformers running the
-paper's rule through forward hooks on the same weights, and p = 1 against the plugin off."""
+paper's rule through forward hooks on the same weights (the paper's own method), and p = 1 against
+the plugin off.
+
+Both sides run in float32 (the test servers use ``--dtype float32``): in bf16 even the dense models
+disagree where the top-2 logits tie to one bf16 ulp (0.125). In float32 the two implementations
+still round differently (attention, RMSNorm) at the 1e-7 level, and the rule is discontinuous: once
+in a while one activation sits on a row's threshold and lands on different sides, and that flip
+spreads through later layers (measured here, p = 0.9: 1 entry at layer 1, 66 by layer 8, out of
+~47k per site). So the comparison is made on identical token rows (HF teacher-forced on vLLM's
+greedy continuation), and asserts
+- every layer's and site's sparsity within 0.5 percentage points (a wrong site, p, dtype or rule
+  misses this by far: p = 0.5 vs 0.9 differ by ~30 points);
+- at every position vLLM's greedy token is HF's argmax, or HF prefers its own argmax by less than
+  ``MAX_FLIP_NATS`` (the size of the flip cascades measured); a wrong rule moves logits by several
+  nats.
+"""
 
 import pytest
 import requests
+import torch
 
 from reference import HFTopP
 
@@ -14,11 +30,12 @@ PROMPTS = [
     "The three primary colors are",
 ]
 MAX_TOKENS = 16
+MAX_FLIP_NATS = 1.0
 
 
 @pytest.fixture(scope="module")
 def hf(demo_model):
-    return HFTopP(demo_model)
+    return HFTopP(demo_model, dtype=torch.float32)
 
 
 def _set(server, **body):
@@ -26,38 +43,41 @@ def _set(server, **body):
     assert r.status_code == 200, r.text
 
 
-def _layers(server):
+def _counters(server):
     state = requests.get(f"{server.url}/v1/sparsity", headers=server.headers).json()
     return {(r["layer"], r["site"]): (r["zeroed"], r["total"]) for r in state["layers"]}
 
 
-def _greedy_ids(server, prompt):
-    out = server.completion(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, return_token_ids=True)
-    return out["choices"][0]["token_ids"]
-
-
 @pytest.mark.parametrize("p", [0.5, 0.9])
 def test_vllm_matches_hf_hooks(sparse_server, hf, p):
+    hf.p, hf.target = p, "all_inputs"
     _set(sparse_server, p=p, target="all_inputs")
     try:
-        before = _layers(sparse_server)
-        vllm_tokens = [_greedy_ids(sparse_server, prompt) for prompt in PROMPTS]
-        after = _layers(sparse_server)
+        for prompt in PROMPTS:
+            before = _counters(sparse_server)
+            out = sparse_server.completion(prompt, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                           return_token_ids=True)
+            after = _counters(sparse_server)
+            tokens = out["choices"][0]["token_ids"]
+
+            # HF on the same rows vLLM processed: the prompt, then each generated token but the last.
+            hf.counts = {}
+            ids = hf.tokenizer(prompt, return_tensors="pt").input_ids
+            with torch.inference_mode():
+                logits = hf.model(torch.cat([ids, torch.tensor([tokens[:-1]])], 1)).logits
+            logprobs = logits[0, ids.shape[1] - 1:].float().log_softmax(-1)
+            preference = logprobs.max(-1).values - logprobs[torch.arange(MAX_TOKENS), tokens]
+            assert preference.max() < MAX_FLIP_NATS, (prompt, preference.tolist())
+
+            assert set(hf.counts) == set(after)
+            for key, (hf_zeroed, hf_total) in hf.counts.items():
+                zeroed, total = (a - b for a, b in zip(after[key], before[key]))
+                assert total == hf_total, key  # the same rows went through the same layers
+                assert abs(zeroed / total - hf_zeroed / hf_total) < 0.005, (prompt, key)
+            mean = sum(z / t for z, t in hf.counts.values()) / len(hf.counts)
+            assert mean > (0.4 if p == 0.5 else 0.1)  # the rule really zeroed activations
     finally:
         _set(sparse_server, p=0.9)
-    hf.p, hf.target, hf.counts = p, "all_inputs", {}
-    hf_tokens = [hf.greedy(prompt, MAX_TOKENS) for prompt in PROMPTS]
-
-    assert vllm_tokens == hf_tokens
-    assert set(hf.counts) == set(after)
-    for key, (hf_zeroed, hf_total) in hf.counts.items():
-        zeroed = after[key][0] - before[key][0]
-        total = after[key][1] - before[key][1]
-        assert total == hf_total, key  # the same tokens went through the same layers
-        assert abs(zeroed / total - hf_zeroed / hf_total) < 0.005, key
-    mean = sum(z / t for z, t in ((after[k][0] - before[k][0], after[k][1] - before[k][1])
-                                  for k in after)) / len(after)
-    assert mean > (0.4 if p == 0.5 else 0.1)  # the rule really zeroed activations
 
 
 def test_p_one_equals_plugin_off(sparse_server, dense_server):

@@ -8,19 +8,17 @@ import openai
 import pytest
 import requests
 
-from conftest import API_KEY, SERVED_NAME
-
 VLLM = Path(sys.executable).with_name("vllm")
 
 
 def test_completions_and_chat_with_openai_client(sparse_server):
-    client = openai.OpenAI(base_url=f"{sparse_server.url}/v1", api_key=API_KEY)
-    completion = client.completions.create(model=SERVED_NAME, prompt="The capital of France is",
+    client = openai.OpenAI(base_url=f"{sparse_server.url}/v1", api_key=sparse_server.api_key)
+    completion = client.completions.create(model=sparse_server.model, prompt="The capital of France is",
                                            max_tokens=12, temperature=0)
     text = completion.choices[0].text
     assert completion.usage.completion_tokens == 12 and text.strip()
     chat = client.chat.completions.create(
-        model=SERVED_NAME, max_tokens=12, temperature=0,
+        model=sparse_server.model, max_tokens=12, temperature=0,
         messages=[{"role": "user", "content": "Name a large city in France."}])
     assert chat.choices[0].message.content.strip()
     assert chat.usage.prompt_tokens > 5  # the chat template wrapped the message

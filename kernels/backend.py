@@ -1,0 +1,153 @@
+"""The Triton backend of ``InputSparseLinearMethod``: K-major weight at load, then per call either
+the input-sparse GEMV (decode) or the top-p mask followed by the dense GEMM (prefill).
+
+Used by ``vllm_sparsity/sparse_linear.py`` when its backend is ``"triton"``:
+
+- ``prepare(layer)`` once after the weights are loaded: the layer's [N, K] weight storage is
+  replaced by a K-major copy, and ``layer.weight`` becomes its [N, K] transposed *view* (same
+  Parameter object, so vLLM's weight loaders and any dense reader still see an [N, K] weight). One
+  copy of the weight stays resident; the transpose needs a second copy transiently, one layer at a
+  time. Same move as vLLM's own XPU path (``UnquantizedLinearMethod.process_weights_after_loading``:
+  ``weight.t().contiguous().t()``).
+- ``apply(layer, x2, p, site, bias)`` on every forward: one custom op,
+  ``torch.ops.vllm_sparsity.input_sparse_linear``, so the batch-size branch below is taken at run
+  time inside the op. (Written as Python in the traced forward, torch.compile would evaluate
+  ``M <= M_MAX`` once, on the size it traces with, and vLLM drops shape guards: every batch size
+  would then take that one branch.)
+
+Batch policy. ``M <= M_MAX`` rows take the sparse path: the threshold kernel, then ``sparse_gemv``
+with per-row masks (each output row is exactly its own row's masked input times W) loading the
+union of the rows' kept weight rows; the bytes read grow with that union, so past a few rows the
+sparse path stops saving anything. ``M > M_MAX`` (prefill, large batches): the sparsified input (the
+same threshold kernel writing x with dropped entries zeroed) goes to the dense GEMM (cuBLAS through
+``F.linear`` on the transposed view); there the rule keeps the paper's semantics, not its speed.
+``M_MAX = 8`` is a guess to be tuned on a GPU with ``kernels/bench/bench_sparse_mlp.py``: at s = 0.5
+and independent row masks, 8 rows already read ~1 - 0.5^8 of W; real masks overlap more.
+
+Sites: both sites run the same code today. ``intermediate`` (``down_proj``) takes the act-and-mul
+output as computed by the model (not fused into the threshold kernel). With tensor parallelism
+``down_proj``'s input is sharded: this backend computes each shard's own threshold (a per-shard
+rule); the global rule needs ``top_p_threshold_sharded`` and is not wired (``replace.py`` refuses
+TP with the intermediate target).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from vllm_sparsity.kernels._registry import custom_op
+from vllm_sparsity.kernels.sparse_gemv import DTYPES, _sparse_gemv
+from vllm_sparsity.kernels.top_p_threshold import _launch, _sparsify
+
+# Largest batch (rows of x) sent to the sparse GEMV; above it, mask + dense GEMM. Untimed guess.
+M_MAX = 8
+SITES = ("input", "intermediate")
+
+
+def unsupported_reason(layer: torch.nn.Module) -> str | None:
+    """Why this backend cannot serve ``layer`` (None when it can): it needs a plain 2-D bf16/fp16
+    weight (unquantized), on CUDA or on CPU under TRITON_INTERPRET=1. Checkable before loading."""
+    import triton
+
+    w = getattr(layer, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return "layer has no 2-D weight (quantized or packed layers are not supported)"
+    if w.dtype not in DTYPES:
+        return f"weight dtype {w.dtype} is not bfloat16/float16 (quantized layers are unsupported)"
+    if w.device.type != "cuda" and not (w.device.type in ("cpu", "meta")
+                                        and triton.knobs.runtime.interpret):
+        return f"weight on {w.device}: needs CUDA, or CPU with TRITON_INTERPRET=1"
+    return None
+
+
+def prepare(layer: torch.nn.Module) -> None:
+    """Store ``layer.weight`` K-major: storage [K, N] contiguous, ``layer.weight`` its [N, K]
+    transposed view. Idempotent.
+
+    Raises:
+        ValueError: ``unsupported_reason(layer)`` is not None.
+    """
+    reason = unsupported_reason(layer)
+    if reason is not None:
+        raise ValueError(f"triton sparsity backend: {reason}")
+    w = layer.weight
+    N, K = w.shape
+    if N > 1 and K > 1 and w.stride() == (1, N):
+        return  # already K-major
+    # Replace .data, not the Parameter: its attributes (weight_loader, ...) stay attached.
+    w.data = w.data.t().contiguous().t()
+
+
+def kmajor_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """The K-major weight ``Wt [K, N]`` (a view: ``layer.weight.t()``) of a prepared layer."""
+    return layer.weight.t()
+
+
+def _input_sparse_linear_fake(x, p, wt, bias=None, m_max=M_MAX):
+    return (x.new_empty(x.shape[0], wt.shape[1]), x.new_empty(x.shape[0], dtype=torch.int64),
+            x.new_empty(1, dtype=torch.int64))
+
+
+def _columns_read(x: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+    """int64 [1]: rows of Wt that ``_sparse_gemv_kernel`` loads for x [M, K] and thr int32 [M]:
+    those some row keeps (``code(x) >= thr``; one M tile, as M <= M_MAX <= BLOCK_M)."""
+    code = x.view(torch.int16).to(torch.int32) & 0x7FFF  # the kernel's _magnitude_code
+    return (code >= thr[:, None]).any(dim=0).sum().view(1)
+
+
+@custom_op("input_sparse_linear", _input_sparse_linear_fake)
+def input_sparse_linear(x: torch.Tensor, p: torch.Tensor, wt: torch.Tensor,
+                        bias: torch.Tensor | None = None,
+                        m_max: int = M_MAX) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``y = top_p(x) @ wt (+ bias)``, kept counts and weight rows read
+    (``torch.ops.vllm_sparsity.input_sparse_linear``).
+
+    Args:
+        x: activations [M, K], bf16/fp16, unit stride along K.
+        p: float64 [1] on x's device, share of each row's L1 mass kept, in (0, 1].
+        wt: K-major weight [K, N], x's dtype, contiguous (``kmajor_weight(layer)``).
+        bias: optional [N], x's dtype.
+        m_max: rows up to which the sparse GEMV runs; above it, mask then dense GEMM.
+
+    Returns:
+        ``(y, kept, columns_read)``: y [M, N] in x's dtype; kept int64 [M], inputs kept per row
+        (the torch rule's count); columns_read int64 [1], rows of wt loaded (the union of the
+        rows' kept inputs on the sparse path, all K on the dense one).
+
+    Raises:
+        ValueError: as ``top_p_threshold`` and ``sparse_gemv``.
+    """
+    if x.shape[0] <= m_max:
+        thr, kept = _launch(x, p, None)
+        return _sparse_gemv(x, thr, wt, bias), kept, _columns_read(x, thr)
+    xs, kept = _sparsify(x, p)
+    return F.linear(xs, wt.t(), bias), kept, kept.new_full((1,), x.shape[1])
+
+
+def apply(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor, site: str,
+          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y2, kept_per_row)`` of ``apply_counted``."""
+    return apply_counted(layer, x2, p, site, bias)[:2]
+
+
+def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor, site: str,
+                  bias: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's output for input x2 under the top-p rule, through the Triton kernels.
+
+    Args:
+        layer: a linear layer that went through ``prepare``.
+        x2: input [M, K] in the weight's dtype.
+        p: float64 [1], ``layer.sparsity_p``.
+        site: ``"input"`` or ``"intermediate"`` (both run the same kernels; see module doc).
+        bias: the bias vLLM passes to ``quant_method.apply`` (None when it adds it itself).
+
+    Returns:
+        ``(y2, kept_per_row, columns_read)``: y2 [M, N] in x2's dtype; kept_per_row int64 [M];
+        columns_read int64 [1], weight columns loaded (see ``input_sparse_linear``).
+
+    Raises:
+        ValueError: unknown site, or shapes/dtypes the kernels refuse.
+    """
+    if site not in SITES:
+        raise ValueError(f"site must be one of {SITES}, got {site!r}")
+    return input_sparse_linear(x2, p, kmajor_weight(layer), bias, M_MAX)

