@@ -2,15 +2,20 @@
 
 Fails (one line per failed criterion) when
 - the results are not comparable to the baseline (other tasks, document limit or target);
-- accuracy at the deployed p falls below 99% of dense (normalized average of the primary metrics);
-- critical sparsity falls below the low end of the baseline's paired-bootstrap interval, less a
-  small tolerance (0.01): on one machine a rerun reproduces logprobs and activation counts
-  exactly, but another CPU or batch composition changes float rounding and so, slightly, the
-  measured sparsity.
+- accuracy at the deployed p is below 99% of dense (normalized average of the primary metrics);
+- critical sparsity is below the baseline's paired-bootstrap interval.
 
-The accuracy criterion is the point estimate, as the paper defines it; the message gives the
-paired interval too, so that a failure caused by one flipped near-tie document in a small
-sample can be told from a real drop.
+By default both are judged with the paired bootstrap intervals, so that sampling noise does not
+fail the job: accuracy fails when even the upper end of its interval is below 0.99; critical
+sparsity fails when even the upper end of its interval is below the low end of the baseline's.
+Why: at CI sizes (40 documents a task) one flipped near-tie document moves the average by 1-3%,
+and sparse points are not bit-reproducible between server runs (at p = 0.95 on the demo model two
+runs differed by up to 3.5 nats in a document's log-likelihood and by one document per task). A
+point estimate past a limit while the interval still reaches it is reported as a warning.
+``strict=True`` judges the point estimates instead: right for large samples, where the intervals
+are tight.
+
+Sparsity comparisons allow ``TOLERANCE``: the same p measured 0.3508 and 0.3512 in two runs.
 """
 
 from __future__ import annotations
@@ -32,15 +37,16 @@ def make_baseline(results: dict, deployed_p: float, source: str) -> dict:
         "tasks": results["tasks"], "limit": results["limit"], "grid": results["grid"],
         "deployed_p": deployed_p, "source": source,
         "critical_sparsity": results["critical_sparsity"],
-        "points": [{k: pt[k] for k in ("p", "sparsity", "tasks", "average",
-                                       "normalized_average")} for pt in results["points"]],
+        "points": [{k: pt[k] for k in ("p", "sparsity", "tasks", "average", "normalized_average",
+                                       "normalized_average_interval")}
+                   for pt in results["points"]],
     }
 
 
-def check(results: dict, baseline: dict, deployed_p: float | None = None,
-          tolerance: float = TOLERANCE) -> list[str]:
-    """Reasons the results fail against the baseline (empty when they pass)."""
-    failures = []
+def check(results: dict, baseline: dict, deployed_p: float | None = None, strict: bool = False,
+          tolerance: float = TOLERANCE) -> tuple[list[str], list[str]]:
+    """(failures, warnings) of the results against the baseline; no failures means it passes."""
+    failures, warnings = [], []
     for key in ("tasks", "limit", "target"):
         if results[key] != baseline[key]:
             failures.append(f"not comparable: {key} is {results[key]!r}, the baseline's is "
@@ -50,30 +56,33 @@ def check(results: dict, baseline: dict, deployed_p: float | None = None,
     if point is None:
         failures.append(f"no point at the deployed p={p:g} in the results")
     elif point["normalized_average"] < THRESHOLD:
-        worst = sorted(point["normalized"].items(), key=lambda kv: kv[1])
-        lo, hi = point.get("normalized_average_interval", (math.nan, math.nan))
-        failures.append(
-            f"accuracy at the deployed p={p:g} is {point['normalized_average']:.3f} of dense "
-            f"(< {THRESHOLD}; paired 95% interval [{lo:.3f}, {hi:.3f}]) at measured sparsity "
-            f"{point['sparsity']['overall']:.3f}; per task: "
-            + ", ".join(f"{t} {v:.3f}" for t, v in worst))
-    crit = results["critical_sparsity"]["average"]
-    lo = baseline["critical_sparsity"]["average"]["interval"][0]
+        lo, hi = point["normalized_average_interval"]
+        line = (f"accuracy at the deployed p={p:g} is {point['normalized_average']:.3f} of dense "
+                f"(paired 95% interval [{lo:.3f}, {hi:.3f}]; limit {THRESHOLD}) at measured "
+                f"sparsity {point['sparsity']['overall']:.3f}; per task: "
+                + ", ".join(f"{t} {v:.3f}" for t, v in sorted(point["normalized"].items(),
+                                                             key=lambda kv: kv[1])))
+        (failures if strict or hi < THRESHOLD else warnings).append(line)
+
+    crit, base = results["critical_sparsity"]["average"], baseline["critical_sparsity"]["average"]
     value = crit["sparsity"] if crit["sparsity"] is not None else 0.0
-    if value < lo - tolerance:
-        failures.append(
-            f"critical sparsity {value:.3f} (p={crit.get('p')}) is below the baseline's interval "
-            f"[{lo:.3f}, {baseline['critical_sparsity']['average']['interval'][1]:.3f}] "
-            f"(tolerance {tolerance})")
-    return failures
+    if value < base["interval"][0] - tolerance:
+        line = (f"critical sparsity {value:.3f} (p={crit.get('p')}, interval "
+                f"[{crit['interval'][0]:.3f}, {crit['interval'][1]:.3f}]) is below the baseline's "
+                f"interval [{base['interval'][0]:.3f}, {base['interval'][1]:.3f}] "
+                f"(tolerance {tolerance})")
+        significant = crit["interval"][1] < base["interval"][0] - tolerance
+        (failures if strict or significant else warnings).append(line)
+    return failures, warnings
 
 
 def summary(results: dict, baseline: dict, deployed_p: float | None = None) -> str:
     p = baseline["deployed_p"] if deployed_p is None else deployed_p
     point = next(pt for pt in results["points"] if math.isclose(pt["p"], p))
     crit, base = results["critical_sparsity"]["average"], baseline["critical_sparsity"]["average"]
+    lo, hi = point["normalized_average_interval"]
     return (f"ok: at the deployed p={p:g} (measured sparsity {point['sparsity']['overall']:.3f}) "
-            f"accuracy is {point['normalized_average']:.3f} of dense; critical sparsity "
-            f"{crit['sparsity'] or 0.0:.3f} [{crit['interval'][0]:.3f}, {crit['interval'][1]:.3f}], "
-            f"baseline {base['sparsity']:.3f} [{base['interval'][0]:.3f}, "
-            f"{base['interval'][1]:.3f}]")
+            f"accuracy is {point['normalized_average']:.3f} of dense [{lo:.3f}, {hi:.3f}]; "
+            f"critical sparsity {crit['sparsity'] or 0.0:.3f} [{crit['interval'][0]:.3f}, "
+            f"{crit['interval'][1]:.3f}], baseline {base['sparsity']:.3f} "
+            f"[{base['interval'][0]:.3f}, {base['interval'][1]:.3f}]")

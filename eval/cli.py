@@ -2,7 +2,7 @@
 
   vllm-sparsity eval sweep --model M [--url URL --api-key K] [--tasks arc_easy,piqa,...]
                            [--p-grid 1.0,0.99,...] [--target all_inputs] [--limit N] --out DIR
-  vllm-sparsity eval check --results DIR/results.json --baseline FILE [--deployed-p P]
+  vllm-sparsity eval check --results DIR/results.json --baseline FILE [--deployed-p P] [--strict]
   vllm-sparsity eval baseline --results DIR/results.json --deployed-p P --out FILE
   vllm-sparsity eval tasks [--tasks ...]      build the lm-eval tasks, print their folder
 """
@@ -56,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--results", type=Path, required=True)
     c.add_argument("--baseline", type=Path, required=True)
     c.add_argument("--deployed-p", type=float, help="default: the baseline's deployed_p")
+    c.add_argument("--strict", action="store_true", help="judge point estimates, not paired "
+                   "intervals (for large samples)")
 
     b = sub.add_parser("baseline", help="write a baseline file from a sweep's results")
     b.add_argument("--results", type=Path, required=True)
@@ -87,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
 
         results = json.loads(args.results.read_text())
         baseline = json.loads(args.baseline.read_text())
-        failures = check(results, baseline, args.deployed_p)
+        failures, warnings = check(results, baseline, args.deployed_p, args.strict)
         for line in failures:
             print(f"FAIL: {line}")
+        for line in warnings:
+            print(f"WARN (within sampling noise): {line}")
         if not failures:
             print(summary(results, baseline, args.deployed_p))
         return 1 if failures else 0

@@ -10,10 +10,12 @@ from vllm_sparsity.eval.cli import main
 
 
 def results(normalized_at, critical=0.30, interval=(0.25, 0.35), tasks=("piqa", "lambada"),
-            limit=40, target="all_inputs"):
-    """A results.json-shaped dict: points at p in normalized_at ({p: normalized average})."""
+            limit=40, target="all_inputs", spread=0.05):
+    """A results.json-shaped dict: points at p in normalized_at ({p: normalized average}), each
+    with a paired interval of +- spread."""
     points = [{"p": p, "sparsity": {"overall": 0.5 * (1 - p) + 0.001}, "average": 0.5 * n,
-               "normalized_average": n, "normalized": {t: n for t in tasks},
+               "normalized_average": n, "normalized_average_interval": [n - spread, n + spread],
+               "normalized": {t: n for t in tasks},
                "tasks": {t: {"acc": 0.5 * n, "primary": "acc"} for t in tasks}}
               for p, n in normalized_at.items()]
     crit = {"sparsity": critical, "interval": list(interval), "p": None, "fail_share": 0.0}
@@ -28,31 +30,50 @@ def baseline():
 
 
 def test_passes_when_nothing_regressed(baseline):
-    assert check.check(results({1.0: 1.0, 0.98: 0.993, 0.9: 0.9}, critical=0.26), baseline) == []
+    assert check.check(results({1.0: 1.0, 0.98: 0.993, 0.9: 0.9}, critical=0.26),
+                       baseline) == ([], [])
 
 
 def test_fails_when_accuracy_at_the_deployed_p_drops(baseline):
-    failures = check.check(results({1.0: 1.0, 0.98: 0.97}), baseline)
-    assert len(failures) == 1 and "accuracy at the deployed p=0.98 is 0.970 of dense" in failures[0]
+    failures, _ = check.check(results({1.0: 1.0, 0.98: 0.9}), baseline)
+    assert len(failures) == 1
+    assert failures[0].startswith("accuracy at the deployed p=0.98 is 0.900 of dense "
+                                  "(paired 95% interval [0.850, 0.950]")
+
+
+def test_a_drop_within_sampling_noise_warns_unless_strict(baseline):
+    noisy = results({1.0: 1.0, 0.98: 0.97}, spread=0.05)  # interval [0.92, 1.02] reaches 0.99
+    failures, warnings = check.check(noisy, baseline)
+    assert failures == [] and warnings[0].startswith("accuracy at the deployed p=0.98 is 0.970")
+    failures, warnings = check.check(noisy, baseline, strict=True)
+    assert failures[0].startswith("accuracy at the deployed p=0.98 is 0.970") and warnings == []
 
 
 def test_fails_when_critical_sparsity_drops_below_the_interval(baseline):
-    failures = check.check(results({1.0: 1.0, 0.98: 0.995}, critical=0.2), baseline)
-    assert len(failures) == 1 and "critical sparsity 0.200" in failures[0]
+    failures, _ = check.check(results({1.0: 1.0, 0.98: 0.995}, critical=0.1,
+                                      interval=(0.05, 0.15)), baseline)
+    assert len(failures) == 1 and failures[0].startswith("critical sparsity 0.100")
+    # Intervals that still overlap: a warning; strict: a failure.
+    overlapping = results({1.0: 1.0, 0.98: 0.995}, critical=0.2, interval=(0.1, 0.3))
+    failures, warnings = check.check(overlapping, baseline)
+    assert failures == [] and warnings[0].startswith("critical sparsity 0.200")
+    assert check.check(overlapping, baseline, strict=True)[0][0].startswith("critical sparsity")
     # Within the tolerance of the interval's low end: measurement wobble, not a regression.
-    assert check.check(results({1.0: 1.0, 0.98: 0.995}, critical=0.245), baseline) == []
+    assert check.check(results({1.0: 1.0, 0.98: 0.995}, critical=0.245), baseline) == ([], [])
 
 
-def test_a_critical_sparsity_that_fails_everywhere_counts_as_zero(baseline):
-    failures = check.check(results({1.0: 1.0, 0.98: 0.995}, critical=None), baseline)
-    assert "critical sparsity 0.000" in failures[0]
+def test_a_critical_sparsity_where_no_point_passes_counts_as_zero(baseline):
+    failures, _ = check.check(results({1.0: 1.0, 0.98: 0.995}, critical=None,
+                                      interval=(0.0, 0.0)), baseline)
+    assert failures[0].startswith("critical sparsity 0.000")
 
 
 def test_reports_every_failed_criterion_and_incomparable_results(baseline):
-    failures = check.check(results({1.0: 1.0, 0.9: 0.95}, critical=0.1, limit=20), baseline)
-    assert [f.split(":")[0].split(" ")[0] for f in failures] == ["not", "no", "critical"]
-    failures = check.check(results({1.0: 1.0, 0.9: 0.95}), baseline, deployed_p=0.9)
-    assert "deployed p=0.9 is 0.950" in failures[0]
+    failures, _ = check.check(results({1.0: 1.0, 0.9: 0.95}, critical=0.1,
+                                      interval=(0.0, 0.1), limit=20), baseline)
+    assert [f.split(" ")[0] for f in failures] == ["not", "no", "critical"]
+    failures, _ = check.check(results({1.0: 1.0, 0.9: 0.8}), baseline, deployed_p=0.9)
+    assert failures[0].startswith("accuracy at the deployed p=0.9 is 0.800")
 
 
 def test_make_baseline_needs_the_deployed_point():
@@ -65,7 +86,7 @@ def test_cli_exit_codes_and_messages(tmp_path, baseline, capsys):
     base.write_text(json.dumps(baseline))
     good, bad = tmp_path / "good.json", tmp_path / "bad.json"
     good.write_text(json.dumps(results({1.0: 1.0, 0.98: 0.995})))
-    bad.write_text(json.dumps(results({1.0: 1.0, 0.98: 0.9}, critical=0.0)))
+    bad.write_text(json.dumps(results({1.0: 1.0, 0.98: 0.8}, critical=0.0, interval=(0, 0))))
     assert main(["check", "--results", str(good), "--baseline", str(base)]) == 0
     assert capsys.readouterr().out.startswith("ok: at the deployed p=0.98")
     assert main(["check", "--results", str(bad), "--baseline", str(base)]) == 1

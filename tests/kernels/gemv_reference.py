@@ -23,9 +23,10 @@ def ref_sparse_gemv(x, p, w, bias=None):
 # sum |x w| + |bias| (gamma_K; the +1 is the bias add), and (b) rounding the result to the output
 # dtype. (b) is allowed one ulp, 2^-7 relative for bf16 and 2^-10 for fp16 (an ulp is at most that
 # share of the value): round-to-nearest on the GPU costs half of it, a dense GEMM that rounds the
-# product before adding the bias twice that, and Triton 3.9's interpreter, which these tests run,
-# truncates fp32 -> bf16 casts (runtime/interpreter.py ``cast_impl`` passes no rounding mode), which
-# costs less than one. fp16 adds its subnormal spacing 2^-24 in absolute terms.
+# product before adding the bias twice that. (Triton 3.9's interpreter, which these tests run,
+# truncates fp32 -> bf16 casts; under it ``sparse_gemv`` rounds its bf16 results on the host, to
+# nearest as the GPU does: test_sparse_gemv.py's test_output_rounds_to_nearest_even.) fp16 adds its
+# subnormal spacing 2^-24 in absolute terms.
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 

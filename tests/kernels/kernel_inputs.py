@@ -34,7 +34,20 @@ if _kernels is not None and _interpreted != "InterpretedFunction":
     raise RuntimeError("vllm_sparsity.kernels was imported before tests/kernels/kernel_inputs.py "
                        "turned Triton's interpreter on: import kernel_inputs first")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+@pytest.fixture(params=["interpreter", "gpu"])
+def launch_config(request, monkeypatch):
+    """Run the test under both launch configurations of the kernels (import this fixture into the
+    test module): the interpreter's (what CPU runs use: few programs, no split-K) and the GPU's
+    (BLOCK_N = 64, the threshold's BLOCK = 1024, split-K by default: what the GPU runs), see
+    ``sparse_gemv.INTERP_TILE``. Same kernels, so both must pass the same tests."""
+    from vllm_sparsity.kernels import top_p_threshold
+
+    monkeypatch.setattr(top_p_threshold, "GPU_CONFIG_UNDER_INTERPRETER", request.param == "gpu")
+    return request.param
 
 
 def activations(m: int, k: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:

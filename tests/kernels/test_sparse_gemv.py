@@ -96,8 +96,10 @@ def test_deterministic(split_k):
     assert torch.equal(first.view(torch.int16), run(x, 0.5, w, b, split_k).view(torch.int16))
 
 
-def test_default_split_k_depends_on_shape_only():
+def test_default_split_k_depends_on_shape_only(monkeypatch):
     cpu = torch.device("cpu")
+    assert sg.default_split_k(64, 128 * 64, cpu) == 1  # interpreter configuration: never split
+    monkeypatch.setattr(sg, "interpreter_config", lambda: False)  # the GPU configuration
     assert sg.default_split_k(200, 300, cpu) == sg.default_split_k(200, 300, cpu)
     assert sg.default_split_k(64 * 1000, 4096, cpu) == 1  # enough N blocks: no split
     assert sg.default_split_k(64, 128 * 64, cpu) > 1  # one N block, long K: split

