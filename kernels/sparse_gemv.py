@@ -59,9 +59,12 @@ DTYPES = (torch.bfloat16, torch.float16)
 # of INTERP_REDUCE_BLOCK. BLOCK_M and BLOCK_K stay the GPU's: each output then sums the same fp32
 # chunk partials in the same order as the GPU configuration without split-K, so the two give the
 # same bits (numpy's matmul sums a chunk in an order that does not depend on N), and the GPU
-# configurations' tests also hold for this one. The threshold kernel does the same with its BLOCK
-# (top_p_threshold.INTERP_BLOCK). Tests set top_p_threshold.GPU_CONFIG_UNDER_INTERPRETER to run the
-# GPU configurations (split-K included) under the interpreter instead.
+# configurations' tests also hold for this one; a larger BLOCK_K would save ~2x more on long K
+# (down_proj: 16 trips) but give other bits. The threshold kernel does the same with its BLOCK
+# (top_p_threshold.INTERP_BLOCK). At the demo model's shapes a decode call then costs ~0.15-0.3 s
+# of CPU instead of 1.5-2.7 s (kernels/bench/profile_interpreter.py). Tests set
+# top_p_threshold.GPU_CONFIG_UNDER_INTERPRETER to run the GPU configurations (split-K included)
+# under the interpreter instead.
 INTERP_TILE = 1 << 19
 INTERP_REDUCE_BLOCK = 1 << 16
 
@@ -160,8 +163,8 @@ def launch_config(M: int, N: int) -> dict:
         reduce_block = min(triton.next_power_of_2(M * N), INTERP_REDUCE_BLOCK)
     else:
         block_n, reduce_block = BLOCK_N, REDUCE_BLOCK
-    return {"BLOCK_M": BLOCK_M, "BLOCK_N": block_n, "BLOCK_K": BLOCK_K, "REDUCE_BLOCK": reduce_block,
-            "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+    return {"BLOCK_M": BLOCK_M, "BLOCK_N": block_n, "BLOCK_K": BLOCK_K,
+            "REDUCE_BLOCK": reduce_block, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
 
 
 def _sparse_gemv_fake(x, thr, wt, bias=None, split_k=0):

@@ -3,12 +3,15 @@
 import pytest
 import torch
 from kernel_inputs import activations, ptensor, with_edge_rows  # first: interpreter on
+from kernel_inputs import launch_config  # noqa: F401  (fixture: both launch configurations)
 from gemv_reference import assert_close_to_ref, ref_sparse_gemv
 
 from vllm_sparsity.kernels import sparse_gemv as sg
 from vllm_sparsity.kernels import top_p_threshold as tpt
 
-# K and N are not multiples of BLOCK_K (128) and BLOCK_N (64); K spans 3 K blocks.
+# K and N are not multiples of BLOCK_K (128) and BLOCK_N (64, or 256 under the interpreter's
+# launch configuration); K spans 3 K blocks. Tests that take the ``launch_config`` fixture run under
+# both configurations (the GPU's: 3 N blocks and a 4-way default split-K on CPU).
 K, N = 300, 136
 
 
@@ -25,7 +28,7 @@ def run(x, p, w, bias=None, split_k=0):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("p", [0.3, 0.5, 0.9, 1.0])
-def test_matches_reference_every_decode_batch(dtype, p):
+def test_matches_reference_every_decode_batch(dtype, p, launch_config):
     w, b = weights(dtype)
     x = with_edge_rows(activations(8, K, dtype, seed=1))
     x = x[[4, 0, 5, 1, 6, 2, 7, 3]]  # edge rows (zero, NaN, outlier, tie) spread over the batch
@@ -36,7 +39,7 @@ def test_matches_reference_every_decode_batch(dtype, p):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_matches_reference_prefill_batch(dtype):
+def test_matches_reference_prefill_batch(dtype, launch_config):
     # 33 rows: three M tiles of BLOCK_M = 16, the last one nearly empty.
     w, _ = weights(dtype)
     x = with_edge_rows(activations(33, K, dtype, seed=2))
@@ -45,8 +48,9 @@ def test_matches_reference_prefill_batch(dtype):
 
 @pytest.mark.parametrize("split_k", [1, 2, 3, 0])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_split_k_and_bias(split_k, with_bias):
-    # 0 is the shape-based default (split 4 ways on CPU, see _num_sms); 3 leaves a short last split.
+def test_split_k_and_bias(split_k, with_bias, launch_config):
+    # 0 is the shape-based default (GPU configuration: split 4 ways on CPU, see _num_sms;
+    # interpreter's: no split); 3 leaves a short last split.
     w, b = weights(torch.bfloat16, n=70, k=700)
     b = b if with_bias else None
     x = activations(3, 700, torch.bfloat16, seed=3)
@@ -73,7 +77,7 @@ def test_rows_with_disjoint_masks_do_not_leak():
 
 
 @pytest.mark.parametrize("dtype, k", [(torch.bfloat16, 250), (torch.float16, 700)])
-def test_exact_on_small_integers(dtype, k):
+def test_exact_on_small_integers(dtype, k, launch_config):
     # x in -3..3, w in -1..1: every partial sum is a small integer, exact in fp32, and every result
     # is below 256 (bf16) / 2048 (fp16) in magnitude (asserted), exact in the output dtype: any
     # summation order must give the reference exactly.
@@ -89,7 +93,7 @@ def test_exact_on_small_integers(dtype, k):
 
 
 @pytest.mark.parametrize("split_k", [1, 3])
-def test_deterministic(split_k):
+def test_deterministic(split_k, launch_config):
     w, b = weights(torch.bfloat16, n=70, k=700)
     x = activations(5, 700, torch.bfloat16, seed=6)
     first = run(x, 0.5, w, b, split_k)
@@ -103,6 +107,59 @@ def test_default_split_k_depends_on_shape_only(monkeypatch):
     assert sg.default_split_k(200, 300, cpu) == sg.default_split_k(200, 300, cpu)
     assert sg.default_split_k(64 * 1000, 4096, cpu) == 1  # enough N blocks: no split
     assert sg.default_split_k(64, 128 * 64, cpu) > 1  # one N block, long K: split
+
+
+def test_launch_configs():
+    """The GPU configuration is the module's constants (what compile_check builds); the
+    interpreter's runs the demo model's MLP linears (N = 4096 and 640) as one program, no split."""
+    gpu = {"BLOCK_M": sg.BLOCK_M, "BLOCK_N": sg.BLOCK_N, "BLOCK_K": sg.BLOCK_K,
+           "REDUCE_BLOCK": sg.REDUCE_BLOCK, "num_warps": sg.NUM_WARPS, "num_stages": sg.NUM_STAGES}
+    assert tpt.interpreter_config()
+    for m, n, k in ((1, 4096, 640), (6, 640, 2048), (8, 20, 40)):
+        cfg = sg.launch_config(m, n)
+        assert cfg["BLOCK_N"] >= n and cfg["BLOCK_N"] * cfg["BLOCK_K"] <= sg.INTERP_TILE
+        assert cfg["BLOCK_K"] == sg.BLOCK_K and cfg["BLOCK_M"] == sg.BLOCK_M
+        assert sg.default_split_k(n, k, torch.device("cpu")) == 1
+        assert tpt._block(k) >= k
+    assert tpt._block(32768) == tpt.INTERP_BLOCK
+    tpt.GPU_CONFIG_UNDER_INTERPRETER = True
+    try:
+        assert sg.launch_config(1, 4096) == gpu and tpt._block(640) == tpt.BLOCK
+    finally:
+        tpt.GPU_CONFIG_UNDER_INTERPRETER = False
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m, n, k", [(1, 300, 700), (5, 70, 300), (17, 136, 129)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_interpreter_config_gives_the_gpu_configs_bits(dtype, m, n, k, with_bias, monkeypatch):
+    """Both configurations sum each output's K blocks of BLOCK_K in the same order (no split-K):
+    the same bits, whatever BLOCK_N. (The GPU configuration's default split-K sums in another
+    order: close to the reference, tested above, but not the same bits.)"""
+    w, b = weights(dtype, n=n, k=k, seed=m)
+    x = activations(m, k, dtype, seed=m)
+    thr, _ = tpt.top_p_threshold(x, ptensor(0.7))
+    wt, b = w.t().contiguous(), b if with_bias else None
+    fast = sg.sparse_gemv(x, thr, wt, b)
+    monkeypatch.setattr(tpt, "GPU_CONFIG_UNDER_INTERPRETER", True)
+    assert sg.launch_config(m, n)["BLOCK_N"] == sg.BLOCK_N
+    gpu = sg.sparse_gemv(x, thr, wt, b, 1)
+    assert torch.equal(fast.view(torch.int16), gpu.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_output_rounds_to_nearest_even(dtype, split_k, launch_config):
+    """y = 1 + 0.75 ulp(1) is exact in fp32: the output rounds it up to 1 + ulp(1), as the GPU's
+    fp32 -> bf16/fp16 conversion does (Triton 3.9's interpreter truncates bf16 casts: to 1)."""
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    x = torch.zeros(1, 256, dtype=dtype)
+    x[0, 0] = x[0, 200] = 1.0  # with split_k = 2, one term in each split
+    w = torch.zeros(2, 256, dtype=dtype)
+    w[:, 0] = torch.tensor([1.0, -1.0])
+    w[:, 200] = torch.tensor([0.75 * ulp, -0.75 * ulp])  # 3 * 2^-9 (bf16), 3 * 2^-12 (fp16)
+    y = run(x, 1.0, w, None, split_k)
+    assert y.tolist() == [[1 + ulp, -1 - ulp]]
 
 
 def test_bad_arguments_raise():

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_inputs import activations, ptensor, with_edge_rows  # first: interpreter on
+from kernel_inputs import launch_config  # noqa: F401  (fixture: both launch configurations)
 from reference import loop_top_p_mask, paper_top_p_mask
 
 from vllm_sparsity import rule
@@ -40,9 +41,9 @@ def assert_same_as_rule(x: torch.Tensor, p: float) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("p", PS)
-def test_mask_equals_torch_rule(dtype, p):
-    # K = 1100: not a multiple of BLOCK (1024), two chunks per pass. 8 rows: all-zero, NaN,
-    # outlier and tie rows among ordinary ones.
+def test_mask_equals_torch_rule(dtype, p, launch_config):
+    # K = 1100: not a multiple of BLOCK (1024), two chunks per pass (one under the interpreter's
+    # launch configuration). 8 rows: all-zero, NaN, outlier and tie rows among ordinary ones.
     assert_same_as_rule(with_edge_rows(activations(8, 1100, dtype, seed=1)), p)
 
 
@@ -57,7 +58,8 @@ def test_mask_equals_torch_rule_any_batch(dtype, m):
 
 
 def test_longest_rows():
-    # K = 32768 - 7 (32768 is the largest target; Gemma-3-27B's intermediate is 21504).
+    # K = 32768 - 7 (32768 is the largest target; Gemma-3-27B's intermediate is 21504): two chunks
+    # of INTERP_BLOCK under the interpreter's launch configuration.
     x = activations(2, 32768 - 7, torch.bfloat16, seed=5)
     x[1, 100] = 5e4  # an outlier holding most of the row's mass
     assert_same_as_rule(x, 0.9)
@@ -102,7 +104,7 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sharded_threshold_equals_unsharded(dtype, monkeypatch):
+def test_sharded_threshold_equals_unsharded(dtype, monkeypatch, launch_config):
     """Tensor parallelism, simulated: rank 0 holds x[:, :K0]; its all-reduce adds rank 1's masses
     for the same (lo, shift), which rank 1 would compute as its decisions are the same."""
     x = with_edge_rows(activations(5, 900, dtype, seed=4))

@@ -37,6 +37,7 @@ SCRIPT = textwrap.dedent("""
         model, backend = sys.argv[1], sys.argv[2]
         llm = LLM(model=model, dtype="bfloat16", enforce_eager=True, max_model_len=32,
                   max_num_batched_tokens=16, max_num_seqs=2, enable_prefix_caching=False,
+                  kv_cache_memory_bytes=64 << 20,
                   additional_config={"sparsity": {"p": 0.9, "backend": backend}})
         prompts = ["def fibonacci(n):", "1, 2, 3, 4, 5,"]  # 7 and 15 tokens
         start = time.monotonic()
@@ -58,8 +59,11 @@ def _run(demo_model, backend, tmp_path):
     script.write_text(SCRIPT)
     # The execute-model timeout (300 s by default; only the multiprocess executor applies it) as a
     # backstop: a step takes ~5-15 s of CPU here, far more wall time when other jobs share the CPUs.
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TRITON_INTERPRET": "1",
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "1800"}
+    # The KV cache is set in the script (64 MiB: two 32-token sequences need far less), so that a
+    # busy machine's low free memory does not refuse the 1-2 GiB VLLM_CPU_KVCACHE_SPACE asks for.
+    env = {**{k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"},
+           "TRITON_INTERPRET": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "1800"}
     out = subprocess.run([sys.executable, str(script), str(demo_model), backend],
                          capture_output=True, text=True, env=env, timeout=1800, cwd=tmp_path)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
