@@ -24,19 +24,24 @@ same threshold kernel writing x with dropped entries zeroed) goes to the dense G
 ``M_MAX = 8`` is a guess to be tuned on a GPU with ``kernels/bench/bench_sparse_mlp.py``: at s = 0.5
 and independent row masks, 8 rows already read ~1 - 0.5^8 of W; real masks overlap more.
 
-Sites: both sites run the same code today. ``intermediate`` (``down_proj``) takes the act-and-mul
-output as computed by the model (not fused into the threshold kernel). With tensor parallelism
-``down_proj``'s input is sharded: this backend computes each shard's own threshold (a per-shard
-rule); the global rule needs ``top_p_threshold_sharded`` and is not wired (``replace.py`` refuses
-TP with the intermediate target).
+Sites: both sites run the same code. ``intermediate`` (``down_proj``) takes the act-and-mul output
+as computed by the model (not fused into the threshold kernel). Tensor parallelism: ``down_proj``'s
+input is split over K across the TP ranks, and ``sparse_linear`` then passes an ``all_reduce`` over
+them. The threshold is the global one, ``top_p_threshold_sharded`` (its 4 passes each all-reduce a
+float64 [M, 16] for bf16/fp16; these run in the traced graph, outside any custom op), and
+``thresholded_linear`` applies the same batch policy with it: the whole rows' top-p set, each rank
+keeping its shard of it. ``gate_up_proj``'s input is replicated on every rank: no all-reduce.
 """
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from vllm_sparsity.kernels._registry import custom_op
 from vllm_sparsity.kernels.sparse_gemv import DTYPES, _sparse_gemv
-from vllm_sparsity.kernels.top_p_threshold import _launch, _sparsify
+from vllm_sparsity.kernels.top_p_threshold import (_launch, _sparsify, check_x,
+                                                   top_p_threshold_sharded)
 
 # Largest batch (rows of x) sent to the sparse GEMV; above it, mask + dense GEMM. Untimed guess.
 M_MAX = 8
@@ -87,11 +92,16 @@ def _input_sparse_linear_fake(x, p, wt, bias=None, m_max=M_MAX):
             x.new_empty(1, dtype=torch.int64))
 
 
+def _keep(x: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+    """bool [M, K]: the entries of x [M, K] (bf16/fp16) that thr int32 [M] keeps, code >= thr."""
+    code = x.view(torch.int16).to(torch.int32) & 0x7FFF  # the kernel's _magnitude_code
+    return code >= thr[:, None]
+
+
 def _columns_read(x: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
     """int64 [1]: rows of Wt that ``_sparse_gemv_kernel`` loads for x [M, K] and thr int32 [M]:
     those some row keeps (``code(x) >= thr``; one M tile, as M <= M_MAX <= BLOCK_M)."""
-    code = x.view(torch.int16).to(torch.int32) & 0x7FFF  # the kernel's _magnitude_code
-    return (code >= thr[:, None]).any(dim=0).sum().view(1)
+    return _keep(x, thr).any(dim=0).sum().view(1)
 
 
 @custom_op("input_sparse_linear", _input_sparse_linear_fake)
@@ -123,14 +133,50 @@ def input_sparse_linear(x: torch.Tensor, p: torch.Tensor, wt: torch.Tensor,
     return F.linear(xs, wt.t(), bias), kept, kept.new_full((1,), x.shape[1])
 
 
+def _thresholded_linear_fake(x, thr, wt, bias=None, m_max=M_MAX):
+    return _input_sparse_linear_fake(x, None, wt, bias, m_max)
+
+
+@custom_op("thresholded_linear", _thresholded_linear_fake)
+def thresholded_linear(x: torch.Tensor, thr: torch.Tensor, wt: torch.Tensor,
+                       bias: torch.Tensor | None = None,
+                       m_max: int = M_MAX) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``input_sparse_linear`` with the threshold given instead of p
+    (``torch.ops.vllm_sparsity.thresholded_linear``): for a threshold found across shards of K
+    (``top_p_threshold_sharded``). Same batch policy, same outputs.
+
+    Args:
+        x: activations [M, K] (this rank's shard of K), bf16/fp16, unit stride along K.
+        thr: int32 [M] on x's device: x[m, k] is kept iff ``code(x[m, k]) >= thr[m]`` (0 keeps
+            the row whole).
+        wt, bias, m_max: as ``input_sparse_linear``.
+
+    Returns:
+        ``(y, kept, columns_read)`` as ``input_sparse_linear`` (kept: of this shard).
+
+    Raises:
+        ValueError: as ``sparse_gemv``.
+    """
+    check_x(x, "x", DTYPES)
+    keep = _keep(x, thr)
+    kept = keep.sum(dim=-1)
+    if x.shape[0] <= m_max:
+        return _sparse_gemv(x, thr, wt, bias), kept, keep.any(dim=0).sum().view(1)
+    xs = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return F.linear(xs, wt.t(), bias), kept, kept.new_full((1,), x.shape[1])
+
+
 def apply(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor, site: str,
-          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          bias: torch.Tensor | None = None,
+          all_reduce: Callable[[torch.Tensor], None] | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y2, kept_per_row)`` of ``apply_counted``."""
-    return apply_counted(layer, x2, p, site, bias)[:2]
+    return apply_counted(layer, x2, p, site, bias, all_reduce)[:2]
 
 
 def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor, site: str,
-                  bias: torch.Tensor | None = None
+                  bias: torch.Tensor | None = None,
+                  all_reduce: Callable[[torch.Tensor], None] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The layer's output for input x2 under the top-p rule, through the Triton kernels.
 
@@ -140,14 +186,21 @@ def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor, sit
         p: float64 [1], ``layer.sparsity_p``.
         site: ``"input"`` or ``"intermediate"`` (both run the same kernels; see module doc).
         bias: the bias vLLM passes to ``quant_method.apply`` (None when it adds it itself).
+        all_reduce: None when x2 holds whole rows; for x2 a shard of K across TP ranks, the
+            in-place sum over them (see ``top_p_threshold_sharded``): the rule is then the global
+            one, and every rank must call this together.
 
     Returns:
-        ``(y2, kept_per_row, columns_read)``: y2 [M, N] in x2's dtype; kept_per_row int64 [M];
-        columns_read int64 [1], weight columns loaded (see ``input_sparse_linear``).
+        ``(y2, kept_per_row, columns_read)``: y2 [M, N] in x2's dtype (this shard's partial
+        product under TP); kept_per_row int64 [M]; columns_read int64 [1], weight columns loaded
+        (see ``input_sparse_linear``).
 
     Raises:
         ValueError: unknown site, or shapes/dtypes the kernels refuse.
     """
     if site not in SITES:
         raise ValueError(f"site must be one of {SITES}, got {site!r}")
-    return input_sparse_linear(x2, p, kmajor_weight(layer), bias, M_MAX)
+    if all_reduce is None:
+        return input_sparse_linear(x2, p, kmajor_weight(layer), bias, M_MAX)
+    thr = top_p_threshold_sharded(x2, p, all_reduce)
+    return thresholded_linear(x2, thr, kmajor_weight(layer), bias, M_MAX)

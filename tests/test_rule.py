@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
+from gloo_ranks import run_ranks
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -53,6 +55,13 @@ def test_sparsify_zeroes_exactly_the_dropped_entries(dtype):
     assert torch.equal(y[mask].view(torch.uint8), x[mask].view(torch.uint8))  # bit-identical
     assert torch.all(y[~mask] == 0)
     assert torch.equal(kept, mask.sum(-1))
+
+
+def test_float_p_just_below_one_is_not_rounded_up():
+    # Found by test_properties: 1 - 2^-53 is 1.0 in float32; as p = 1 it would keep every nonzero.
+    x = torch.tensor([[1.0, 1.1754943508222875e-38]], dtype=torch.bfloat16)
+    assert top_p_mask(x, 0.9999999999999999).tolist() == [[True, False]]
+    assert torch.equal(top_p_mask(x, 0.9999999999999999), loop_top_p_mask(x, 0.9999999999999999))
 
 
 def test_p_one_keeps_every_nonzero_bit_for_bit():
@@ -107,6 +116,73 @@ def test_ties_are_kept_together():
 def test_bad_input_raises(bad):
     with pytest.raises(ValueError, match="x must be"):
         top_p_mask(bad, 0.5)
+
+
+# Tensor parallelism: rows of K = 2048 split into uneven shards of 1000 and 1048 columns.
+TP_SPLIT, TP_K = 1000, 2048
+
+
+def _tp_rows(dtype):
+    """Rows for the sharded rule: ordinary ones, all-zero, NaN (in rank 1's shard), an outlier
+    (rank 0's) holding > 99% of its row's mass, -Inf (rank 1's), and a row whose mass sits mostly
+    in rank 0's shard."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, TP_K, generator=g) * torch.rand(8, 1, generator=g).mul(4).exp()
+    x[2] = 0.0
+    x[3, 1500] = float("nan")
+    x[4] = torch.randn(TP_K, generator=g) * 0.01
+    x[4, 17] = 3000.0
+    x[5, 1200] = float("-inf")
+    x[6, :TP_SPLIT] *= 30.0
+    return x.to(dtype)
+
+
+def _sharded_rule_on_rank(rank, world_size, ps):
+    """One rank of test_sharded_rule_equals_paper_rule_on_whole_rows: the rule on its shard, with
+    the histograms summed over the gloo group."""
+    out = {}
+    for dtype in DTYPES:
+        x = _tp_rows(dtype)
+        shard = (x[:, :TP_SPLIT] if rank == 0 else x[:, TP_SPLIT:]).contiguous()
+        calls = []
+
+        def all_reduce(t):
+            calls.append((str(t.dtype), tuple(t.shape)))
+            dist.all_reduce(t)
+
+        for p in ps:
+            mask = top_p_mask(shard, p, all_reduce)
+            y, kept = top_p_sparsify(shard, p, all_reduce)
+            out[f"{dtype}, {p}"] = {"mask": mask, "y": y, "kept": kept}
+        out[f"{dtype} calls"] = calls
+    return out
+
+
+def test_sharded_rule_equals_paper_rule_on_whole_rows(tmp_path):
+    """Two gloo processes, each holding one K-shard of the same rows (down_proj's input under
+    TP = 2): each rank's mask is its slice of the paper's rule on the whole rows."""
+    ps = (0.5, 0.9)
+    ranks = run_ranks(_sharded_rule_on_rank, 2, tmp_path, ps)
+    shards = (slice(0, TP_SPLIT), slice(TP_SPLIT, TP_K))
+    for dtype in DTYPES:
+        x = _tp_rows(dtype)
+        levels = 2 if dtype.itemsize == 2 else 4
+        hists = [(8, 256)] * (levels - 1) + [(8, 128)]  # one float64 histogram per radix level
+        expected_calls = [("torch.float64", shape) for shape in hists]
+        for p in ps:
+            full = paper_top_p_mask(x, p)
+            for out, cols in zip(ranks, shards):
+                got = out[f"{dtype}, {p}"]
+                assert torch.equal(got["mask"], full[:, cols]), (dtype, p, cols)
+                assert torch.equal(got["kept"], full[:, cols].sum(-1))
+                ref_y = torch.where(full[:, cols], x[:, cols], 0.0)
+                assert torch.equal(got["y"].view(torch.uint8), ref_y.view(torch.uint8))
+            assert full[3].all() and full[4].sum() == 1 and not full[2].any()  # NaN, outlier, zero
+            # The test can fail: a per-shard rule (no all-reduce) keeps other entries.
+            per_shard = torch.cat([top_p_mask(x[:, cols].contiguous(), p) for cols in shards], 1)
+            assert not torch.equal(per_shard, full)
+        for out in ranks:
+            assert out[f"{dtype} calls"] == expected_calls * 2 * len(ps)
 
 
 _finite = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, width=32)

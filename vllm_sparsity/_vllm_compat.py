@@ -21,7 +21,9 @@ method and calls the original unchanged. A vLLM upgrade should only ever need th
   sparsity is on, without opting in to the control route.
 
 Read-only helpers below also reach into vLLM for the metrics: the forward context's attention
-metadata (``query_start_loc``), the compile wrapper class, the tensor-parallel rank.
+metadata (``query_start_loc``), the compile wrapper class, the tensor-parallel rank. For tensor
+parallelism, ``k_shards`` tells a layer whose input is split over K, and ``tp_all_reduce`` sums the
+rule's histograms over the TP group.
 """
 
 from __future__ import annotations
@@ -165,20 +167,33 @@ def with_resolved_sparsity(additional_config, flags=None) -> dict:
     return additional_config
 
 
-def tp_world_size() -> int:
-    """Tensor-parallel world size of this worker (1 outside a distributed run)."""
+def tp_all_reduce(t) -> None:
+    """Sum ``t`` over the tensor-parallel group, in place: the ``all_reduce`` of the top-p rule for
+    a ``down_proj`` input split over K (float64 histograms; called inside vLLM's traced forward).
+
+    On CUDA through vLLM's ``GroupCoordinator.all_reduce`` (the path of RowParallelLinear's own
+    reduce: a ``torch.ops.vllm.all_reduce`` custom op, compiled and CUDA-graph captured); its
+    custom, quick, FlashInfer and torch symmetric-memory all-reduces refuse float64 by dtype,
+    which leaves NCCL through PyNccl (ncclFloat64). On CPU vLLM's shared-memory all-reduce has no
+    float64 kernel ("shm_allreduce_sum" not implemented for 'Double'), so torch.distributed sums
+    t on the group's gloo device group instead.
+    """
+    import torch
     from vllm.distributed import parallel_state
 
-    if parallel_state._TP is None:
-        return 1
-    return parallel_state.get_tensor_model_parallel_world_size()
+    group = parallel_state.get_tp_group()
+    if t.device.type == "cpu":
+        torch.distributed.all_reduce(t, group=group.device_group)
+    else:
+        t.copy_(group.all_reduce(t))
 
 
-def tp_all_reduce(t):
-    """Sum ``t`` over the tensor-parallel group (vLLM's ``tensor_model_parallel_all_reduce``)."""
-    from vllm.distributed import tensor_model_parallel_all_reduce
+def k_shards(layer) -> int:
+    """Over how many tensor-parallel ranks the input rows of ``layer`` are split along K: a
+    RowParallelLinear's ``tp_size`` (1 with ``disable_tp``), 1 for any other layer."""
+    from vllm.model_executor.layers.linear import RowParallelLinear
 
-    return tensor_model_parallel_all_reduce(t)
+    return layer.tp_size if isinstance(layer, RowParallelLinear) else 1
 
 
 def gated_mlp_types():

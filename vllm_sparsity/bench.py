@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         if p is not None:
             cmd += ["--_child-p", str(p)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SPARSITY_")}
+        # vLLM's CPU backend otherwise reserves 92% of RAM and refuses to start when less is free.
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode or not lines:

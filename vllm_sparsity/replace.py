@@ -137,10 +137,12 @@ def replace_mlp(model: torch.nn.Module, config: SparsityConfig, max_num_tokens: 
     Returns:
         Qualified names of the linear layers that now apply the rule.
 
+    Tensor parallelism: each rank's ``down_proj`` sees a shard of K, so the intermediate site
+    applies the global rule (each level's histogram all-reduced over the TP group, see
+    ``rule.top_p_threshold``; logged once at INFO); the input site's rows are replicated.
+
     Raises:
         ValueError: ``backend="triton"`` for a layer the kernels cannot serve (the reason says why).
-        NotImplementedError: tensor parallelism with target ``intermediate``/``all_inputs`` (each
-            rank only sees a shard of the ``down_proj`` input; the global rule is not wired yet).
     """
     mlps, candidates = find_gated_mlps(model)
     if not mlps:
@@ -148,15 +150,11 @@ def replace_mlp(model: torch.nn.Module, config: SparsityConfig, max_num_tokens: 
             "vllm-sparsity: %s has no gated MLP (gate_up_proj -> act-and-mul -> down_proj); "
             "serving it dense", type(model).__name__)
         return []
-    if config.sparsify_intermediate and _vllm_compat.tp_world_size() > 1:
-        raise NotImplementedError(
-            "--sparsity-target intermediate/all_inputs with tensor parallelism is not supported "
-            "yet: each TP rank only holds a shard of the down_proj input. Use --sparsity-target input.")
     if runtime_state(model) is not None:
         return []
     state = RuntimeState(config, next(model.parameters()).device, max_num_tokens, metrics_on)
     model._vllm_sparsity = state
-    replaced, backends, fallbacks = [], set(), {}
+    replaced, backends, fallbacks, shards = [], set(), {}, set()
     for name, mlp in mlps:
         index = int(m.group(1)) if (m := _LAYER_INDEX.search(name + ".")) else len(replaced)
         for site, layer_name, on in (("input", "gate_up_proj", config.sparsify_input),
@@ -166,8 +164,13 @@ def replace_mlp(model: torch.nn.Module, config: SparsityConfig, max_num_tokens: 
                 backend, reason = _backend_for(layer, config.backend)
                 if reason:
                     fallbacks[f"{name}.{layer_name}"] = reason
+                # down_proj under TP holds a shard of K: the global rule needs the whole rows' mass.
+                k_shards = _vllm_compat.k_shards(layer)
+                all_reduce = _vllm_compat.tp_all_reduce if k_shards > 1 else None
+                if all_reduce is not None:
+                    shards.add((site, k_shards))
                 sparse_linear.install(layer, site, index, state.p[site], backend, state.phase,
-                                      state.batch_phase, stats=metrics_on)
+                                      state.batch_phase, stats=metrics_on, all_reduce=all_reduce)
                 replaced.append(f"{name}.{layer_name}")
                 state.layers.append((f"{name}.{layer_name}", layer))
                 backends.add(backend)
@@ -176,6 +179,10 @@ def replace_mlp(model: torch.nn.Module, config: SparsityConfig, max_num_tokens: 
     _mark_phases_before_forward(model, state)
     if metrics_on and not state.clock:
         logger.info("vllm-sparsity: %s", metrics.CUDA_NOTE)
+    for site, k_shards in sorted(shards):
+        logger.info("vllm-sparsity: the %s site's input is split over %d TP ranks: it applies the "
+                    "global top-p rule (per-row histograms all-reduced across the ranks)",
+                    site, k_shards)
     if fallbacks:
         logger.warning("vllm-sparsity: %d layers use the torch backend instead of triton: %s",
                        len(fallbacks), sorted(set(fallbacks.values())))

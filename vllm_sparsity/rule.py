@@ -25,9 +25,16 @@ Edge cases (defined here, tested in tests/test_rule.py):
   zeroes such a row, which would hide the fault);
 - ±Inf carries all of a row's mass: only the infinite entries are kept (as in the paper);
 - one massive outlier holding at least ``p`` of the mass is kept alone (paper, App. A.3).
+
+Tensor parallelism: ``down_proj``'s input is sharded over K across TP ranks, and the rule needs each
+row's global mass. With ``all_reduce`` (an in-place sum across the ranks) each level's histogram is
+summed over the shards before it is read, so every rank finds the same threshold: that of the
+whole row, applied to its own shard (the paper's rule, not a per-shard one).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -39,18 +46,26 @@ _CODE = {
 }
 
 
-def top_p_threshold(x: torch.Tensor, p: torch.Tensor | float) -> torch.Tensor:
+def top_p_threshold(x: torch.Tensor, p: torch.Tensor | float,
+                    all_reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Per-row magnitude threshold of the top-p rule.
 
     Args:
-        x: activations [M, K], bf16, fp16 or fp32, any device.
+        x: activations [M, K], bf16, fp16 or fp32, any device; with ``all_reduce``, this rank's
+            shard [M, K_rank] of rows whose K is split across ranks (same M and rows everywhere).
         p: share of each row's L1 mass to keep, in (0, 1]; a float or a float64 tensor [1] (a tensor
             can be changed in place between steps without recompiling a graph).
+        all_reduce: None for whole rows; else an in-place sum across the ranks holding the other
+            shards (e.g. ``torch.distributed.all_reduce``), called once per radix level with a
+            float64 histogram on x's device: 2 calls for bf16/fp16 ([M, 256] then [M, 128]),
+            4 for fp32 (3 x [M, 256] then [M, 128]). Every rank must call this function together.
 
     Returns:
         t [M, 1], dtype of x: entry (m, k) is kept iff ``|x[m, k]| >= t[m]``, except that
         ``t[m]`` is NaN for a row holding a NaN, meaning "keep the whole row" (see
-        ``top_p_mask``). t > 0 otherwise, so zeros are never kept.
+        ``top_p_mask``). t > 0 otherwise, so zeros are never kept. With ``all_reduce``: the
+        threshold of the whole rows, the same on every rank (a NaN in any shard keeps the row
+        whole on every rank).
 
     Raises:
         ValueError: x is not 2-D or its dtype is not bf16, fp16 or fp32.
@@ -74,6 +89,8 @@ def top_p_threshold(x: torch.Tensor, p: torch.Tensor | float) -> torch.Tensor:
             (code >> (bits_left + bits)) == prefix, a64, 0.0)
         hist = torch.zeros(x.shape[0], 1 << bits, dtype=torch.float64, device=x.device)
         hist.scatter_add_(1, digit, in_bin)
+        if all_reduce is not None:  # masses of the whole rows: every rank takes the same digit
+            all_reduce(hist)
         if target is None:  # the first histogram holds the whole row: its sum is the total
             target = hist.sum(dim=-1, keepdim=True) * p  # NaN exactly for rows holding a NaN
         # mass(digit >= d) for every d; the largest d whose mass reaches the target is the digit.
@@ -86,32 +103,40 @@ def top_p_threshold(x: torch.Tensor, p: torch.Tensor | float) -> torch.Tensor:
     # total absorbed tiny entries). An all-zero row (target 0) searches up to the top code, a NaN
     # pattern: +Inf instead keeps nothing, as zeros are never kept.
     prefix = prefix.clamp(min=1, max=inf_code)
-    prefix = torch.where(torch.as_tensor(p, device=x.device) >= 1.0, 1, prefix)
+    # float64: a float p just below 1 would round up to 1 in float32 (torch's default dtype).
+    prefix = torch.where(torch.as_tensor(p, dtype=torch.float64, device=x.device) >= 1.0, 1, prefix)
     # Back to a value ([M, 1] only): the full-size comparison then stays in floating point, which
     # compilers vectorise (an integer bitcast of the whole block is several times slower on CPU).
     t = prefix.to(int_dtype).view(x.dtype)
     return torch.where(target.isnan(), torch.full_like(t, float("nan")), t)
 
 
-def top_p_mask(x: torch.Tensor, p: torch.Tensor | float) -> torch.Tensor:
-    """Boolean mask [M, K] of the entries of x [M, K] that the top-p rule keeps (see module doc)."""
-    t = top_p_threshold(x, p)
+def top_p_mask(x: torch.Tensor, p: torch.Tensor | float,
+               all_reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Boolean mask [M, K] of the entries of x [M, K] that the top-p rule keeps (see module doc;
+    ``all_reduce`` as ``top_p_threshold``: x is then one shard of K, and so is the mask)."""
+    t = top_p_threshold(x, p, all_reduce)
     return (x.abs() >= t) | t.isnan()
 
 
-def top_p_sparsify(x: torch.Tensor, p: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+def top_p_sparsify(x: torch.Tensor, p: torch.Tensor | float,
+                   all_reduce: Callable[[torch.Tensor], None] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply the top-p rule to each row of x.
 
     Args:
         x: activations [M, K], bf16/fp16/fp32.
         p: share of L1 mass kept per row, in (0, 1] (float or float64 tensor [1]).
+        all_reduce: None, or x is this rank's shard of K and the rule is that of the whole rows
+            (see ``top_p_threshold``).
 
     Returns:
         ``(y, kept)``: y [M, K], same dtype, kept entries bit-identical to x and the rest exactly
-        zero; kept [M] int64, how many entries of each row are kept (nonzero unless a NaN row).
+        zero; kept [M] int64, how many entries of each row are kept (nonzero unless a NaN row;
+        with ``all_reduce``: of this rank's shard, which may keep none).
 
     Raises:
         ValueError: as ``top_p_threshold``.
     """
-    mask = top_p_mask(x, p)
+    mask = top_p_mask(x, p, all_reduce)
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)), mask.sum(dim=-1)

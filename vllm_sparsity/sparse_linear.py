@@ -7,13 +7,18 @@ what it zeroed, and runs the wrapped method's GEMM on the sparsified input. The 
 (bias, tensor-parallel all-reduce of ``down_proj``'s output) is untouched, so any model's MLP code
 works unchanged. Kernels and metrics plug in here and nowhere else.
 
+Tensor parallelism: ``down_proj`` sees only its rank's shard of K, so its method carries an
+``all_reduce`` over the TP group and applies the global rule (the threshold of the whole rows, see
+``rule.top_p_threshold``); ``gate_up_proj``'s input is replicated on every rank and needs none.
+
 State lives in non-persistent buffers on the layer, so that vLLM's compiled graph (torch.compile,
 CUDA graphs) reads them as inputs and never bakes them in:
 
 - ``sparsity_p``: float64 [1], the process-wide p (one tensor shared by every layer; writing it
   in place changes p for the next step without recompiling);
 - ``sparsity_counts``: int64 [2], running (zeroed, total) activation counts of this input, over
-  the tokens of real requests (padding and dummy runs excluded);
+  the tokens of real requests (padding and dummy runs excluded); of this rank's shard of K when
+  the input is split across TP ranks;
 - ``sparsity_phase``: int64 [max tokens], the phase of each token of the step (``metrics.PREFILL``,
   ``DECODE``, ``PAD``), and ``sparsity_batch_phase`` int64 [1], the step's; written before each
   forward by ``RuntimeState.mark_phases`` (one pair shared by every layer);
@@ -25,6 +30,7 @@ CUDA graphs) reads them as inputs and never bakes them in:
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase
@@ -46,16 +52,22 @@ class InputSparseLinearMethod(LinearMethodBase):
         backend: ``"torch"`` (the torch rule, then ``inner.apply``) or ``"triton"`` (the kernels of
             ``vllm_sparsity.kernels.backend``: K-major weight, input-sparse GEMV for decode batches,
             mask then dense GEMM above; every GEMM of the layer, so ``inner`` only creates weights).
+        all_reduce: None when x holds whole rows; for x split over K across tensor-parallel ranks
+            (``down_proj`` under TP), an in-place sum over those ranks
+            (``_vllm_compat.tp_all_reduce``): every rank then keeps its shard of the whole rows'
+            top-p set.
     """
 
     def __init__(self, inner: LinearMethodBase, site: str, layer_index: int,
-                 backend: str = "torch") -> None:
+                 backend: str = "torch",
+                 all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
         if backend not in ("torch", "triton"):
             raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
         self.inner = inner
         self.site = site
         self.layer_index = layer_index
         self.backend = backend
+        self.all_reduce = all_reduce
         # Imported here, not in the traced forward, and only for this backend (it imports triton).
         self._kernels = importlib.import_module("vllm_sparsity.kernels.backend") \
             if backend == "triton" else None
@@ -76,9 +88,9 @@ class InputSparseLinearMethod(LinearMethodBase):
         x2 = x.reshape(-1, x.shape[-1])
         if self.backend == "triton":
             y2, kept, columns_read = self._kernels.apply_counted(
-                layer, x2, layer.sparsity_p, self.site, bias)
+                layer, x2, layer.sparsity_p, self.site, bias, self.all_reduce)
         else:
-            y2, kept = top_p_sparsify(x2, layer.sparsity_p)
+            y2, kept = top_p_sparsify(x2, layer.sparsity_p, self.all_reduce)
             columns_read = None  # the dense GEMM below reads every column
         _count(layer, kept, x2.shape[-1], columns_read)
         if self.backend == "triton":  # y2 is already the layer's output [M, N]
@@ -123,14 +135,17 @@ def _count(layer: torch.nn.Module, kept: torch.Tensor, dim: int,
 
 def install(layer: torch.nn.Module, site: str, layer_index: int, p: torch.Tensor,
             backend: str = "torch", phase: torch.Tensor | None = None,
-            batch_phase: torch.Tensor | None = None, stats: bool = False) -> None:
+            batch_phase: torch.Tensor | None = None, stats: bool = False,
+            all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
     """Swap ``layer.quant_method`` for an ``InputSparseLinearMethod`` and add its buffers.
 
     ``phase`` / ``batch_phase``: the shared phase buffers of ``RuntimeState`` (default: private
     ones marking every token prefill). ``stats``: add the ``sparsity_stats`` buffer (metrics on).
+    ``all_reduce``: for an input split over K across TP ranks (see ``InputSparseLinearMethod``).
     """
     device = p.device
-    layer.quant_method = InputSparseLinearMethod(layer.quant_method, site, layer_index, backend)
+    layer.quant_method = InputSparseLinearMethod(layer.quant_method, site, layer_index, backend,
+                                                 all_reduce)
     if phase is None:
         phase = torch.full((DEFAULT_MAX_TOKENS,), metrics.PREFILL, dtype=torch.int64, device=device)
     if batch_phase is None:

@@ -8,10 +8,11 @@ import torch
 from vllm_sparsity.rule import top_p_mask
 
 
-def ref_sparse_gemv(x, p, w, bias=None):
+def ref_sparse_gemv(x, p, w, bias=None, mask=None):
     """float64 ``where(top_p_mask(x), x, 0) @ w.T + bias`` and the bound of |x|.|w| that scales
-    fp32 rounding: ``(|xm| @ |w|.T + |bias|)``."""
-    xm = torch.where(top_p_mask(x, p), x, 0).double()
+    fp32 rounding: ``(|xm| @ |w|.T + |bias|)``. ``mask``: the kept entries, if not x's own top-p
+    set (a shard of K keeps its slice of the whole rows' set)."""
+    xm = torch.where(top_p_mask(x, p) if mask is None else mask, x, 0).double()
     out, mag = xm @ w.double().t(), xm.abs() @ w.double().abs().t()
     if bias is not None:
         out, mag = out + bias.double(), mag + bias.double().abs()

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from kernel_inputs import activations, ptensor, with_edge_rows  # first: interpreter on
 from gemv_reference import assert_close_to_ref, ref_sparse_gemv
+from gloo_ranks import run_ranks
 from vllm.model_executor.layers.linear import LinearMethodBase
 
 from vllm_sparsity import rule, sparse_linear
@@ -131,3 +133,65 @@ def test_custom_op_registered_with_fake_impl():
         x = activations(m, K, torch.bfloat16)
         torch.library.opcheck(torch.ops.vllm_sparsity.input_sparse_linear,
                               (x, ptensor(0.5), backend.kmajor_weight(layer), None, backend.M_MAX))
+        thr = torch.full((m,), 0x3F00, dtype=torch.int32)
+        torch.library.opcheck(torch.ops.vllm_sparsity.thresholded_linear,
+                              (x, thr, backend.kmajor_weight(layer), None, backend.M_MAX))
+
+
+# Tensor parallelism: down_proj's K = 200 split into uneven shards of 90 and 110 columns.
+TP_SPLIT = 90
+TP_MS = (5, 12)  # sparse GEMV path (M <= M_MAX), mask + dense GEMM path
+
+
+def _tp_rows(m):
+    return with_edge_rows(activations(m, K, torch.bfloat16, seed=m))
+
+
+def _tp_backend_on_rank(rank, world_size):
+    """One rank of test_sharded_intermediate_site_applies_the_global_rule: its shard of down_proj
+    (the columns of W and of x it holds under TP = 2), all-reduced over the gloo group."""
+    cols = slice(0, TP_SPLIT) if rank == 0 else slice(TP_SPLIT, K)
+    layer = make_layer(seed=1)
+    layer.weight.data = layer.weight.data[:, cols].contiguous()
+    backend.prepare(layer)
+    return {m: backend.apply_counted(layer, _tp_rows(m)[:, cols].contiguous(), ptensor(0.6),
+                                     "intermediate", None, dist.all_reduce) for m in TP_MS}
+
+
+def test_sharded_intermediate_site_applies_the_global_rule(tmp_path):
+    """Two gloo processes, each holding one K-shard of down_proj's input and weight: each rank
+    keeps its slice of the whole rows' top-p set, on both sides of M_MAX."""
+    ranks = run_ranks(_tp_backend_on_rank, 2, tmp_path)
+    w = make_layer(seed=1).weight.detach()
+    for m in TP_MS:
+        x = _tp_rows(m)
+        full = rule.top_p_mask(x, 0.6)
+        per_shard = []
+        for out, cols in zip(ranks, (slice(0, TP_SPLIT), slice(TP_SPLIT, K))):
+            y, kept, columns_read = out[m]
+            assert torch.equal(kept, full[:, cols].sum(-1))
+            read = full[:, cols].any(0).sum() if m <= backend.M_MAX else x[:, cols].shape[1]
+            assert columns_read.tolist() == [read]
+            assert_close_to_ref(y, *ref_sparse_gemv(x[:, cols], 0.6, w[:, cols],
+                                                    mask=full[:, cols]), cols.stop - cols.start)
+            per_shard.append(rule.top_p_mask(x[:, cols], 0.6))
+        assert not torch.equal(torch.cat(per_shard, 1), full)  # the per-shard rule differs
+
+
+def test_sharded_path_survives_torch_compile():
+    """The sharded path traces whole (threshold passes and all-reduces in the graph) and keeps the
+    batch-size branch. The all-reduce doubles every mass, as if both ranks held the same shard:
+    the global rule of [x, x] keeps what x's own rule keeps."""
+    layer = make_layer()
+    backend.prepare(layer)
+    p = ptensor(0.6)
+
+    def sharded(x):
+        return backend.apply_counted(layer, x, p, "intermediate", None, lambda t: t.mul_(2))
+
+    compiled = torch.compile(sharded, backend="aot_eager", fullgraph=True, dynamic=True)
+    for m in (2, 12, 5):
+        x = with_edge_rows(activations(max(m, 4), K, torch.bfloat16, seed=m))[:m]
+        y, kept, _ = compiled(x)
+        assert torch.equal(kept, rule.top_p_sparsify(x, 0.6)[1])
+        assert_close_to_ref(y, *ref_sparse_gemv(x, 0.6, layer.weight.detach()), K)
