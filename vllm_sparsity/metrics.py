@@ -11,7 +11,8 @@ Series (every one labelled ``model_name``, vLLM's served model name; no request 
 - ``vllm_sparsity_weight_columns_read_total``, ``vllm_sparsity_weight_columns_total`` counters
   {layer, site, phase}: weight columns the GEMM loaded, and all it would load dense;
 - ``vllm_sparsity_weight_skipped_bytes_total`` counter {layer, site, phase}: bytes not loaded;
-- ``vllm_sparsity_mlp_latency_seconds`` histogram {phase}: one MLP forward (CPU only).
+- ``vllm_sparsity_mlp_latency_seconds`` histogram {phase}: one MLP forward (CPU only; the first
+  decoder layer's MLP, once per step).
 
 ``layer`` is the decoder layer index, ``site`` is ``input`` (gate_up_proj's input) or
 ``intermediate`` (down_proj's input), ``phase`` is ``prefill`` or ``decode``: a token is a decode

@@ -174,7 +174,9 @@ def replace_mlp(model: torch.nn.Module, config: SparsityConfig, max_num_tokens: 
                 replaced.append(f"{name}.{layer_name}")
                 state.layers.append((f"{name}.{layer_name}", layer))
                 backends.add(backend)
-        if state.clock:
+        # One MLP per step is timed (the first): every MLP of a model has the same shapes, and
+        # clock marks around all of them would add two opaque ops per layer to each decode step.
+        if state.clock and mlp is mlps[0][1]:
             metrics.time_mlp(mlp)
     _mark_phases_before_forward(model, state)
     if metrics_on and not state.clock:
