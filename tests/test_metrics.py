@@ -139,6 +139,7 @@ def test_triton_backend_reports_the_weight_columns_it_read(m):
     ([0, 4], 4, [PREFILL] * 4, PREFILL),
     ([0, 1, 5], 5, [DECODE] + [PREFILL] * 4, PREFILL),
     (None, 3, [PAD] * 3, PAD),  # dummy run: no attention metadata
+    ([0, 0], 0, [], PAD),  # an empty step
 ])
 def test_token_phases_from_query_start_loc(qsl, n, phases, batch):
     got, got_batch = metrics.token_phases(
@@ -164,9 +165,9 @@ def test_merge_takes_counts_from_tp_rank_0_and_sums_bytes_over_shards():
     lat = {"counts": [[1] + [0] * len(metrics.LATENCY_BUCKETS_S), [0, 2] + [0] * 14][:2],
            "sums": [0.5, 0.25]}
     per_worker = [
-        worker(0, [[0, "input", 100]], [site_rows(30, 100, 60, 100)], lat),  # stage 0, TP 0
-        worker(1, [[0, "input", 100]], [site_rows(30, 100, 60, 100)], lat),  # stage 0, TP 1
-        worker(0, [[1, "input", 100]], [site_rows(50, 100, 80, 100)], lat),  # stage 1, TP 0
+        worker(0, [[0, "input", 100, 0]], [site_rows(30, 100, 60, 100)], lat),  # stage 0, TP 0
+        worker(1, [[0, "input", 100, 0]], [site_rows(30, 100, 60, 100)], lat),  # stage 0, TP 1
+        worker(0, [[1, "input", 100, 0]], [site_rows(50, 100, 80, 100)], lat),  # stage 1, TP 0
         None,
     ]
     merged = metrics.merge(per_worker)
@@ -178,6 +179,31 @@ def test_merge_takes_counts_from_tp_rank_0_and_sums_bytes_over_shards():
     assert merged["latency"]["counts"][PREFILL][0] == 2  # two pipeline stages, TP rank 0 only
     assert merged["latency"]["sums"] == [1.0, 0.5]
     assert metrics.merge([None, None]) is None
+
+
+def test_merge_sums_the_counters_of_an_input_split_over_tp_ranks():
+    # down_proj under TP: each rank counts its shard of K for the same tokens.
+    per_worker = [worker(0, [[0, "intermediate", 10, 1]], [site_rows(30, 100, 60, 100)]),
+                  worker(1, [[0, "intermediate", 10, 1]], [site_rows(40, 120, 70, 120)])]
+    rows = metrics.merge(per_worker)["sites"][(0, "intermediate")]["rows"]
+    for phase, scale in ((PREFILL, 1), (DECODE, 2)):
+        assert rows[phase][metrics.ZEROED] == scale * (30 + 40)
+        assert rows[phase][metrics.TOTAL] == scale * (100 + 120)
+        assert rows[phase][metrics.COLS_READ] == scale * (60 + 70)
+        assert rows[phase][metrics.COLS_TOTAL] == scale * (100 + 120)
+        assert rows[phase][metrics.HIST] == scale * (100 // 100)  # rank 0's histogram only
+
+
+def test_sparsity_route_sums_a_split_input_over_tp_ranks():
+    from vllm_sparsity.control import _merge
+
+    def rows(zeroed, total, split):
+        return {"target": "all_inputs", "layers": [
+            {"layer": 0, "site": "input", "zeroed": zeroed, "total": total, "split": False},
+            {"layer": 0, "site": "intermediate", "zeroed": zeroed, "total": total, "split": split}]}
+
+    merged = _merge([rows(30, 100, True), rows(40, 120, True), None])["layers"]
+    assert [(r["zeroed"], r["total"]) for r in merged] == [(30, 100), (70, 220)]
 
 
 def scrape(collector) -> dict:
@@ -192,7 +218,7 @@ def test_collector_exposition_names_labels_and_histograms():
     assert scrape(collector) == {}  # nothing before the first poll
     rows = site_rows(30, 200, 60, 100)
     rows[PREFILL][metrics.HIST:metrics.HIST + 3] = [1, 0, 1]  # 2 tokens of K = 100
-    collector.snapshot = metrics.merge([worker(0, [[4, "input", 10]], [rows])])
+    collector.snapshot = metrics.merge([worker(0, [[4, "input", 10, 0]], [rows])])
     families = scrape(collector)
     assert {f"{n}" for n in families} | {"vllm_sparsity_config_info"} >= {
         n.removesuffix("_total") for n in metrics.METRIC_NAMES if "latency" not in n}
@@ -243,7 +269,7 @@ class FakeEngine:
         assert method == "vllm_sparsity_metrics"
         self.polls += 1
         rows = site_rows(30 * self.polls, 100 * self.polls, 0, 0)
-        return [worker(0, [[0, "input", 10]], [rows])]
+        return [worker(0, [[0, "input", 10, 0]], [rows])]
 
 
 def registry_samples(name) -> dict:

@@ -79,6 +79,7 @@ class _Child:
         env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SPARSITY_")}
         # vLLM's CPU backend otherwise reserves 92% of RAM, and several configurations are alive.
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env["VLLM_LOGGING_STREAM"] = "ext://sys.stderr"  # stdout carries the READY/RESULT lines
         self.log = tempfile.TemporaryFile(mode="w+")  # vLLM's log, shown if the child fails
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, env=env)
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure per-target sparsity on this running server instead")
     parser.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"))
     parser.add_argument("--metrics-overhead", action="store_true",
-                        help="instead: the first --p with the metrics counters on, then off")
+                        help="instead: the first --p with the metrics counters off (the baseline) and on")
     parser.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--_child-p", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_child-metrics", type=int, default=1, help=argparse.SUPPRESS)

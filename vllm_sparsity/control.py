@@ -71,9 +71,10 @@ WORKER_METHODS = {f.__name__: f for f in (vllm_sparsity_state, vllm_sparsity_set
 
 
 def _merge(per_worker: list[dict | None]) -> dict[str, Any] | None:
-    """One view of all workers: settings from the first, one row per (layer, site). Tensor-
-    parallel ranks see the same replicated gate_up_proj input, and pipeline ranks hold different
-    layers, so the first worker reporting a (layer, site) speaks for it."""
+    """One view of all workers: settings from the first, one row per (layer, site). Pipeline
+    ranks hold different layers. Tensor-parallel ranks see the same replicated gate_up_proj input,
+    so the first worker reporting it speaks for it; a split input (down_proj's under TP, a shard
+    of K per rank) has its counts summed over the ranks."""
     states = [s for s in per_worker if s is not None]
     if not states:
         return None
@@ -81,7 +82,12 @@ def _merge(per_worker: list[dict | None]) -> dict[str, Any] | None:
     rows: dict[tuple, dict] = {}
     for state in states:
         for row in state["layers"]:
-            rows.setdefault((row["layer"], row["site"]), row)
+            key = (row["layer"], row["site"])
+            if key not in rows:
+                rows[key] = dict(row)
+            elif row.get("split"):
+                rows[key]["zeroed"] += row["zeroed"]
+                rows[key]["total"] += row["total"]
     merged["layers"] = [rows[k] for k in sorted(rows)]
     return merged
 

@@ -143,7 +143,7 @@ def token_phases(query_start_loc: torch.Tensor | None, num_tokens: int,
         else DECODE if any is decode, else PAD. Device ops only (no host sync), so that a CUDA
         graph that records them recomputes them from vLLM's persistent buffer on replay.
     """
-    if query_start_loc is None or query_start_loc.numel() < 2:
+    if query_start_loc is None or query_start_loc.numel() < 2 or num_tokens == 0:
         return (torch.full((num_tokens,), PAD, dtype=torch.int64, device=device),
                 torch.tensor(PAD, device=device))
     qsl = query_start_loc
@@ -226,7 +226,8 @@ def time_mlp(mlp: torch.nn.Module) -> None:
 def snapshot(state, tp_rank: int) -> dict:
     """This worker's counters as plain data for ``collective_rpc``: one device-to-host copy.
 
-    ``sites`` rows are ``[layer, site, bytes per weight column on this rank]``; ``stats`` the
+    ``sites`` rows are ``[layer, site, bytes per weight column on this rank, split]`` (split: 1
+    when the site's input is split over K across TP ranks, ``down_proj`` under TP); ``stats`` the
     matching int64 [3, WIDTH] buffers."""
     layers = [layer for _, layer in state.layers if hasattr(layer, "sparsity_stats")]
     stats = torch.stack([layer.sparsity_stats for layer in layers]).tolist() if layers else []
@@ -237,7 +238,8 @@ def snapshot(state, tp_rank: int) -> dict:
         # weight is not a plain 2-D tensor, e.g. quantized: the torch backend skips nothing).
         per_column = w.shape[0] * w.element_size() if isinstance(w, torch.Tensor) and w.dim() == 2 \
             else 0
-        sites.append([method.layer_index, method.site, per_column])
+        sites.append([method.layer_index, method.site, per_column,
+                      int(method.all_reduce is not None)])
     return {**state.describe(), "p_by_site": state.p_by_site(), "tp_rank": tp_rank,
             "sites": sites, "stats": stats,
             "latency": CLOCK.snapshot() if state.clock else None}
@@ -247,10 +249,13 @@ def snapshot(state, tp_rank: int) -> dict:
 
 
 def merge(per_worker: list[dict | None]) -> dict | None:
-    """One view of all workers. Tensor-parallel ranks see the same tokens and the same replicated
-    input of each site, so activation counts, weight columns and latencies come from TP rank 0 of
-    each pipeline stage and data-parallel replica (summed: stages hold different layers, replicas
-    different tokens); bytes skipped are summed over every rank (each skips its own shard)."""
+    """One view of all workers. Tensor-parallel ranks see the same tokens, so counts and latencies
+    come from TP rank 0 of each pipeline stage and data-parallel replica (summed: stages hold
+    different layers, replicas different tokens). A replicated input (gate_up_proj's) is the same
+    on every TP rank; a split one (down_proj's under TP: each rank holds a shard of K) has its
+    activation and weight-column counters summed over the ranks, which is exact, while its
+    per-token histogram stays rank 0's shard. Bytes skipped are summed over every rank (each
+    skips its own shard of the weight)."""
     snaps = [s for s in per_worker if s]
     if not snaps:
         return None
@@ -260,13 +265,16 @@ def merge(per_worker: list[dict | None]) -> dict | None:
     latency = None
     for snap in snaps:
         lead = snap["tp_rank"] == 0
-        for (layer, site, per_column), rows in zip(snap["sites"], snap["stats"]):
+        for (layer, site, per_column, split), rows in zip(snap["sites"], snap["stats"]):
             entry = sites.setdefault((layer, site), {
                 "rows": [[0] * WIDTH for _ in PHASES], "skipped_bytes": [0, 0]})
             for phase in (PREFILL, DECODE):
                 if lead:
                     entry["rows"][phase] = [a + b for a, b in
                                             zip(entry["rows"][phase], rows[phase])]
+                elif split:  # another shard of the same tokens' inputs
+                    for col in (ZEROED, TOTAL, COLS_READ, COLS_TOTAL):
+                        entry["rows"][phase][col] += rows[phase][col]
                 entry["skipped_bytes"][phase] += \
                     (rows[phase][COLS_TOTAL] - rows[phase][COLS_READ]) * per_column
         if lead and snap["latency"] is not None:

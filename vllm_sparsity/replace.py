@@ -108,7 +108,8 @@ class RuntimeState:
         if model is not None:
             out["layers"] = [
                 {"layer": m.quant_method.layer_index, "site": m.quant_method.site, "name": name,
-                 "zeroed": int(c[0]), "total": int(c[1])}
+                 "zeroed": int(c[0]), "total": int(c[1]),
+                 "split": m.quant_method.all_reduce is not None}
                 for name, m in sparse_layers(model) for c in [m.sparsity_counts.tolist()]]
         return out
 
