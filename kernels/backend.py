@@ -98,10 +98,10 @@ def _keep(x: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
     return code >= thr[:, None]
 
 
-def _columns_read(x: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
-    """int64 [1]: rows of Wt that ``_sparse_gemv_kernel`` loads for x [M, K] and thr int32 [M]:
-    those some row keeps (``code(x) >= thr``; one M tile, as M <= M_MAX <= BLOCK_M)."""
-    return _keep(x, thr).any(dim=0).sum().view(1)
+def _columns_read(keep: torch.Tensor) -> torch.Tensor:
+    """int64 [1]: rows of Wt that ``_sparse_gemv_kernel`` loads for the mask keep bool [M, K]
+    (``_keep``): those some row keeps (one M tile, as M <= M_MAX <= BLOCK_M)."""
+    return keep.any(dim=0).sum().view(1)
 
 
 @custom_op("input_sparse_linear", _input_sparse_linear_fake)
@@ -128,7 +128,7 @@ def input_sparse_linear(x: torch.Tensor, p: torch.Tensor, wt: torch.Tensor,
     """
     if x.shape[0] <= m_max:
         thr, kept = _launch(x, p, None)
-        return _sparse_gemv(x, thr, wt, bias), kept, _columns_read(x, thr)
+        return _sparse_gemv(x, thr, wt, bias), kept, _columns_read(_keep(x, thr))
     xs, kept = _sparsify(x, p)
     return F.linear(xs, wt.t(), bias), kept, kept.new_full((1,), x.shape[1])
 
@@ -161,7 +161,7 @@ def thresholded_linear(x: torch.Tensor, thr: torch.Tensor, wt: torch.Tensor,
     keep = _keep(x, thr)
     kept = keep.sum(dim=-1)
     if x.shape[0] <= m_max:
-        return _sparse_gemv(x, thr, wt, bias), kept, keep.any(dim=0).sum().view(1)
+        return _sparse_gemv(x, thr, wt, bias), kept, _columns_read(keep)
     xs = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
     return F.linear(xs, wt.t(), bias), kept, kept.new_full((1,), x.shape[1])
 
