@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from vllm_sparsity.eval import convert, stats
-from vllm_sparsity.eval.sweep import SITES, point_dir
+from vllm_sparsity.eval.sweep import point_dir
+from vllm_sparsity.sites import TARGETS
 
 
 def _one(pattern: str, folder: Path) -> Path:
@@ -130,7 +131,7 @@ def plot(result: dict, path: Path) -> None:
 
 def report(result: dict) -> str:
     tasks, crit = result["tasks"], result["critical_sparsity"]
-    sites = [*SITES[result["target"]], "overall"]
+    sites = [*TARGETS[result["target"]], "overall"]
 
     def fmt(c):
         s = "fails at the first point" if c["sparsity"] is None else f"{c['sparsity']:.3f}"

@@ -26,13 +26,12 @@ from pathlib import Path
 import requests
 
 from vllm_sparsity.eval import convert
+from vllm_sparsity.sites import TARGETS
 
 # The paper's grid (fszatkowski/activation-sparsity-benchmarking, slurm_scripts/harness/
 # model_grids/*.sh, `sparsity_setups`) without its p = 0.0, which the plugin rejects (p in (0, 1]).
 PAPER_GRID = (1.0, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91,
               0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
-SITES = {"input": ("input",), "intermediate": ("intermediate",),
-         "all_inputs": ("input", "intermediate")}
 START_TIMEOUT_S = 900  # Inductor compile makes start-up take minutes on a small CPU
 
 
@@ -144,11 +143,11 @@ def measured_sparsity(before: dict, after: dict, target: str) -> dict:
         z, t = delta.get(a["site"], (0, 0))
         delta[a["site"]] = (z + a["zeroed"] - b["zeroed"], t + a["total"] - b["total"])
     out = {}
-    for site in SITES[target]:
+    for site in TARGETS[target]:
         z, t = delta.get(site, (0, 0))
         out[site] = z / t if t else None
-    zs = sum(delta.get(s, (0, 0))[0] for s in SITES[target])
-    ts = sum(delta.get(s, (0, 0))[1] for s in SITES[target])
+    zs = sum(delta.get(s, (0, 0))[0] for s in TARGETS[target])
+    ts = sum(delta.get(s, (0, 0))[1] for s in TARGETS[target])
     out["overall"] = zs / ts if ts else None
     out["activations"] = ts
     return out

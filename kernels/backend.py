@@ -1,7 +1,7 @@
 """The Triton backend of ``InputSparseLinearMethod``: K-major weight at load, then per call either
 the input-sparse GEMV (decode) or the top-p mask followed by the dense GEMM (prefill).
 
-Used by ``vllm_sparsity/sparse_linear.py`` when its backend is ``"triton"``:
+Entry ``"triton"`` of ``vllm_sparsity.backends.BACKENDS`` (that module states the interface):
 
 - ``prepare(layer)`` once after the weights are loaded: the layer's [N, K] weight storage is
   replaced by a K-major copy, and ``layer.weight`` becomes its [N, K] transposed *view* (same
@@ -9,7 +9,7 @@ Used by ``vllm_sparsity/sparse_linear.py`` when its backend is ``"triton"``:
   copy of the weight stays resident; the transpose needs a second copy transiently, one layer at a
   time. Same move as vLLM's own XPU path (``UnquantizedLinearMethod.process_weights_after_loading``:
   ``weight.t().contiguous().t()``).
-- ``apply(layer, x2, p, site, bias)`` on every forward: one custom op,
+- ``apply_counted(layer, x2, p, bias, all_reduce)`` on every forward: one custom op,
   ``torch.ops.vllm_sparsity.input_sparse_linear``, so the batch-size branch below is taken at run
   time inside the op. (Written as Python in the traced forward, torch.compile would evaluate
   ``M <= M_MAX`` once, on the size it traces with, and vLLM drops shape guards: every batch size
@@ -24,8 +24,8 @@ same threshold kernel writing x with dropped entries zeroed) goes to the dense G
 ``M_MAX = 8`` is a guess to be tuned on a GPU with ``kernels/bench/bench_sparse_mlp.py``: at s = 0.5
 and independent row masks, 8 rows already read ~1 - 0.5^8 of W; real masks overlap more.
 
-Sites: both sites run the same code. ``intermediate`` (``down_proj``) takes the act-and-mul output
-as computed by the model (not fused into the threshold kernel). Tensor parallelism: ``down_proj``'s
+Sites: every site runs the same code. ``intermediate`` (``down_proj``) takes the act-and-mul
+output as computed by the model (not fused into the threshold kernel). Tensor parallelism: ``down_proj``'s
 input is split over K across the TP ranks, and ``sparse_linear`` then passes an ``all_reduce`` over
 them. The threshold is the global one, ``top_p_threshold_sharded`` (its 4 passes each all-reduce a
 float64 [M, 16] for bf16/fp16; these run in the traced graph, outside any custom op), and
@@ -39,13 +39,12 @@ import torch
 import torch.nn.functional as F
 
 from vllm_sparsity.kernels._registry import custom_op
+from vllm_sparsity.kernels.common import check_x
 from vllm_sparsity.kernels.sparse_gemv import DTYPES, _sparse_gemv
-from vllm_sparsity.kernels.top_p_threshold import (_launch, _sparsify, check_x,
-                                                   top_p_threshold_sharded)
+from vllm_sparsity.kernels.top_p_threshold import launch, sparsify, top_p_threshold_sharded
 
 # Largest batch (rows of x) sent to the sparse GEMV; above it, mask + dense GEMM. Untimed guess.
 M_MAX = 8
-SITES = ("input", "intermediate")
 
 
 def unsupported_reason(layer: torch.nn.Module) -> str | None:
@@ -94,7 +93,7 @@ def _input_sparse_linear_fake(x, p, wt, bias=None, m_max=M_MAX):
 
 def _keep(x: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
     """bool [M, K]: the entries of x [M, K] (bf16/fp16) that thr int32 [M] keeps, code >= thr."""
-    code = x.view(torch.int16).to(torch.int32) & 0x7FFF  # the kernel's _magnitude_code
+    code = x.view(torch.int16).to(torch.int32) & 0x7FFF  # common.magnitude_code
     return code >= thr[:, None]
 
 
@@ -102,6 +101,20 @@ def _columns_read(keep: torch.Tensor) -> torch.Tensor:
     """int64 [1]: rows of Wt that ``_sparse_gemv_kernel`` loads for the mask keep bool [M, K]
     (``_keep``): those some row keeps (one M tile, as M <= M_MAX <= BLOCK_M)."""
     return keep.any(dim=0).sum().view(1)
+
+
+def _batch_policy(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, m_max: int,
+                  threshold: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                  masked: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch policy of the module doc, for both ops: up to ``m_max`` rows, ``threshold()``
+    (thr int32 [M], kept) feeds the sparse GEMV; above, ``masked()`` (sparsified x, kept) feeds the
+    dense GEMM. Returns ``(y, kept, columns_read)``."""
+    if x.shape[0] <= m_max:
+        thr, kept = threshold()
+        return _sparse_gemv(x, thr, wt, bias), kept, _columns_read(_keep(x, thr))
+    xs, kept = masked()
+    return F.linear(xs, wt.t(), bias), kept, kept.new_full((1,), x.shape[1])
 
 
 @custom_op("input_sparse_linear", _input_sparse_linear_fake)
@@ -126,11 +139,7 @@ def input_sparse_linear(x: torch.Tensor, p: torch.Tensor, wt: torch.Tensor,
     Raises:
         ValueError: as ``top_p_threshold`` and ``sparse_gemv``.
     """
-    if x.shape[0] <= m_max:
-        thr, kept = _launch(x, p, None)
-        return _sparse_gemv(x, thr, wt, bias), kept, _columns_read(_keep(x, thr))
-    xs, kept = _sparsify(x, p)
-    return F.linear(xs, wt.t(), bias), kept, kept.new_full((1,), x.shape[1])
+    return _batch_policy(x, wt, bias, m_max, lambda: launch(x, p), lambda: sparsify(x, p))
 
 
 def _thresholded_linear_fake(x, thr, wt, bias=None, m_max=M_MAX):
@@ -160,21 +169,12 @@ def thresholded_linear(x: torch.Tensor, thr: torch.Tensor, wt: torch.Tensor,
     check_x(x, "x", DTYPES)
     keep = _keep(x, thr)
     kept = keep.sum(dim=-1)
-    if x.shape[0] <= m_max:
-        return _sparse_gemv(x, thr, wt, bias), kept, _columns_read(keep)
-    xs = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    return F.linear(xs, wt.t(), bias), kept, kept.new_full((1,), x.shape[1])
+    return _batch_policy(
+        x, wt, bias, m_max, lambda: (thr, kept),
+        lambda: (torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)), kept))
 
 
-def apply(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor, site: str,
-          bias: torch.Tensor | None = None,
-          all_reduce: Callable[[torch.Tensor], None] | None = None
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y2, kept_per_row)`` of ``apply_counted``."""
-    return apply_counted(layer, x2, p, site, bias, all_reduce)[:2]
-
-
-def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor, site: str,
+def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor,
                   bias: torch.Tensor | None = None,
                   all_reduce: Callable[[torch.Tensor], None] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,7 +184,6 @@ def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor, sit
         layer: a linear layer that went through ``prepare``.
         x2: input [M, K] in the weight's dtype.
         p: float64 [1], ``layer.sparsity_p``.
-        site: ``"input"`` or ``"intermediate"`` (both run the same kernels; see module doc).
         bias: the bias vLLM passes to ``quant_method.apply`` (None when it adds it itself).
         all_reduce: None when x2 holds whole rows; for x2 a shard of K across TP ranks, the
             in-place sum over them (see ``top_p_threshold_sharded``): the rule is then the global
@@ -196,10 +195,8 @@ def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor, sit
         (see ``input_sparse_linear``).
 
     Raises:
-        ValueError: unknown site, or shapes/dtypes the kernels refuse.
+        ValueError: shapes/dtypes the kernels refuse.
     """
-    if site not in SITES:
-        raise ValueError(f"site must be one of {SITES}, got {site!r}")
     if all_reduce is None:
         return input_sparse_linear(x2, p, kmajor_weight(layer), bias, M_MAX)
     thr = top_p_threshold_sharded(x2, p, all_reduce)

@@ -18,8 +18,11 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
+from vllm_sparsity.codes import CODE_BITS, INF_CODE, SHORT_NAMES
+
 ARCHS = (80, 90)
-_TY = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+_DTYPE = {name: dtype for dtype, name in SHORT_NAMES.items()}  # "bf16" -> torch.bfloat16
+_TY = {name: f"*{name}" for name in _DTYPE}
 
 
 # Integer arguments that are multiples of 16 for real models (hidden and intermediate sizes, their
@@ -38,12 +41,11 @@ def configs() -> list[tuple[str, str, dict, dict, int, int]]:
 
     out = []
     for dt, write_y in itertools.product(("bf16", "fp16", "fp32"), (False, True)):
-        bits = 31 if dt == "fp32" else 15
+        bits, inf = CODE_BITS[_DTYPE[dt]], INF_CODE[_DTYPE[dt]]
         sig = {"x_ptr": _TY[dt], "p_ptr": "*fp64", "thr_ptr": "*i32", "kept_ptr": "*i64",
                "y_ptr": _TY[dt], "K": "i32", "stride_xm": "i32", "stride_ym": "i32",
                "CODE_BITS": "constexpr", "INF_CODE": "constexpr", "BLOCK": "constexpr",
                "WRITE_Y": "constexpr"}
-        inf = {"bf16": 0x7F80, "fp16": 0x7C00, "fp32": 0x7F800000}[dt]
         out.append((f"{dt} write_y={int(write_y)}", "top_p_threshold._top_p_threshold_kernel", sig,
                     {"CODE_BITS": bits, "INF_CODE": inf, "BLOCK": t.BLOCK, "WRITE_Y": write_y},
                     t.NUM_WARPS, 3))
@@ -51,7 +53,7 @@ def configs() -> list[tuple[str, str, dict, dict, int, int]]:
         sig = {"x_ptr": _TY[dt], "lo_ptr": "*i64", "out_ptr": "*fp64", "K": "i32",
                "stride_xm": "i32", "shift": "i32", "CODE_BITS": "constexpr", "BLOCK": "constexpr"}
         out.append((dt, "top_p_threshold._top_p_partial_mass_kernel", sig,
-                    {"CODE_BITS": 31 if dt == "fp32" else 15, "BLOCK": t.BLOCK}, t.NUM_WARPS, 3))
+                    {"CODE_BITS": CODE_BITS[_DTYPE[dt]], "BLOCK": t.BLOCK}, t.NUM_WARPS, 3))
     for dt, bias, partial in itertools.product(("bf16", "fp16"), (False, True), (False, True)):
         sig = {"x_ptr": _TY[dt], "thr_ptr": "*i32", "wt_ptr": _TY[dt], "bias_ptr": _TY[dt],
                "out_ptr": "*fp32" if partial else _TY[dt], "M": "i32", "N": "i32", "K": "i32",

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from vllm_sparsity.kernels._registry import custom_op
-from vllm_sparsity.kernels.top_p_threshold import _magnitude_code, check_x, interpreter_config
+from vllm_sparsity.kernels.common import check_x, interpreter_config, magnitude_code
 
 # Untimed defaults, to be tuned on a GPU. BLOCK_M = 16 is tl.dot's smallest M: decode rows (M <= 8)
 # leave MMA rows idle, which costs nothing that matters in a bandwidth-bound kernel. BLOCK_N = 64
@@ -51,7 +51,7 @@ DTYPES = (torch.bfloat16, torch.float16)
 
 # Launch configuration under Triton's interpreter (CPU, TRITON_INTERPRET=1); same kernels, other
 # launch parameters. The interpreter runs every program instance, and every trip of its loops, as
-# Python over numpy: the cost is a fixed overhead per op per program per trip (~ms) plus numpy work
+# Python over numpy: the cost is a fixed overhead per op per program per trip plus numpy work
 # proportional to the tile elements, so the GPU's many small programs (BLOCK_N = 64, K split to fill
 # the SMs) are pure overhead there. So: one program spans N (BLOCK_N = N rounded up to a power of
 # two, up to INTERP_TILE / BLOCK_K elements per weight tile, which bounds the memory of a tile's
@@ -59,11 +59,10 @@ DTYPES = (torch.bfloat16, torch.float16)
 # of INTERP_REDUCE_BLOCK. BLOCK_M and BLOCK_K stay the GPU's: each output then sums the same fp32
 # chunk partials in the same order as the GPU configuration without split-K, so the two give the
 # same bits (numpy's matmul sums a chunk in an order that does not depend on N), and the GPU
-# configurations' tests also hold for this one; a larger BLOCK_K would save ~2x more on long K
+# configurations' tests also hold for this one; a larger BLOCK_K would save more on long K
 # (down_proj: 16 trips) but give other bits. The threshold kernel does the same with its BLOCK
-# (top_p_threshold.INTERP_BLOCK). At the demo model's shapes a decode call then costs ~0.15-0.3 s
-# of CPU instead of 1.5-2.7 s (kernels/bench/profile_interpreter.py). Tests set
-# top_p_threshold.GPU_CONFIG_UNDER_INTERPRETER to run the GPU configurations (split-K included)
+# (top_p_threshold.INTERP_BLOCK); kernels/bench/profile_interpreter.py measures the difference.
+# Tests set common.GPU_CONFIG_UNDER_INTERPRETER to run the GPU configurations (split-K included)
 # under the interpreter instead.
 INTERP_TILE = 1 << 19
 INTERP_REDUCE_BLOCK = 1 << 16
@@ -95,7 +94,7 @@ def _sparse_gemv_kernel(
         k_ok = offs_k < k_hi
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        keep = (_magnitude_code(x, 15) >= thr[:, None]) & k_ok[None, :]
+        keep = (magnitude_code(x, 15) >= thr[:, None]) & k_ok[None, :]
         x = tl.where(keep, x, tl.zeros_like(x))
         any_keep = tl.max(keep.to(tl.int32), axis=0) > 0  # union over the tile's rows
         w = tl.load(wt_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :],
@@ -105,7 +104,7 @@ def _sparse_gemv_kernel(
             # runtime/interpreter.py create_dot). bf16 x bf16 products are exact in fp32, so this
             # computes the same sums as the bf16 MMA the GPU runs. bf16 is the top half of an fp32:
             # the upcast shifts the bits, the exact value of ``.to(tl.float32)``, which the
-            # interpreter computes with a generic bit-by-bit converter ~20x slower.
+            # interpreter computes with a generic, much slower bit-by-bit converter.
             x = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
             w = (w.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
             acc = tl.dot(x, w, acc, input_precision="ieee")

@@ -34,6 +34,8 @@ import triton
 import triton.language as tl
 
 from vllm_sparsity.kernels._registry import custom_op
+from vllm_sparsity.kernels.common import (CODE_BITS, INF_CODE, check_p, check_x, interpreter_config,
+                                          magnitude_code)
 
 # Elements per chunk and warps of the threshold program. A chunk builds a [BLOCK, 16] float64
 # select-and-sum tile (2 elements x 16 candidates per thread). 1024 x 16 warps: the most threads
@@ -45,23 +47,10 @@ NUM_WARPS = 16
 # Under Triton's interpreter: one chunk per pass for rows up to INTERP_BLOCK (a [BLOCK, 16] float64
 # tile: 2 MiB at most), for the reasons of sparse_gemv's INTERP_TILE comment. bf16/fp16 rows give
 # the same bits with any BLOCK (their float64 sums are exact, see above); fp32 rows as the module
-# doc says. Tests set GPU_CONFIG_UNDER_INTERPRETER to run the GPU's BLOCK under the interpreter.
+# doc says. Tests set common.GPU_CONFIG_UNDER_INTERPRETER to run the GPU's BLOCK under the
+# interpreter.
 INTERP_BLOCK = 1 << 14
-GPU_CONFIG_UNDER_INTERPRETER = False
-# dtype -> bits of the magnitude code (the sign bit excluded), and the code of +Inf.
-CODE_BITS = {torch.bfloat16: 15, torch.float16: 15, torch.float32: 31}
-INF_CODE = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000}
 FANOUT = 16  # candidates per pass: 4 bits of the threshold per pass
-
-
-@triton.jit
-def _magnitude_code(x, CODE_BITS: tl.constexpr):
-    """|x| as a non-negative int32 ordered like |x|: the bit pattern with the sign bit cleared."""
-    if CODE_BITS == 15:
-        # int16 sign-extends into int32; the mask then clears the sign bit and the extension.
-        return x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
-    else:
-        return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
 
 
 @triton.jit
@@ -75,7 +64,7 @@ def _masses_at_candidates(x_row, K, lo, shift, CODE_BITS: tl.constexpr, BLOCK: t
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_row + offs, mask=offs < K, other=0.0)
-        code = _magnitude_code(x, CODE_BITS)
+        code = magnitude_code(x, CODE_BITS)
         a = tl.abs(x.to(tl.float32).to(tl.float64))
         acc += tl.sum(tl.where(code[:, None] >= cand[None, :], a[:, None], 0.0), axis=0)
     return acc
@@ -116,7 +105,7 @@ def _top_p_threshold_kernel(
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_row + offs, mask=offs < K, other=0.0)
-        keep = (_magnitude_code(x, CODE_BITS) >= thr) & (offs < K)
+        keep = (magnitude_code(x, CODE_BITS) >= thr) & (offs < K)
         kept += tl.sum(keep.to(tl.int32), axis=0)
         if WRITE_Y:
             tl.store(y_ptr + row * stride_ym + offs, tl.where(keep, x, tl.zeros_like(x)),
@@ -133,13 +122,6 @@ def _top_p_partial_mass_kernel(x_ptr, lo_ptr, out_ptr, K, stride_xm, shift,
     tl.store(out_ptr + row * 16 + tl.arange(0, 16), masses)
 
 
-def interpreter_config() -> bool:
-    """Whether the kernels of this package launch with the interpreter's configuration (see
-    sparse_gemv's INTERP_TILE): Triton's interpreter is on and GPU_CONFIG_UNDER_INTERPRETER is not
-    set."""
-    return bool(triton.knobs.runtime.interpret) and not GPU_CONFIG_UNDER_INTERPRETER
-
-
 def _block(K: int) -> int:
     """Elements per chunk of a row of K: BLOCK, or under the interpreter the row rounded up to a
     power of two, up to INTERP_BLOCK."""
@@ -148,32 +130,13 @@ def _block(K: int) -> int:
     return BLOCK
 
 
-def check_x(x: torch.Tensor, name: str = "x", dtypes=tuple(CODE_BITS)) -> None:
-    """Raise ValueError unless ``name`` is a 2-D tensor of one of ``dtypes`` with unit stride in its
-    last dimension, on CUDA (or on CPU when Triton runs in interpreter mode)."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D tensor [M, K], got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
-    if x.dtype not in dtypes:
-        raise ValueError(f"{name} must be one of {[str(d) for d in dtypes]}, got {x.dtype}")
-    if x.shape[-1] > 1 and x.stride(-1) != 1:
-        raise ValueError(f"{name} must have unit stride in its last dimension, got {x.stride()}")
-    if x.device.type != "cuda" and not triton.knobs.runtime.interpret:
-        raise ValueError(f"{name} must be on a CUDA device (or set TRITON_INTERPRET=1 before "
-                         f"importing triton to run on CPU), got {x.device}")
-
-
-def _check_p(p: torch.Tensor, x: torch.Tensor) -> None:
-    if not isinstance(p, torch.Tensor) or p.dtype != torch.float64 or p.numel() != 1:
-        raise ValueError(f"p must be a float64 tensor with one element, got {p!r}")
-    if p.device != x.device:
-        raise ValueError(f"p must be on x's device {x.device}, got {p.device}")
-
-
-def _launch(x: torch.Tensor, p: torch.Tensor, y: torch.Tensor | None):
-    """Checks, then one program per row: (thr, kept), and y = sparsified x when y is given."""
+def launch(x: torch.Tensor, p: torch.Tensor, y: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``top_p_threshold`` without the custom-op dispatch (for launchers that are ops
+    themselves): ``(thr, kept)``, and when ``y`` [M, K] is given, the sparsified x written into
+    it."""
     check_x(x)
-    _check_p(p, x)
+    check_p(p, x)
     M, K = x.shape
     thr = torch.empty(M, dtype=torch.int32, device=x.device)
     kept = torch.empty(M, dtype=torch.int64, device=x.device)
@@ -207,12 +170,13 @@ def top_p_threshold(x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, tor
         ValueError: x is not 2-D bf16/fp16/fp32 with unit last stride on a usable device, or p is
             not a one-element float64 tensor on x's device.
     """
-    return _launch(x, p, None)
+    return launch(x, p)
 
 
-def _sparsify(x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sparsify(x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``top_p_sparsify`` without the custom-op dispatch: ``(y, kept)``."""
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _, kept = _launch(x, p, y)
+    _, kept = launch(x, p, y)
     return y, kept
 
 
@@ -225,7 +189,7 @@ def top_p_sparsify(x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torc
     """The top-p rule applied to x (``torch.ops.vllm_sparsity.top_p_sparsify``); same contract as
     ``vllm_sparsity.rule.top_p_sparsify``: ``(y, kept)``, y [M, K] in x's dtype with kept entries
     bit-identical and the rest +0, kept int64 [M]. Arguments and errors as ``top_p_threshold``."""
-    return _sparsify(x, p)
+    return sparsify(x, p)
 
 
 def _partial_mass_fake(x, lo, shift):
@@ -283,7 +247,7 @@ def top_p_threshold_sharded(x: torch.Tensor, p: torch.Tensor,
         ValueError: as ``top_p_threshold``.
     """
     check_x(x)
-    _check_p(p, x)
+    check_p(p, x)
     bits = CODE_BITS[x.dtype]
     lo = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
     total = target = None

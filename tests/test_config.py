@@ -2,6 +2,7 @@
 
 import pytest
 
+from vllm_sparsity import config
 from vllm_sparsity.config import SparsityConfig, SparsityConfigError, resolve
 
 
@@ -80,3 +81,29 @@ def test_round_trip_through_additional_config():
     config = SparsityConfig(p=0.9, target="intermediate")
     assert SparsityConfig.from_additional_config({"sparsity": config.to_dict()}) == config
     assert SparsityConfig.from_additional_config({}) is None
+
+
+@pytest.mark.parametrize("raw, value", [("", 5.0), ("0", 0.0), ("2.5", 2.5)])
+def test_interval_from_the_environment(raw, value):
+    assert config.interval_s({config.INTERVAL_ENV: raw}) == value
+
+
+@pytest.mark.parametrize("env, given, on", [
+    ("", None, True), ("0", None, False), ("0", True, True), ("5", False, False)])
+def test_metrics_switch_reaches_additional_config(monkeypatch, env, given, on):
+    """Process 0 stores the switch where every worker reads it and vLLM hashes it (the graph
+    differs); re-resolving keeps it."""
+    for name in ("VLLM_SPARSITY_P", "VLLM_SPARSITY_TARGET", "VLLM_SPARSITY_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(config.INTERVAL_ENV, env)
+    extra = {} if given is None else {config.METRICS_KEY: given}
+    resolved = config.with_resolved_sparsity({"sparsity": {"p": 0.5}, **extra})
+    assert resolved[config.METRICS_KEY] is on and config.metrics_enabled(resolved) is on
+    assert config.with_resolved_sparsity(resolved) == resolved
+    assert config.METRICS_KEY not in config.with_resolved_sparsity(extra)  # sparsity off
+
+
+@pytest.mark.parametrize("raw", ["-1", "soon", "nan"])
+def test_bad_interval_names_the_variable(raw):
+    with pytest.raises(ValueError, match=config.INTERVAL_ENV):
+        config.interval_s({config.INTERVAL_ENV: raw})

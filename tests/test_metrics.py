@@ -1,209 +1,38 @@
-"""Metrics: the seam's device counters against independent references, the phase split, the
-rank merge, the exposition; then end to end, a real Prometheus scraping the session's sparse
-server: every dashboard and rule query returns data, and the values match ground truth (the
-requests' token usage, vLLM's own counters, the /v1/sparsity route)."""
+"""Metrics: the exposition of a merged snapshot and the publisher; then end to end, a real
+Prometheus scraping the session's sparse server: every dashboard and rule query returns data, and
+the values match ground truth (the requests' token usage, vLLM's own counters, the /v1/sparsity
+route). The counters and their merge are tested in test_counters.py."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import math
+import os
+import re
+import signal
+import subprocess
 import sys
+import threading
+import time
+import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent / "kernels"))
-from kernel_inputs import activations  # noqa: E402  first: Triton's interpreter on
+import pytest
+import requests
+import yaml
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from test_counters import site_rows, worker
 
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from fractions import Fraction  # noqa: E402
-
-import pytest  # noqa: E402
-import requests  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import yaml  # noqa: E402
-from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-from vllm.model_executor.layers.linear import LinearMethodBase  # noqa: E402
-
-from conftest import free_port  # noqa: E402
-from reference import paper_top_p_mask  # noqa: E402
-from vllm_sparsity import metrics, sparse_linear  # noqa: E402
-from vllm_sparsity.metrics import DECODE, PAD, PREFILL  # noqa: E402
+from conftest import free_port
+from vllm_sparsity import config, counters, metrics
+from vllm_sparsity.clock import LATENCY_BUCKETS_S
+from vllm_sparsity.counters import PREFILL
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "vllm-sparsity.json"
-NB = metrics.SPARSITY_BUCKETS
-
-
-class PlainLinear(LinearMethodBase):
-    """Stand-in for vLLM's unquantized method: F.linear, nothing to do after loading."""
-
-    def create_weights(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def apply(self, layer, x, bias=None):
-        return F.linear(x, layer.weight, bias)
-
-
-def sparse_layer(K, N, phases, batch_phase, backend="torch", p=0.7):
-    g = torch.Generator().manual_seed(1)
-    layer = torch.nn.Module()
-    w = torch.randn(N, K, generator=g).mul(K**-0.5).to(torch.bfloat16)
-    layer.weight = torch.nn.Parameter(w, requires_grad=False)
-    layer.quant_method = PlainLinear()
-    phase = torch.tensor(phases + [PAD] * 64, dtype=torch.int64)
-    sparse_linear.install(layer, "input", 3, torch.tensor([p], dtype=torch.float64), backend,
-                          phase, torch.tensor([batch_phase]), stats=True)
-    layer.quant_method.process_weights_after_loading(layer)
-    return layer
-
-
-def varied_rows(M, K, seed):
-    """Rows whose sparsity under the rule spreads over many buckets: heavier tails per row, and
-    exact zeros in some."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for m in range(M):
-        row = torch.randn(K, generator=g) * torch.rand(K, generator=g).pow(1 + 3 * m / M)
-        row[torch.rand(K, generator=g) < 0.1 * (m % 3)] = 0
-        rows.append(row)
-    return torch.stack(rows).to(torch.bfloat16)
-
-
-def expected_stats(x, p, phases, batch_phase, columns_read):
-    """The seam's [3, WIDTH] counters from the paper's sort rule and exact fractions."""
-    K = x.shape[1]
-    kept = paper_top_p_mask(x.float(), p).sum(-1).tolist()
-    out = torch.zeros(3, metrics.WIDTH, dtype=torch.int64)
-    for k, phase in zip(kept, phases):
-        z = K - k
-        out[phase, metrics.ZEROED] += z
-        out[phase, metrics.TOTAL] += K
-        # Bucket i holds sparsity in (i/NB, (i+1)/NB], 0 in bucket 0.
-        out[phase, metrics.HIST + max(0, math.ceil(Fraction(z, K) * NB) - 1)] += 1
-    out[batch_phase, metrics.COLS_READ] += columns_read
-    out[batch_phase, metrics.COLS_TOTAL] += K
-    return out
-
-
-def test_seam_counts_per_token_phase_and_histogram():
-    K, N, p = 200, 24, 0.7  # K = 200: bucket edges fall on whole counts of zeroed inputs
-    phases = [PREFILL] * 9 + [DECODE] * 4 + [PAD] * 3
-    x = varied_rows(len(phases), K, seed=5)
-    layer = sparse_layer(K, N, phases, DECODE, p=p)
-    layer.quant_method.apply(layer, x)
-    want = expected_stats(x, p, phases, DECODE, K)  # torch backend: dense GEMM reads all K
-    assert len(set(want[PREFILL, metrics.HIST:metrics.COLS_READ].nonzero().flatten().tolist())) > 3
-    assert torch.equal(layer.sparsity_stats, want)
-    # The route's counters: prefill + decode, padding left out.
-    assert layer.sparsity_counts.tolist() == want[:PAD, :2].sum(0).tolist()
-
-
-def test_seam_counts_survive_torch_compile_with_a_dynamic_batch():
-    K, N, p = 200, 24, 0.6
-    phases = [PREFILL, DECODE, DECODE, PREFILL, PAD, DECODE, PREFILL]
-    layer = sparse_layer(K, N, phases, PREFILL, p=p)
-    compiled = torch.compile(lambda x: layer.quant_method.apply(layer, x), backend="aot_eager",
-                             fullgraph=True, dynamic=True)
-    xs = [varied_rows(m, K, seed=m) for m in (3, 7)]
-    for x in xs:
-        compiled(x)
-    want = sum(expected_stats(x, p, phases[:len(x)], PREFILL, K) for x in xs)
-    assert torch.equal(layer.sparsity_stats, want)
-
-
-@pytest.mark.parametrize("m", [1, 3, 8, 9])
-def test_triton_backend_reports_the_weight_columns_it_read(m):
-    from vllm_sparsity.kernels import backend
-
-    K, N, p = 200, 72, 0.6
-    x = activations(m, K, torch.bfloat16, seed=m)
-    layer = sparse_layer(K, N, [DECODE] * m, DECODE, backend="triton", p=p)
-    layer.quant_method.apply(layer, x)
-    union = int(paper_top_p_mask(x.float(), p).any(dim=0).sum())
-    read = union if m <= backend.M_MAX else K  # sparse GEMV: union of kept inputs; else dense
-    assert read < K or m > backend.M_MAX
-    assert torch.equal(layer.sparsity_stats, expected_stats(x, p, [DECODE] * m, DECODE, read))
-
-
-@pytest.mark.parametrize("qsl, n, phases, batch", [
-    ([0, 5, 6, 7], 9, [PREFILL] * 5 + [DECODE] * 2 + [PAD] * 2, PREFILL),  # mixed, padded
-    ([0, 1, 2, 3, 3, 3], 4, [DECODE] * 3 + [PAD], DECODE),  # decode batch, padded requests
-    ([0, 4], 4, [PREFILL] * 4, PREFILL),
-    ([0, 1, 5], 5, [DECODE] + [PREFILL] * 4, PREFILL),
-    (None, 3, [PAD] * 3, PAD),  # dummy run: no attention metadata
-    ([0, 0], 0, [], PAD),  # an empty step
-])
-def test_token_phases_from_query_start_loc(qsl, n, phases, batch):
-    got, got_batch = metrics.token_phases(
-        None if qsl is None else torch.tensor(qsl, dtype=torch.int32), n)
-    assert got.tolist() == phases and int(got_batch) == batch
-
-
-def site_rows(zeroed, total, read, columns):
-    row = [0] * metrics.WIDTH
-    row[metrics.ZEROED], row[metrics.TOTAL] = zeroed, total
-    row[metrics.HIST] = total // 100
-    row[metrics.COLS_READ], row[metrics.COLS_TOTAL] = read, columns
-    return [row, [x * 2 for x in row], [7] * metrics.WIDTH]  # prefill, decode, padding
-
-
-def worker(tp_rank, sites, stats, latency=None):
-    return {"p_by_site": {"input": 0.9}, "target": "input", "backend": "auto",
-            "resolved_backend": "triton", "tp_rank": tp_rank, "sites": sites, "stats": stats,
-            "latency": latency}
-
-
-def test_merge_takes_counts_from_tp_rank_0_and_sums_bytes_over_shards():
-    lat = {"counts": [[1] + [0] * len(metrics.LATENCY_BUCKETS_S), [0, 2] + [0] * 14][:2],
-           "sums": [0.5, 0.25]}
-    per_worker = [
-        worker(0, [[0, "input", 100, 0]], [site_rows(30, 100, 60, 100)], lat),  # stage 0, TP 0
-        worker(1, [[0, "input", 100, 0]], [site_rows(30, 100, 60, 100)], lat),  # stage 0, TP 1
-        worker(0, [[1, "input", 100, 0]], [site_rows(50, 100, 80, 100)], lat),  # stage 1, TP 0
-        None,
-    ]
-    merged = metrics.merge(per_worker)
-    layer0 = merged["sites"][(0, "input")]
-    assert layer0["rows"][PREFILL][metrics.ZEROED] == 30  # not doubled by the TP replica
-    assert layer0["rows"][DECODE][metrics.COLS_READ] == 120
-    assert layer0["skipped_bytes"] == [2 * 40 * 100, 2 * 80 * 100]  # both shards' bytes
-    assert merged["sites"][(1, "input")]["rows"][PREFILL][metrics.ZEROED] == 50
-    assert merged["latency"]["counts"][PREFILL][0] == 2  # two pipeline stages, TP rank 0 only
-    assert merged["latency"]["sums"] == [1.0, 0.5]
-    assert metrics.merge([None, None]) is None
-
-
-def test_merge_sums_the_counters_of_an_input_split_over_tp_ranks():
-    # down_proj under TP: each rank counts its shard of K for the same tokens.
-    per_worker = [worker(0, [[0, "intermediate", 10, 1]], [site_rows(30, 100, 60, 100)]),
-                  worker(1, [[0, "intermediate", 10, 1]], [site_rows(40, 120, 70, 120)])]
-    rows = metrics.merge(per_worker)["sites"][(0, "intermediate")]["rows"]
-    for phase, scale in ((PREFILL, 1), (DECODE, 2)):
-        assert rows[phase][metrics.ZEROED] == scale * (30 + 40)
-        assert rows[phase][metrics.TOTAL] == scale * (100 + 120)
-        assert rows[phase][metrics.COLS_READ] == scale * (60 + 70)
-        assert rows[phase][metrics.COLS_TOTAL] == scale * (100 + 120)
-        assert rows[phase][metrics.HIST] == scale * (100 // 100)  # rank 0's histogram only
-
-
-def test_sparsity_route_sums_a_split_input_over_tp_ranks():
-    from vllm_sparsity.control import _merge
-
-    def rows(zeroed, total, split):
-        return {"target": "all_inputs", "layers": [
-            {"layer": 0, "site": "input", "zeroed": zeroed, "total": total, "split": False},
-            {"layer": 0, "site": "intermediate", "zeroed": zeroed, "total": total, "split": split}]}
-
-    merged = _merge([rows(30, 100, True), rows(40, 120, True), None])["layers"]
-    assert [(r["zeroed"], r["total"]) for r in merged] == [(30, 100), (70, 220)]
+NB = counters.SPARSITY_BUCKETS
 
 
 def scrape(collector) -> dict:
@@ -217,8 +46,8 @@ def test_collector_exposition_names_labels_and_histograms():
     collector = metrics.SparsityCollector("demo")
     assert scrape(collector) == {}  # nothing before the first poll
     rows = site_rows(30, 200, 60, 100)
-    rows[PREFILL][metrics.HIST:metrics.HIST + 3] = [1, 0, 1]  # 2 tokens of K = 100
-    collector.snapshot = metrics.merge([worker(0, [[4, "input", 10, 0]], [rows])])
+    rows[PREFILL][counters.HIST:counters.HIST + 3] = [1, 0, 1]  # 2 tokens of K = 100
+    collector.snapshot = counters.merge([worker(0, [[4, "input", 10, 0]], [rows])])
     families = scrape(collector)
     assert {f"{n}" for n in families} | {"vllm_sparsity_config_info"} >= {
         n.removesuffix("_total") for n in metrics.METRIC_NAMES if "latency" not in n}
@@ -240,25 +69,6 @@ def test_collector_exposition_names_labels_and_histograms():
                       "resolved_backend"}
 
 
-def test_mlp_clock_times_each_forward_in_its_batch_phase():
-    class Slow(torch.nn.Module):
-        def forward(self, x):
-            time.sleep(0.003)
-            return x * 2
-
-    mlp, clock = Slow(), metrics.CLOCK
-    metrics.time_mlp(mlp)
-    before = clock.snapshot()
-    clock.phase = DECODE
-    assert torch.equal(mlp(torch.ones(2)), torch.full((2,), 2.0))
-    clock.phase = PAD  # dummy runs are not timed
-    mlp(torch.ones(2))
-    after = clock.snapshot()
-    assert sum(after["counts"][DECODE]) - sum(before["counts"][DECODE]) == 1
-    assert after["counts"][PREFILL] == before["counts"][PREFILL]
-    assert after["sums"][DECODE] - before["sums"][DECODE] >= 0.003
-
-
 class FakeEngine:
     """An engine client whose workers answer the metrics poll with a growing counter."""
 
@@ -266,7 +76,7 @@ class FakeEngine:
         self.polls = 0
 
     async def collective_rpc(self, method):
-        assert method == "vllm_sparsity_metrics"
+        assert method == "vllm_sparsity_snapshot"
         self.polls += 1
         rows = site_rows(30 * self.polls, 100 * self.polls, 0, 0)
         return [worker(0, [[0, "input", 10, 0]], [rows])]
@@ -281,25 +91,21 @@ def registry_samples(name) -> dict:
 
 
 def test_publisher_polls_serves_and_leaves_no_series_behind(monkeypatch):
-    from types import SimpleNamespace
+    monkeypatch.setenv(config.INTERVAL_ENV, "0.01")
 
-    monkeypatch.setenv(metrics.INTERVAL_ENV, "0.01")
-
-    def config(sparsity=True, on=True):
-        return SimpleNamespace(model_config=SimpleNamespace(served_model_name="m"),
-                               additional_config={"sparsity": {"p": 0.9}, "sparsity_metrics": on}
-                               if sparsity else {})
+    def additional(sparsity=True, on=True):
+        return {"sparsity": {"p": 0.9}, "sparsity_metrics": on} if sparsity else {}
 
     async def run():
         engine = FakeEngine()
-        assert metrics.start_publisher(engine, config(sparsity=False)) is None
-        assert metrics.start_publisher(engine, config(on=False)) is None
-        metrics.start_publisher(engine, config())
+        assert metrics.start_publisher(engine, additional(sparsity=False), "m") is None
+        assert metrics.start_publisher(engine, additional(on=False), "m") is None
+        metrics.start_publisher(engine, additional(), "m")
         while engine.polls < 3:
             await asyncio.sleep(0.01)
         served = registry_samples("vllm_sparsity_activations_total")
         assert served[("prefill", "m")] >= 300 and served[("prefill", "m")] % 100 == 0
-        metrics.start_publisher(engine, config())  # a second engine client replaces the first
+        metrics.start_publisher(engine, additional(), "m")  # a second client replaces the first
         await asyncio.sleep(0.05)
         from prometheus_client import REGISTRY
 
@@ -309,34 +115,6 @@ def test_publisher_polls_serves_and_leaves_no_series_behind(monkeypatch):
         assert registry_samples("vllm_sparsity_activations_total") == {}
 
     asyncio.run(run())
-
-
-@pytest.mark.parametrize("raw, value", [("", 5.0), ("0", 0.0), ("2.5", 2.5)])
-def test_interval_from_the_environment(raw, value):
-    assert metrics.interval_s({metrics.INTERVAL_ENV: raw}) == value
-
-
-@pytest.mark.parametrize("env, given, on", [
-    ("", None, True), ("0", None, False), ("0", True, True), ("5", False, False)])
-def test_metrics_switch_reaches_additional_config(monkeypatch, env, given, on):
-    """Process 0 stores the switch where every worker reads it and vLLM hashes it (the graph
-    differs); re-resolving keeps it."""
-    from vllm_sparsity._vllm_compat import with_resolved_sparsity
-
-    for name in ("VLLM_SPARSITY_P", "VLLM_SPARSITY_TARGET", "VLLM_SPARSITY_BACKEND"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv(metrics.INTERVAL_ENV, env)
-    extra = {} if given is None else {metrics.ADDITIONAL_CONFIG_KEY: given}
-    resolved = with_resolved_sparsity({"sparsity": {"p": 0.5}, **extra})
-    assert resolved[metrics.ADDITIONAL_CONFIG_KEY] is on and metrics.enabled(resolved) is on
-    assert with_resolved_sparsity(resolved) == resolved
-    assert metrics.ADDITIONAL_CONFIG_KEY not in with_resolved_sparsity(extra)  # sparsity off
-
-
-@pytest.mark.parametrize("raw", ["-1", "soon", "nan"])
-def test_bad_interval_names_the_variable(raw):
-    with pytest.raises(ValueError, match=metrics.INTERVAL_ENV):
-        metrics.interval_s({metrics.INTERVAL_ENV: raw})
 
 
 # ------------------------------------------------------------------ end to end with Prometheus
@@ -509,7 +287,7 @@ def test_prometheus_scrapes_plugin_and_vllm_metrics_with_true_values(sparse_serv
     # Bounded cardinality: the same series whatever the traffic.
     series = len(query(prom, f'{{__name__=~"vllm_sparsity_.*", {s}}}'))
     per_site = 2 * (5 + NB + 3)  # phases x (5 counters + buckets, +Inf, _sum, _count)
-    latency = 2 * (len(metrics.LATENCY_BUCKETS_S) + 3)
+    latency = 2 * (len(LATENCY_BUCKETS_S) + 3)
     assert series == 2 + 1 + n_sites * per_site + latency
 
     # 3. Every query of the dashboard and the rules returns data.
@@ -558,9 +336,9 @@ def test_bad_interval_stops_the_server_with_one_clear_line(demo_model):
     vllm = Path(sys.executable).with_name("vllm")
     proc = subprocess.run([str(vllm), "serve", str(demo_model), "--sparsity-p", "0.5"],
                           capture_output=True, text=True, timeout=120,
-                          env={**os.environ, metrics.INTERVAL_ENV: "soon"})
+                          env={**os.environ, config.INTERVAL_ENV: "soon"})
     assert proc.returncode == 2
-    assert (f"vllm serve: error: {metrics.INTERVAL_ENV} must be a number of seconds >= 0 (0 turns "
+    assert (f"vllm serve: error: {config.INTERVAL_ENV} must be a number of seconds >= 0 (0 turns "
             "the metrics off), got 'soon'") in proc.stderr.splitlines()
 
 

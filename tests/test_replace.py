@@ -1,10 +1,13 @@
-"""replace_mlp under tensor parallelism, through vLLM's own TP group: two gloo processes set up
-vLLM's parallel state, build a gated MLP of vLLM's parallel layers (TP = 2), let ``replace_mlp``
-swap it, and run it eager and under torch.compile. The ``intermediate`` site must keep, on each
-rank, its slice of the whole rows' top-p set (the paper's rule on the unsharded down_proj input)."""
+"""replace_mlp on models built from vLLM's own layer classes, in gloo processes that set up vLLM's
+parallel state (no server): discovery, idempotence and the dense fallback on one rank; under tensor
+parallelism (TP = 2), the ``intermediate`` site must keep, on each rank, its slice of the whole
+rows' top-p set (the paper's rule on the unsharded down_proj input), eager and under
+torch.compile."""
 
+import logging
 import os
 
+import pytest
 import torch
 from gloo_ranks import run_ranks
 
@@ -22,17 +25,11 @@ def _weights():
             * torch.rand(TOKENS, 1, generator=g).mul(3).exp()}
 
 
-def _mlp_on_rank(rank, world_size, ident):
-    """One rank: vLLM's TP group over the gloo world, the MLP's output (eager and compiled), the
-    down_proj input shard it saw and its counters."""
-    os.environ["VLLM_DIST_IDENT"] = ident  # names vLLM's CPU shared-memory group, as its workers do
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import parallel_state
+def _gated_mlp_class():
+    """A gated MLP of vLLM's layer classes (as in vLLM's Llama), built inside vLLM's parallel
+    state."""
     from vllm.model_executor.layers.activation import SiluAndMul
     from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
-
-    from vllm_sparsity.config import SparsityConfig
-    from vllm_sparsity.replace import replace_mlp
 
     class GatedMLP(torch.nn.Module):
         def __init__(self):
@@ -44,6 +41,132 @@ def _mlp_on_rank(rank, world_size, ident):
         def forward(self, x):
             return self.down_proj(self.act_fn(self.gate_up_proj(x)[0]))[0]
 
+    return GatedMLP
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append((record.levelname, record.getMessage()))
+
+
+def _replace_on_one_rank(rank, world_size, ident):
+    """One rank of TP = 1: replace_mlp on (a) a model of two gated MLPs, an MLP-like module whose
+    down_proj is a plain torch Linear and a vision-tower-like gated MLP nested deeper, converted
+    twice; (b) a model without any gated MLP. Returns what each call returned and logged."""
+    os.environ["VLLM_DIST_IDENT"] = ident
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state
+
+    from vllm_sparsity.config import SparsityConfig
+    from vllm_sparsity.replace import replace_mlp
+    from vllm_sparsity.sparse_linear import InputSparseLinearMethod
+    from vllm_sparsity.state import runtime_state
+
+    records = _Records()
+    logger = logging.getLogger("vllm.vllm_sparsity")
+    logger.addHandler(records)
+    logger.setLevel(logging.INFO)
+    with set_current_vllm_config(VllmConfig()):
+        parallel_state.init_distributed_environment(world_size, rank, local_rank=rank,
+                                                    backend="gloo")
+        parallel_state.initialize_model_parallel(backend="gloo")
+        try:
+            GatedMLP = _gated_mlp_class()
+
+            class PlainMLP(torch.nn.Module):  # has down_proj, but no gate_up_proj / act-and-mul
+                def __init__(self):
+                    super().__init__()
+                    self.up_proj = torch.nn.Linear(HIDDEN, INTER)
+                    self.down_proj = torch.nn.Linear(INTER, HIDDEN)
+
+            model = torch.nn.Module()
+            model.layers = torch.nn.ModuleList([GatedMLP(), GatedMLP()])
+            model.projector = PlainMLP()
+            model.tower = torch.nn.Module()
+            model.tower.blocks = torch.nn.ModuleList([torch.nn.Module()])
+            model.tower.blocks[0].mlp = GatedMLP()
+            config = SparsityConfig(p=P, target="intermediate", backend="auto")
+            first = replace_mlp(model, config, max_num_tokens=64)
+            methods = {n: type(m.quant_method).__name__ for n, m in model.named_modules()
+                       if hasattr(m, "quant_method")}
+            before = {n: m.quant_method for n, m in model.named_modules()
+                      if hasattr(m, "quant_method")}
+            first_log = list(records.lines)
+            second = replace_mlp(model, SparsityConfig(p=0.5), max_num_tokens=64)
+            after = {n: m.quant_method for n, m in model.named_modules()
+                     if hasattr(m, "quant_method")}
+            state = runtime_state(model)
+            layer_indices = [m.quant_method.layer_index for _, m in state.layers]
+            wrapped = sum(isinstance(m.quant_method, InputSparseLinearMethod)
+                          and isinstance(m.quant_method.inner, InputSparseLinearMethod)
+                          for m in model.modules() if hasattr(m, "quant_method"))
+            records.lines.clear()
+
+            dense = torch.nn.Module()
+            dense.projector = PlainMLP()
+            x = torch.randn(3, HIDDEN)
+            y_before = dense.projector.down_proj(dense.projector.up_proj(x))
+            dense_replaced = replace_mlp(dense, config, max_num_tokens=64)
+            y_after = dense.projector.down_proj(dense.projector.up_proj(x))
+            return {"first": first, "methods": methods, "first_log": first_log,
+                    "second": second, "unchanged": all(before[n] is after[n] for n in before),
+                    "p": float(state.p["intermediate"]), "target": state.config.target,
+                    "layer_indices": layer_indices, "wrapped_twice": wrapped,
+                    "dense": dense_replaced, "dense_log": list(records.lines),
+                    "dense_state": runtime_state(dense) is None,
+                    "dense_same": torch.equal(y_before, y_after)}
+        finally:
+            parallel_state.destroy_model_parallel()
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    return run_ranks(_replace_on_one_rank, 1, tmp_path_factory.mktemp("replace"),
+                     f"vllm-sparsity-test-replace-{os.getpid()}")[0]
+
+
+def test_replace_finds_gated_mlps_by_structure(one_rank):
+    assert one_rank["first"] == ["layers.0.down_proj", "layers.1.down_proj",
+                                 "tower.blocks.0.mlp.down_proj"]  # target intermediate only
+    sparse = {n for n, kind in one_rank["methods"].items() if kind == "InputSparseLinearMethod"}
+    assert sparse == set(one_rank["first"])
+    assert one_rank["methods"]["layers.0.gate_up_proj"] == "UnquantizedLinearMethod"
+    assert one_rank["layer_indices"] == [0, 1, 0]  # the decoder layer's index in the name
+    assert ("INFO", "vllm-sparsity: Module: sparsified 3 of 4 MLPs (target=intermediate, "
+            "p=0.6, backend=auto -> torch)") in one_rank["first_log"]
+
+
+def test_replace_is_idempotent(one_rank):
+    assert one_rank["second"] == [] and one_rank["unchanged"]
+    assert one_rank["wrapped_twice"] == 0
+    assert (one_rank["p"], one_rank["target"]) == (P, "intermediate")  # the first config stays
+
+
+def test_model_without_gated_mlp_is_served_dense(one_rank):
+    assert one_rank["dense"] == [] and one_rank["dense_state"] and one_rank["dense_same"]
+    assert one_rank["dense_log"] == [
+        ("WARNING", "vllm-sparsity: Module has no gated MLP (gate_up_proj -> act-and-mul -> "
+         "down_proj); serving it dense")]
+
+
+def _mlp_on_rank(rank, world_size, ident):
+    """One rank: vLLM's TP group over the gloo world, the MLP's output (eager and compiled), the
+    down_proj input shard it saw and its counters."""
+    os.environ["VLLM_DIST_IDENT"] = ident  # names vLLM's CPU shared-memory group, as its workers do
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state
+    from vllm.model_executor.layers.activation import SiluAndMul
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+
+    from vllm_sparsity import counters
+    from vllm_sparsity.config import SparsityConfig
+    from vllm_sparsity.replace import replace_mlp
+
+    GatedMLP = _gated_mlp_class()
     with set_current_vllm_config(VllmConfig()):
         parallel_state.init_distributed_environment(world_size, rank, local_rank=rank,
                                                     backend="gloo")
@@ -57,7 +180,8 @@ def _mlp_on_rank(rank, world_size, ident):
             mlp.gate_up_proj.weight.weight_loader(mlp.gate_up_proj.weight, w["gate"], 0)
             mlp.gate_up_proj.weight.weight_loader(mlp.gate_up_proj.weight, w["up"], 1)
             mlp.down_proj.weight.weight_loader(mlp.down_proj.weight, w["down"])
-            replaced = replace_mlp(model, SparsityConfig(p=P, target="all_inputs", backend="torch"))
+            replaced = replace_mlp(model, SparsityConfig(p=P, target="all_inputs", backend="torch"),
+                                   max_num_tokens=64)
             for layer in (mlp.gate_up_proj, mlp.down_proj):
                 layer.quant_method.process_weights_after_loading(layer)
             seen = []
@@ -65,7 +189,7 @@ def _mlp_on_rank(rank, world_size, ident):
                 lambda m, args: seen.append(args[0].clone()))
             y = mlp(w["x"])
             hook.remove()
-            counts = mlp.down_proj.sparsity_counts.clone()
+            counts = counters.zeroed_total(mlp.down_proj.sparsity_stats)
             y_compiled = torch.compile(mlp, backend="aot_eager", fullgraph=True)(w["x"])
             return {"replaced": replaced, "y": y, "y_compiled": y_compiled, "h": seen[0],
                     "counts": counts,

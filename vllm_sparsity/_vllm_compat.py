@@ -1,130 +1,116 @@
-"""Every place where the plugin reaches into vLLM internals (tested against vLLM 0.32).
+"""Every place where the plugin reaches into vLLM internals (tested against vLLM 0.32): plain
+adapters, wired by ``plugin.py``. Imports nothing of vllm_sparsity. A vLLM upgrade should only ever
+need this file.
 
 vLLM's ``vllm.general_plugins`` hook runs ``register()`` in every process before the argument
 parser is built, but it offers no hook to add CLI flags, to turn flags into config, or to touch the
-model after its weights are loaded. The wrappers below fill those gaps; each wraps a single vLLM
-method and calls the original unchanged. A vLLM upgrade should only ever need this file.
+model after its weights are loaded. The ``on_*`` functions below fill those gaps; each wraps a
+single vLLM method, calls the original unchanged and then the plugin's callback:
 
-- ``EngineArgs.add_cli_args``: adds the ``--sparsity-*`` flags (so ``vllm serve --help`` lists them).
-- ``EngineArgs.from_cli_args``: folds the flags into ``additional_config["sparsity"]``; a bad value
-  ends the CLI with one line naming the flag (exit status 2, like argparse).
-- ``EngineArgs.create_engine_config``: resolves flags > additional_config > environment into the
-  canonical ``additional_config["sparsity"]`` (also for offline ``LLM(...)``), which vLLM ships to
-  every worker and hashes into its compile cache.
-- ``BaseModelLoader.create_model``: once the model is built (weights allocated, not yet loaded),
-  swaps the gated MLPs' linear methods, so that vLLM's own ``process_weights_after_loading`` pass
-  reaches the sparse methods too (a kernel backend prepares its weight layout there).
-- ``WorkerWrapperBase``: gains the worker-side RPC methods of ``control.py`` (the endpoint-plugin
-  contract asks general plugins to install such methods).
-- ``AsyncLLM.__init__``: once the API server's engine client exists, starts the metrics publisher
-  (``metrics.start_publisher``), so that the ``vllm_sparsity_*`` series reach ``/metrics`` whenever
-  sparsity is on, without opting in to the control route.
+- ``EngineArgs.add_cli_args`` (``on_add_cli_args``): flags on vLLM's parser;
+- ``EngineArgs.from_cli_args`` (``on_from_cli_args``): the parsed flags, once engine args exist;
+- ``EngineArgs.create_engine_config`` (``on_create_engine_config``, before the original): also
+  offline ``LLM(...)``;
+- ``BaseModelLoader.create_model`` (``on_create_model``): once the model is built (weights
+  allocated, not yet loaded), so that vLLM's own ``process_weights_after_loading`` pass reaches
+  what the callback installs;
+- ``WorkerWrapperBase`` (``add_worker_methods``): worker-side RPC methods (vLLM resolves a
+  ``collective_rpc`` method name with getattr on the worker wrapper; the endpoint-plugin contract
+  asks general plugins to install such methods);
+- ``AsyncLLM.__init__`` (``on_async_llm``): once the API server's engine client exists.
 
-Read-only helpers below also reach into vLLM for the metrics: the forward context's attention
-metadata (``query_start_loc``), the compile wrapper class, the tensor-parallel rank. For tensor
-parallelism, ``k_shards`` tells a layer whose input is split over K, and ``tp_all_reduce`` sums the
-rule's histograms over the TP group.
+Read-only helpers below also reach into vLLM: the forward context's attention metadata
+(``query_start_loc``), the compile wrapper class, the tensor-parallel rank, the worker's model.
+For tensor parallelism, ``k_shards`` tells a layer whose input is split over K, and
+``tp_all_reduce`` sums the rule's histograms over the TP group.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import logging
-import os
-import sys
-
-from vllm_sparsity import config as cfg
-
-logger = logging.getLogger("vllm.vllm_sparsity")  # under vLLM's handler and format
-
-_FLAG_HELP = {
-    "p": "Top-p activation sparsity: share of each token's L1 activation mass kept at the inputs "
-    "of every gated MLP's linear layers, a number in (0, 1]. Unset: sparsity off.",
-    "target": "Which inputs the top-p rule sparsifies: input (gate_up_proj input), intermediate "
-    "(down_proj input) or all_inputs (both). Default: all_inputs.",
-    "backend": "Sparse compute backend: auto (triton on CUDA, torch elsewhere), triton or torch. "
-    "Default: auto.",
-}
-_FLAG_METAVAR = {"p": "P", "target": "{" + ",".join(cfg.TARGETS) + "}",
-                 "backend": "{" + ",".join(cfg.BACKENDS) + "}"}
 
 
-def install() -> None:
-    """Wrap the vLLM methods once per process (vLLM may call ``register()`` repeatedly)."""
+def first_install() -> bool:
+    """True the first time it is called in a process (vLLM may call ``register()`` repeatedly):
+    the mark lives on vLLM's ``EngineArgs`` class, like the wrappers."""
     from vllm.engine.arg_utils import EngineArgs
-    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
     if getattr(EngineArgs, "_vllm_sparsity_installed", False):
-        return
+        return False
     EngineArgs._vllm_sparsity_installed = True
+    return True
+
+
+def on_add_cli_args(callback) -> None:
+    """After ``EngineArgs.add_cli_args(parser)``: ``callback(parser)``."""
+    from vllm.engine.arg_utils import EngineArgs
 
     add_cli_args = EngineArgs.add_cli_args  # staticmethod: a plain function here
 
     @functools.wraps(add_cli_args)
     def _add_cli_args(parser, *args, **kwargs):
         parser = add_cli_args(parser, *args, **kwargs)
-        group = parser.add_argument_group("Sparsity", "Top-p activation sparsity (vllm-sparsity)")
-        for field in cfg.FIELDS:
-            group.add_argument(f"--sparsity-{field}", dest=f"sparsity_{field}", default=None,
-                               type=str, metavar=_FLAG_METAVAR[field], help=_FLAG_HELP[field])
+        callback(parser)
         return parser
 
     EngineArgs.add_cli_args = staticmethod(_add_cli_args)
 
+
+def on_from_cli_args(callback) -> None:
+    """After ``EngineArgs.from_cli_args(args)``: ``callback(engine_args, args)``."""
+    from vllm.engine.arg_utils import EngineArgs
+
     from_cli_args = EngineArgs.from_cli_args.__func__
 
     @functools.wraps(from_cli_args)
-    def _from_cli_args(cls, args: argparse.Namespace):
+    def _from_cli_args(cls, args):
         engine_args = from_cli_args(cls, args)
-        flags = {f: getattr(args, f"sparsity_{f}", None) for f in cfg.FIELDS}
-        try:
-            engine_args.additional_config = with_resolved_sparsity(
-                engine_args.additional_config, flags
-            )
-        except cfg.SparsityConfigError as e:
-            print(f"vllm serve: error: {e}", file=sys.stderr)
-            sys.exit(2)
+        callback(engine_args, args)
         return engine_args
 
     EngineArgs.from_cli_args = classmethod(_from_cli_args)
+
+
+def on_create_engine_config(callback) -> None:
+    """Before ``EngineArgs.create_engine_config()``: ``callback(engine_args)``."""
+    from vllm.engine.arg_utils import EngineArgs
 
     create_engine_config = EngineArgs.create_engine_config
 
     @functools.wraps(create_engine_config)
     def _create_engine_config(self, *args, **kwargs):
-        self.additional_config = with_resolved_sparsity(self.additional_config)
+        callback(self)
         return create_engine_config(self, *args, **kwargs)
 
     EngineArgs.create_engine_config = _create_engine_config
+
+
+def on_create_model(callback) -> None:
+    """After ``BaseModelLoader.create_model``: ``callback(model, vllm_config)``."""
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
     create_model = BaseModelLoader.create_model
 
     @functools.wraps(create_model)
     def _create_model(self, vllm_config, model_config, *args, **kwargs):
         model = create_model(self, vllm_config, model_config, *args, **kwargs)
-        sparsity = cfg.SparsityConfig.from_additional_config(vllm_config.additional_config)
-        if sparsity is not None:
-            from vllm_sparsity import metrics
-            from vllm_sparsity.replace import replace_mlp
-
-            replace_mlp(model, sparsity, max_num_tokens(vllm_config),
-                        metrics.enabled(vllm_config.additional_config))
+        callback(model, vllm_config)
         return model
 
     BaseModelLoader.create_model = _create_model
 
-    # Worker-side RPC methods for the endpoint plugin (see control.py). vLLM resolves a
-    # collective_rpc method name with getattr on the worker wrapper.
+
+def add_worker_methods(methods: dict) -> None:
+    """Install ``methods`` (name -> function of the worker wrapper) on ``WorkerWrapperBase``."""
     from vllm.v1.worker.worker_base import WorkerWrapperBase
 
-    from vllm_sparsity.control import WORKER_METHODS
-
-    for name, method in WORKER_METHODS.items():
+    for name, method in methods.items():
         setattr(WorkerWrapperBase, name, method)
 
-    # The API server's engine client: start the metrics publisher once it exists (inside the
-    # server's event loop). Failing to start it must never stop the server.
+
+def on_async_llm(callback) -> None:
+    """After ``AsyncLLM.__init__`` (the API server's engine client, inside the server's event
+    loop): ``callback(engine_client, vllm_config)``."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
     async_llm_init = AsyncLLM.__init__
@@ -132,39 +118,19 @@ def install() -> None:
     @functools.wraps(async_llm_init)
     def _async_llm_init(self, vllm_config, *args, **kwargs):
         async_llm_init(self, vllm_config, *args, **kwargs)
-        try:
-            from vllm_sparsity import metrics
-
-            metrics.start_publisher(self, vllm_config)
-        except Exception:
-            logger.exception("vllm-sparsity: metrics publisher not started")
+        callback(self, vllm_config)
 
     AsyncLLM.__init__ = _async_llm_init
 
 
-def with_resolved_sparsity(additional_config, flags=None) -> dict:
-    """``additional_config`` with its ``"sparsity"`` section replaced by the resolved config
-    (absent when sparsity is off). Raises ``SparsityConfigError``."""
-    from vllm_sparsity import metrics
+def worker_model(worker_wrapper):
+    """The model a worker runs (unwrapped from vLLM's CUDA graph wrapper)."""
+    model = worker_wrapper.worker.model_runner.get_model()
+    return model.unwrap() if hasattr(model, "unwrap") else model
 
-    additional_config = dict(additional_config or {})
-    resolved = cfg.resolve(flags, additional_config, os.environ)
-    additional_config.pop(cfg.ADDITIONAL_CONFIG_KEY, None)
-    if resolved is not None:
-        additional_config[cfg.ADDITIONAL_CONFIG_KEY] = resolved.to_dict()
-        # Whether workers instrument the graph: given, or from VLLM_SPARSITY_METRICS_INTERVAL_S
-        # (0 = off). Stored here so that it reaches every worker and vLLM's compile-cache hash.
-        on = additional_config.get(metrics.ADDITIONAL_CONFIG_KEY)
-        if not isinstance(on, bool):
-            if on is not None:
-                raise cfg.SparsityConfigError(
-                    f"--additional-config: {metrics.ADDITIONAL_CONFIG_KEY} must be true or false, "
-                    f"got {on!r}")
-            on = metrics.interval_s(os.environ) > 0
-        additional_config[metrics.ADDITIONAL_CONFIG_KEY] = on
-    else:
-        additional_config.pop(metrics.ADDITIONAL_CONFIG_KEY, None)
-    return additional_config
+
+def served_model_name(vllm_config) -> str:
+    return vllm_config.model_config.served_model_name
 
 
 def tp_all_reduce(t) -> None:

@@ -18,7 +18,7 @@ server's periodic poll).
 
 ``vllm-sparsity bench --sparsity-of URL`` instead measures, on a running server started with
 ``VLLM_PLUGINS=sparsity`` and ``--sparsity-target all_inputs``, the mean per-layer sparsity of each
-target over a fixed prompt set at each p (through ``/v1/sparsity``: the served path itself).
+target over a fixed prompt set at each p (``eval/sparsity_table.py``, through ``/v1/sparsity``).
 """
 
 from __future__ import annotations
@@ -103,48 +103,6 @@ class _Child:
         self.proc.wait()
 
 
-SPARSITY_PROMPTS = [
-    "The capital of France is",
-    "Photosynthesis is the process by which plants",
-    "def quicksort(items):\n    ",
-    "In 1905, Albert Einstein published four papers that",
-    "The recipe calls for two cups of flour, one egg and",
-    "Question: What is the boiling point of water at sea level?\nAnswer:",
-    "Once upon a time, in a small village by the sea,",
-    "The stock market fell sharply on Monday after",
-]
-
-
-def sparsity_table(url: str, ps: list[float], api_key: str | None = None,
-                   max_tokens: int = 32) -> dict:
-    """Mean per-layer sparsity {target: {p: value}} of the fixed prompts on a running server."""
-    import requests
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    model = requests.get(f"{url}/v1/models", headers=headers).json()["data"][0]["id"]
-
-    def counters():
-        layers = requests.get(f"{url}/v1/sparsity", headers=headers).json()["layers"]
-        return {(r["layer"], r["site"]): (r["zeroed"], r["total"]) for r in layers}
-
-    table: dict = {}
-    for target in ("input", "intermediate"):
-        for p in ps:
-            r = requests.post(f"{url}/v1/sparsity", json={"p": p, "target": target},
-                              headers=headers)
-            r.raise_for_status()
-            before = counters()
-            for prompt in SPARSITY_PROMPTS:
-                requests.post(f"{url}/v1/completions", headers=headers, json={
-                    "model": model, "prompt": prompt, "max_tokens": max_tokens,
-                    "temperature": 0.0, "ignore_eos": True}).raise_for_status()
-            after = counters()
-            per_layer = [(after[k][0] - before[k][0]) / (after[k][1] - before[k][1])
-                         for k in after if k[1] == target]
-            table.setdefault(target, {})[p] = sum(per_layer) / len(per_layer)
-    return table
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-sparsity bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -171,12 +129,10 @@ def main(argv: list[str] | None = None) -> int:
 
         args.model = str(demo_model_path())
     if args.sparsity_of:
+        from vllm_sparsity.eval.sparsity_table import print_table, sparsity_table
+
         ps = args.p if args.p != [0.9, 1.0] else [0.5, 0.7, 0.9, 0.95]
-        table = sparsity_table(args.sparsity_of.rstrip("/"), ps, args.api_key)
-        print("mean per-layer sparsity, each target applied alone:")
-        print(f"{'p':>6} " + " ".join(f"{t:>13}" for t in table))
-        for p in ps:
-            print(f"{p:>6} " + " ".join(f"{table[t][p]:13.3f}" for t in table))
+        print_table(sparsity_table(args.sparsity_of, ps, args.api_key), ps)
         return 0
     if args._child:
         args.p, args.metrics = args._child_p, bool(args._child_metrics)

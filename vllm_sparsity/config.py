@@ -9,7 +9,9 @@ Sources, highest precedence first:
 
 Each field is taken from the highest source that sets it. The resolved values are written back into
 ``VllmConfig.additional_config["sparsity"]``, which vLLM ships to the engine core and every worker
-and includes in its compilation-cache hash; workers read nothing else.
+and includes in its compilation-cache hash; workers read nothing else. Beside it,
+``additional_config["sparsity_metrics"]`` says whether the workers keep the metrics counters
+(from ``VLLM_SPARSITY_METRICS_INTERVAL_S`` unless given; see ``with_resolved_sparsity``).
 """
 
 from __future__ import annotations
@@ -18,16 +20,22 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
-Target = Literal["input", "intermediate", "all_inputs"]
-Backend = Literal["auto", "triton", "torch"]
+from vllm_sparsity import backends, sites
 
-TARGETS: tuple[str, ...] = get_args(Target)
-BACKENDS: tuple[str, ...] = get_args(Backend)
+TARGETS: tuple[str, ...] = tuple(sites.TARGETS)
+BACKENDS: tuple[str, ...] = ("auto", *backends.BACKENDS)
 ADDITIONAL_CONFIG_KEY = "sparsity"
 ENV_PREFIX = "VLLM_SPARSITY_"
 FIELDS = ("p", "target", "backend")
+
+# The metrics switch (not a field: it is no part of the ``/v1/sparsity`` answer).
+INTERVAL_ENV = "VLLM_SPARSITY_METRICS_INTERVAL_S"
+DEFAULT_INTERVAL_S = 5.0
+# additional_config key holding whether the workers instrument the graph (process 0 writes it from
+# the environment; it is part of vLLM's compile-cache hash, as the graph differs).
+METRICS_KEY = "sparsity_metrics"
 
 
 class SparsityConfigError(ValueError):
@@ -46,25 +54,27 @@ class SparsityConfig:
             MLP input feeding ``gate_up_proj``), ``"intermediate"`` (the act-and-mul output feeding
             ``down_proj``) or ``"all_inputs"`` (both).
         backend: ``"torch"`` (the exact torch rule, any device), ``"triton"`` (the input-sparse
-            Triton kernels, CUDA only) or ``"auto"`` (triton on CUDA, torch elsewhere).
+            Triton kernels, CUDA only) or ``"auto"`` (per layer, the first of
+            ``backends.AUTO`` that serves it: triton on CUDA, torch elsewhere).
     """
 
     p: float
-    target: Target = "all_inputs"
-    backend: Backend = "auto"
+    target: str = "all_inputs"
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_p(self.p, "p")
+        parse_p(self.p, "p", strings=False)
         _check_choice(self.target, TARGETS, "target")
         _check_choice(self.backend, BACKENDS, "backend")
 
     @property
-    def sparsify_input(self) -> bool:
-        return self.target in ("input", "all_inputs")
+    def sites(self) -> tuple[str, ...]:
+        """The sites the target sparsifies (``sites.TARGETS``)."""
+        return sites.TARGETS[self.target]
 
-    @property
-    def sparsify_intermediate(self) -> bool:
-        return self.target in ("intermediate", "all_inputs")
+    def p_of(self, site: str) -> float:
+        """p at ``site``: the config's p on the target's sites, 1 (keep every nonzero) elsewhere."""
+        return self.p if site in self.sites else 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,11 +151,12 @@ def resolve(
     return SparsityConfig(**values)
 
 
-def parse_p(value: Any, name: str = "--sparsity-p") -> float:
-    """``value`` as a float in (0, 1]; strings are parsed. Raises SparsityConfigError naming
-    ``name`` and quoting the value as given."""
+def parse_p(value: Any, name: str = "--sparsity-p", strings: bool = True) -> float:
+    """``value`` as a float in (0, 1]: the one check of p, for every source. Strings are parsed
+    when ``strings`` (flags, environment, additional_config), refused otherwise (JSON bodies, the
+    config object). Raises SparsityConfigError naming ``name`` and quoting the value as given."""
     number = value
-    if isinstance(value, str):
+    if isinstance(value, str) and strings:
         try:
             number = float(value)
         except ValueError:
@@ -156,13 +167,54 @@ def parse_p(value: Any, name: str = "--sparsity-p") -> float:
     return float(number)
 
 
-def _check_p(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SparsityConfigError(f"{name} must be a number in (0, 1], got {value!r}")
-    if math.isnan(value) or not 0.0 < value <= 1.0:
-        raise SparsityConfigError(f"{name} must be a number in (0, 1], got {value!r}")
-
-
 def _check_choice(value: Any, choices: tuple[str, ...], name: str) -> None:
     if value not in choices:
         raise SparsityConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def interval_s(environ: Mapping[str, str] | None = None) -> float:
+    """Seconds between two polls of the workers' metrics, from ``VLLM_SPARSITY_METRICS_INTERVAL_S``
+    (default 5; 0 turns the metrics off). Raises SparsityConfigError naming the variable."""
+    raw = (os.environ if environ is None else environ).get(INTERVAL_ENV, "")
+    if raw == "":
+        return DEFAULT_INTERVAL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise SparsityConfigError(f"{INTERVAL_ENV} must be a number of seconds >= 0 (0 turns the "
+                                  f"metrics off), got {raw!r}")
+    return value
+
+
+def metrics_enabled(additional_config: Any) -> bool:
+    """Whether the workers instrument the graph (``additional_config["sparsity_metrics"]``, which
+    process 0 sets from ``VLLM_SPARSITY_METRICS_INTERVAL_S`` unless given)."""
+    if not isinstance(additional_config, Mapping):
+        return False
+    return bool(additional_config.get(METRICS_KEY, False))
+
+
+def with_resolved_sparsity(additional_config: Mapping[str, Any] | None,
+                           flags: Mapping[str, Any] | None = None,
+                           environ: Mapping[str, str] | None = None) -> dict:
+    """``additional_config`` with its ``"sparsity"`` section replaced by the resolved config
+    (absent when sparsity is off) and its ``"sparsity_metrics"`` switch set (given, or from
+    ``VLLM_SPARSITY_METRICS_INTERVAL_S``: 0 = off). Idempotent. Raises ``SparsityConfigError``."""
+    environ = os.environ if environ is None else environ
+    additional_config = dict(additional_config or {})
+    resolved = resolve(flags, additional_config, environ)
+    additional_config.pop(ADDITIONAL_CONFIG_KEY, None)
+    if resolved is None:
+        additional_config.pop(METRICS_KEY, None)
+        return additional_config
+    additional_config[ADDITIONAL_CONFIG_KEY] = resolved.to_dict()
+    on = additional_config.get(METRICS_KEY)
+    if not isinstance(on, bool):
+        if on is not None:
+            raise SparsityConfigError(
+                f"--additional-config: {METRICS_KEY} must be true or false, got {on!r}")
+        on = interval_s(environ) > 0
+    additional_config[METRICS_KEY] = on
+    return additional_config

@@ -1,19 +1,94 @@
-"""vLLM general plugin entry point (entry-point group ``vllm.general_plugins``, name ``sparsity``).
+"""vLLM general plugin entry point (entry-point group ``vllm.general_plugins``, name ``sparsity``):
+the one place where the plugin is wired to vLLM, through the adapters of ``_vllm_compat``.
 
 vLLM calls ``register()`` in every process it starts (API server, engine core, each worker), before
 it builds its argument parser, and possibly more than once per process; it must be idempotent and
-cheap. See ``vllm/plugins/__init__.py::load_general_plugins``.
+cheap. See ``vllm/plugins/__init__.py::load_general_plugins``. What it installs:
+
+- the ``--sparsity-*`` flags on ``vllm serve`` (so ``vllm serve --help`` lists them);
+- flags > additional_config > environment resolved into the canonical
+  ``additional_config["sparsity"]`` (``config.with_resolved_sparsity``), from the CLI and for
+  offline ``LLM(...)``; vLLM ships it to every worker and hashes it into its compile cache. A bad
+  flag value ends the CLI with one line naming the flag (exit status 2, like argparse);
+- the swap of the gated MLPs' linear methods once the model is built (``replace.replace_mlp``);
+- the worker-side RPC methods of ``control.py`` (read by the ``/v1/sparsity`` route, an endpoint
+  plugin, and by the metrics publisher);
+- the metrics publisher in the API server (``metrics.start_publisher``), so that the
+  ``vllm_sparsity_*`` series reach ``/metrics`` whenever sparsity is on.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 
 from vllm_sparsity import _vllm_compat
+from vllm_sparsity import config as cfg
 
 logger = logging.getLogger("vllm.vllm_sparsity")  # under vLLM's handler and format
+
+_FLAG_HELP = {
+    "p": "Top-p activation sparsity: share of each token's L1 activation mass kept at the inputs "
+    "of every gated MLP's linear layers, a number in (0, 1]. Unset: sparsity off.",
+    "target": "Which inputs the top-p rule sparsifies: input (gate_up_proj input), intermediate "
+    "(down_proj input) or all_inputs (both). Default: all_inputs.",
+    "backend": "Sparse compute backend: auto (triton on CUDA, torch elsewhere), triton or torch. "
+    "Default: auto.",
+}
+_FLAG_METAVAR = {"p": "P", "target": "{" + ",".join(cfg.TARGETS) + "}",
+                 "backend": "{" + ",".join(cfg.BACKENDS) + "}"}
 
 
 def register() -> None:
     """Install the plugin's hooks into vLLM (idempotent)."""
-    _vllm_compat.install()
+    if not _vllm_compat.first_install():
+        return
+    from vllm_sparsity import control
+
+    _vllm_compat.on_add_cli_args(_add_flags)
+    _vllm_compat.on_from_cli_args(_resolve_flags)
+    _vllm_compat.on_create_engine_config(_resolve_offline)
+    _vllm_compat.on_create_model(_sparsify_model)
+    _vllm_compat.add_worker_methods(control.WORKER_METHODS)
+    _vllm_compat.on_async_llm(_start_metrics)
+
+
+def _add_flags(parser) -> None:
+    group = parser.add_argument_group("Sparsity", "Top-p activation sparsity (vllm-sparsity)")
+    for field in cfg.FIELDS:
+        group.add_argument(f"--sparsity-{field}", dest=f"sparsity_{field}", default=None,
+                           type=str, metavar=_FLAG_METAVAR[field], help=_FLAG_HELP[field])
+
+
+def _resolve_flags(engine_args, args) -> None:
+    flags = {f: getattr(args, f"sparsity_{f}", None) for f in cfg.FIELDS}
+    try:
+        engine_args.additional_config = cfg.with_resolved_sparsity(
+            engine_args.additional_config, flags)
+    except cfg.SparsityConfigError as e:
+        print(f"vllm serve: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _resolve_offline(engine_args) -> None:
+    engine_args.additional_config = cfg.with_resolved_sparsity(engine_args.additional_config)
+
+
+def _sparsify_model(model, vllm_config) -> None:
+    sparsity = cfg.SparsityConfig.from_additional_config(vllm_config.additional_config)
+    if sparsity is not None:
+        from vllm_sparsity.replace import replace_mlp
+
+        replace_mlp(model, sparsity, _vllm_compat.max_num_tokens(vllm_config),
+                    cfg.metrics_enabled(vllm_config.additional_config))
+
+
+def _start_metrics(engine_client, vllm_config) -> None:
+    # Failing to start the publisher must never stop the server.
+    try:
+        from vllm_sparsity import metrics
+
+        metrics.start_publisher(engine_client, vllm_config.additional_config,
+                                _vllm_compat.served_model_name(vllm_config))
+    except Exception:
+        logger.exception("vllm-sparsity: metrics publisher not started")

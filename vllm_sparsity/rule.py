@@ -38,14 +38,25 @@ from collections.abc import Callable
 
 import torch
 
-# dtype -> (integer view, code bits, radix digit widths from the top, code of +Inf).
-_CODE = {
-    torch.bfloat16: (torch.int16, 15, (8, 7), 0x7F80),
-    torch.float16: (torch.int16, 15, (8, 7), 0x7C00),
-    torch.float32: (torch.int32, 31, (8, 8, 8, 7), 0x7F800000),
-}
+from vllm_sparsity.codes import CODE as _CODE
+
+# The rules, by name: a threshold function with the signature and contract of ``top_p_threshold``
+# (x [M, K], p, all_reduce -> t [M, 1]; keep |x| >= t, NaN t keeps the row whole). A new rule is
+# one function decorated with ``@register_rule(name)``.
+RULES: dict[str, Callable[..., torch.Tensor]] = {}
 
 
+def register_rule(name: str):
+    """Decorator: add the threshold function to ``RULES`` under ``name``."""
+
+    def register(threshold):
+        RULES[name] = threshold
+        return threshold
+
+    return register
+
+
+@register_rule("top-p")
 def top_p_threshold(x: torch.Tensor, p: torch.Tensor | float,
                     all_reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Per-row magnitude threshold of the top-p rule.

@@ -30,6 +30,7 @@ message and measures nothing.
 import argparse
 import csv
 import datetime
+import importlib.util
 import os
 import subprocess
 import sys
@@ -103,10 +104,14 @@ def main() -> int:
 
     from vllm_sparsity.kernels import backend
     from vllm_sparsity.kernels.sparse_gemv import _sparse_gemv
-    from vllm_sparsity.kernels.top_p_threshold import _launch as threshold
+    from vllm_sparsity.kernels.top_p_threshold import launch as threshold
 
-    sys.path.insert(0, str(REPO / "tests" / "kernels"))
-    from gemv_reference import assert_close_to_ref, ref_sparse_gemv  # the tests' reference
+    # The tests' reference, loaded from its file (tests/ is no package).
+    spec = importlib.util.spec_from_file_location(
+        "gemv_reference", REPO / "tests" / "kernels" / "gemv_reference.py")
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    assert_close_to_ref, ref_sparse_gemv = reference.assert_close_to_ref, reference.ref_sparse_gemv
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     gpu, sha = torch.cuda.get_device_name(), git_sha()

@@ -18,7 +18,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 import torch  # noqa: E402
 
-from vllm_sparsity.kernels import backend  # noqa: E402
+from vllm_sparsity.kernels import backend, common  # noqa: E402
 from vllm_sparsity.kernels import sparse_gemv as sg  # noqa: E402
 from vllm_sparsity.kernels import top_p_threshold as tpt  # noqa: E402
 
@@ -40,7 +40,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--gpu-config", action="store_true")
     args = ap.parse_args()
-    tpt.GPU_CONFIG_UNDER_INTERPRETER = args.gpu_config
+    common.GPU_CONFIG_UNDER_INTERPRETER = args.gpu_config
     p = torch.tensor([0.9], dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
     print(f"{'gpu' if args.gpu_config else 'interpreter'} launch configuration; "

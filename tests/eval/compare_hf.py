@@ -2,7 +2,9 @@
 
 Not a test (pytest does not collect it): a script for two checks against a sweep folder.
 
-    python tests/eval/compare_hf.py --sweep DIR --p 1.0 [--p 0.9] --out HF_DIR
+    PYTHONPATH=tests python tests/eval/compare_hf.py --sweep DIR --p 1.0 [--p 0.9] --out HF_DIR
+
+(``PYTHONPATH=tests``: it imports ``reference.py`` from there, as the tests do.)
 
 For each p it scores the sweep's tasks and limit with HF transformers (bf16, the demo model) through
 lm-eval, the rule applied by ``tests/reference.py::HFTopP``'s hooks (the paper's sort recipe; none at
@@ -14,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for reference.py
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """Shared by the kernel tests: importing this module turns Triton's interpreter on, then inputs.
 
 Import it before ``vllm_sparsity.kernels`` in every test module that runs kernels (tests/kernels is
-on sys.path, so ``import kernel_inputs`` works). The kernels run on CPU tensors through Triton's
-interpreter. ``@triton.jit`` picks interpreter or compiler when it decorates a kernel (triton 3.9
+on pytest's ``pythonpath``, so ``import kernel_inputs`` works). The kernels run on CPU tensors
+through Triton's interpreter. ``@triton.jit`` picks interpreter or compiler when it decorates a kernel (triton 3.9
 ``runtime/jit.py``: ``if knobs.runtime.interpret`` in ``jit``), and the launchers read the same knob
 at launch, so it must be on before the kernel modules are imported.
 
@@ -44,9 +44,9 @@ def launch_config(request, monkeypatch):
     test module): the interpreter's (what CPU runs use: few programs, no split-K) and the GPU's
     (BLOCK_N = 64, the threshold's BLOCK = 1024, split-K by default: what the GPU runs), see
     ``sparse_gemv.INTERP_TILE``. Same kernels, so both must pass the same tests."""
-    from vllm_sparsity.kernels import top_p_threshold
+    from vllm_sparsity.kernels import common
 
-    monkeypatch.setattr(top_p_threshold, "GPU_CONFIG_UNDER_INTERPRETER", request.param == "gpu")
+    monkeypatch.setattr(common, "GPU_CONFIG_UNDER_INTERPRETER", request.param == "gpu")
     return request.param
 
 

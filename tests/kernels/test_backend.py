@@ -3,36 +3,28 @@
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from kernel_inputs import activations, ptensor, with_edge_rows  # first: interpreter on
 from gemv_reference import assert_close_to_ref, ref_sparse_gemv
 from gloo_ranks import run_ranks
-from vllm.model_executor.layers.linear import LinearMethodBase
+from layers import PlainLinear, expected_stats, sparse
 
+from reference import paper_top_p_mask
 from vllm_sparsity import rule, sparse_linear
+from vllm_sparsity.counters import DECODE
 from vllm_sparsity.kernels import backend
 
 K, N = 200, 72
 
 
-class PlainLinear(LinearMethodBase):
-    """Stand-in for vLLM's unquantized method: F.linear, nothing to do after loading."""
-
-    def create_weights(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def apply(self, layer, x, bias=None):
-        return F.linear(x, layer.weight, bias)
-
-
 def make_layer(dtype=torch.bfloat16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    layer = torch.nn.Module()
-    w = torch.randn(N, K, generator=g).mul(K**-0.5).to(dtype)
-    layer.weight = torch.nn.Parameter(w, requires_grad=False)
-    layer.weight.weight_loader = "loader"  # an attribute vLLM attaches; must survive prepare
-    layer.quant_method = PlainLinear()
-    return layer
+    import layers
+
+    return layers.make_layer(K, N, dtype, seed)
+
+
+def apply(layer, x, p, bias=None):
+    """``(y, kept)`` of the backend's ``apply_counted`` for whole rows."""
+    return backend.apply_counted(layer, x, p, bias)[:2]
 
 
 def test_prepare_stores_one_k_major_copy_behind_the_same_parameter():
@@ -63,7 +55,7 @@ def test_apply_both_sides_of_m_max(m, with_bias):
     backend.prepare(layer)
     bias = torch.randn(N).to(torch.bfloat16) if with_bias else None
     x = with_edge_rows(activations(max(m, 4), K, torch.bfloat16, seed=m))[:m]
-    y, kept = backend.apply(layer, x, ptensor(0.6), "input", bias)
+    y, kept = apply(layer, x, ptensor(0.6), bias)
     assert y.shape == (m, N) and y.dtype == torch.bfloat16
     assert torch.equal(kept, rule.top_p_sparsify(x, 0.6)[1])
     assert_close_to_ref(y, *ref_sparse_gemv(x, 0.6, layer.weight.detach(), bias), K)
@@ -73,28 +65,18 @@ def test_apply_is_deterministic():
     layer = make_layer()
     backend.prepare(layer)
     x = activations(3, K, torch.bfloat16, seed=9)
-    a, _ = backend.apply(layer, x, ptensor(0.5), "intermediate")
-    b, _ = backend.apply(layer, x, ptensor(0.5), "intermediate")
+    a, _ = apply(layer, x, ptensor(0.5))
+    b, _ = apply(layer, x, ptensor(0.5))
     assert torch.equal(a.view(torch.int16), b.view(torch.int16))
-
-
-def test_bad_site_raises():
-    layer = make_layer()
-    backend.prepare(layer)
-    with pytest.raises(ValueError, match="site"):
-        backend.apply(layer, activations(1, K, torch.bfloat16), ptensor(0.5), "output")
 
 
 @pytest.mark.parametrize("tokens", [(1, 3), (2, 7)])  # 3 rows: sparse path; 14 rows: dense path
 def test_input_sparse_linear_method_triton_matches_torch(tokens):
     """Same layer through both backends of the seam: outputs agree, counters are identical."""
-    p = ptensor(0.7)
     layers = {}
     for name in ("torch", "triton"):
-        layer = make_layer()
-        sparse_linear.install(layer, "input", 0, p, backend=name)
-        layer.quant_method.process_weights_after_loading(layer)
-        layers[name] = layer
+        layers[name] = make_layer()
+        sparse(layers[name], 0.7, backend=name)
     assert layers["triton"].weight.stride() == (1, N)
     bias = torch.randn(N).to(torch.bfloat16)
     x = activations(tokens[0] * tokens[1], K, torch.bfloat16, seed=3).view(*tokens, K)
@@ -103,12 +85,27 @@ def test_input_sparse_linear_method_triton_matches_torch(tokens):
     ref, mag = ref_sparse_gemv(x.view(-1, K), 0.7, layers["torch"].weight.detach(), bias)
     for y in out.values():
         assert_close_to_ref(y.view(-1, N), ref, mag, K)
-    assert torch.equal(layers["torch"].sparsity_counts, layers["triton"].sparsity_counts)
+    assert torch.equal(layers["torch"].sparsity_stats, layers["triton"].sparsity_stats)
 
 
 def test_unknown_backend_raises():
     with pytest.raises(ValueError, match="backend"):
         sparse_linear.InputSparseLinearMethod(PlainLinear(), "input", 0, backend="cuda")
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 9])
+def test_triton_backend_reports_the_weight_columns_it_read(m):
+    p = 0.6
+    x = activations(m, K, torch.bfloat16, seed=m)
+    layer = make_layer()
+    state = sparse(layer, p, backend="triton", metrics=True)
+    state.phase[:m] = DECODE
+    state.batch_phase.fill_(DECODE)
+    layer.quant_method.apply(layer, x)
+    union = int(paper_top_p_mask(x.float(), p).any(dim=0).sum())
+    read = union if m <= backend.M_MAX else K  # sparse GEMV: union of kept inputs; else dense
+    assert read < K or m > backend.M_MAX
+    assert torch.equal(layer.sparsity_stats, expected_stats(x, p, [DECODE] * m, DECODE, read))
 
 
 def test_branch_on_batch_size_survives_torch_compile():
@@ -117,7 +114,7 @@ def test_branch_on_batch_size_survives_torch_compile():
     layer = make_layer()
     backend.prepare(layer)
     p = ptensor(0.6)
-    compiled = torch.compile(lambda x: backend.apply(layer, x, p, "input"), backend="aot_eager",
+    compiled = torch.compile(lambda x: apply(layer, x, p), backend="aot_eager",
                              fullgraph=True, dynamic=True)
     for m in (2, 12, 5):
         x = activations(m, K, torch.bfloat16, seed=m)
@@ -155,7 +152,7 @@ def _tp_backend_on_rank(rank, world_size):
     layer.weight.data = layer.weight.data[:, cols].contiguous()
     backend.prepare(layer)
     return {m: backend.apply_counted(layer, _tp_rows(m)[:, cols].contiguous(), ptensor(0.6),
-                                     "intermediate", None, dist.all_reduce) for m in TP_MS}
+                                     None, dist.all_reduce) for m in TP_MS}
 
 
 def test_sharded_intermediate_site_applies_the_global_rule(tmp_path):
@@ -187,7 +184,7 @@ def test_sharded_path_survives_torch_compile():
     p = ptensor(0.6)
 
     def sharded(x):
-        return backend.apply_counted(layer, x, p, "intermediate", None, lambda t: t.mul_(2))
+        return backend.apply_counted(layer, x, p, None, lambda t: t.mul_(2))
 
     compiled = torch.compile(sharded, backend="aot_eager", fullgraph=True, dynamic=True)
     for m in (2, 12, 5):

@@ -6,6 +6,7 @@ from kernel_inputs import activations, ptensor, with_edge_rows  # first: interpr
 from kernel_inputs import launch_config  # noqa: F401  (fixture: both launch configurations)
 from gemv_reference import assert_close_to_ref, ref_sparse_gemv
 
+from vllm_sparsity.kernels import common
 from vllm_sparsity.kernels import sparse_gemv as sg
 from vllm_sparsity.kernels import top_p_threshold as tpt
 
@@ -114,7 +115,7 @@ def test_launch_configs():
     interpreter's runs the demo model's MLP linears (N = 4096 and 640) as one program, no split."""
     gpu = {"BLOCK_M": sg.BLOCK_M, "BLOCK_N": sg.BLOCK_N, "BLOCK_K": sg.BLOCK_K,
            "REDUCE_BLOCK": sg.REDUCE_BLOCK, "num_warps": sg.NUM_WARPS, "num_stages": sg.NUM_STAGES}
-    assert tpt.interpreter_config()
+    assert common.interpreter_config()
     for m, n, k in ((1, 4096, 640), (6, 640, 2048), (8, 20, 40)):
         cfg = sg.launch_config(m, n)
         assert cfg["BLOCK_N"] >= n and cfg["BLOCK_N"] * cfg["BLOCK_K"] <= sg.INTERP_TILE
@@ -122,11 +123,11 @@ def test_launch_configs():
         assert sg.default_split_k(n, k, torch.device("cpu")) == 1
         assert tpt._block(k) >= k
     assert tpt._block(32768) == tpt.INTERP_BLOCK
-    tpt.GPU_CONFIG_UNDER_INTERPRETER = True
+    common.GPU_CONFIG_UNDER_INTERPRETER = True
     try:
         assert sg.launch_config(1, 4096) == gpu and tpt._block(640) == tpt.BLOCK
     finally:
-        tpt.GPU_CONFIG_UNDER_INTERPRETER = False
+        common.GPU_CONFIG_UNDER_INTERPRETER = False
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -141,7 +142,7 @@ def test_interpreter_config_gives_the_gpu_configs_bits(dtype, m, n, k, with_bias
     thr, _ = tpt.top_p_threshold(x, ptensor(0.7))
     wt, b = w.t().contiguous(), b if with_bias else None
     fast = sg.sparse_gemv(x, thr, wt, b)
-    monkeypatch.setattr(tpt, "GPU_CONFIG_UNDER_INTERPRETER", True)
+    monkeypatch.setattr(common, "GPU_CONFIG_UNDER_INTERPRETER", True)
     assert sg.launch_config(m, n)["BLOCK_N"] == sg.BLOCK_N
     gpu = sg.sparse_gemv(x, thr, wt, b, 1)
     assert torch.equal(fast.view(torch.int16), gpu.view(torch.int16))

@@ -1,0 +1,56 @@
+"""What the kernels of this package share: the magnitude code in Triton, argument checks, and
+whether they launch with the interpreter's configuration.
+
+The dtype code tables themselves are ``vllm_sparsity.codes`` (torch only), shared with the torch
+rule.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_sparsity.codes import CODE_BITS, INF_CODE  # noqa: F401  (the kernels' tables)
+
+# Tests set this to run the GPU's launch configuration under Triton's interpreter (see
+# sparse_gemv's INTERP_TILE and top_p_threshold's INTERP_BLOCK).
+GPU_CONFIG_UNDER_INTERPRETER = False
+
+
+@triton.jit
+def magnitude_code(x, CODE_BITS: tl.constexpr):
+    """|x| as a non-negative int32 ordered like |x|: the bit pattern with the sign bit cleared."""
+    if CODE_BITS == 15:
+        # int16 sign-extends into int32; the mask then clears the sign bit and the extension.
+        return x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+    else:
+        return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+def interpreter_config() -> bool:
+    """Whether the kernels of this package launch with the interpreter's configuration (see
+    sparse_gemv's INTERP_TILE): Triton's interpreter is on and GPU_CONFIG_UNDER_INTERPRETER is not
+    set."""
+    return bool(triton.knobs.runtime.interpret) and not GPU_CONFIG_UNDER_INTERPRETER
+
+
+def check_x(x: torch.Tensor, name: str = "x", dtypes=tuple(CODE_BITS)) -> None:
+    """Raise ValueError unless ``name`` is a 2-D tensor of one of ``dtypes`` with unit stride in its
+    last dimension, on CUDA (or on CPU when Triton runs in interpreter mode)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor [M, K], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
+    if x.dtype not in dtypes:
+        raise ValueError(f"{name} must be one of {[str(d) for d in dtypes]}, got {x.dtype}")
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride in its last dimension, got {x.stride()}")
+    if x.device.type != "cuda" and not triton.knobs.runtime.interpret:
+        raise ValueError(f"{name} must be on a CUDA device (or set TRITON_INTERPRET=1 before "
+                         f"importing triton to run on CPU), got {x.device}")
+
+
+def check_p(p: torch.Tensor, x: torch.Tensor) -> None:
+    """Raise ValueError unless ``p`` is a one-element float64 tensor on x's device."""
+    if not isinstance(p, torch.Tensor) or p.dtype != torch.float64 or p.numel() != 1:
+        raise ValueError(f"p must be a float64 tensor with one element, got {p!r}")
+    if p.device != x.device:
+        raise ValueError(f"p must be on x's device {x.device}, got {p.device}")

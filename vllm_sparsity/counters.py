@@ -1,0 +1,200 @@
+"""The activation counters: one device-side layout per sparse layer, one worker snapshot, one merge.
+
+Both readers, the ``/v1/sparsity`` route (``control``) and ``/metrics`` (``metrics``), read the
+same merged snapshot, so they count alike.
+
+Layout: each sparse layer keeps ``sparsity_stats``, int64 [3, WIDTH] on its device. Row = the
+token's phase (PREFILL, DECODE, PAD: padding and dummy runs, never published); columns ZEROED and
+TOTAL (activations zeroed, and all: tokens x inputs), then with metrics on the per-token sparsity
+histogram (HIST, SPARSITY_BUCKETS buckets) and, in the row of the batch's phase, the weight columns
+the GEMM read (COLS_READ) and would read dense (COLS_TOTAL). Written inside the compiled graph
+(``count``: one ``index_add_``, no host sync), copied out between steps (``snapshot``).
+
+Phases (``token_phases``): a token is a decode token when its request's query length in the step
+is 1; the batch's phase is ``decode`` when every token is.
+
+Tensor parallelism (``merge``): TP ranks see the same tokens. A replicated input (gate_up_proj's)
+counts the same on every rank, so TP rank 0 speaks for it; a split one (down_proj's under TP, a
+shard of K per rank) has its activation and weight-column counts summed over the ranks, which is
+exact, while its per-token histogram stays rank 0's shard. Pipeline stages hold different layers
+and data-parallel replicas different tokens: their TP rank 0 counts are summed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+PHASES = ("prefill", "decode")
+PREFILL, DECODE, PAD = 0, 1, 2  # ordered: token_phases takes the batch's phase as the minimum
+# Per-token sparsity histogram: bucket i counts tokens with sparsity in (i/N, (i+1)/N] (0 in
+# bucket 0), so the exposed upper bounds are 0.05, 0.10, ..., 1.0.
+SPARSITY_BUCKETS = 20
+# Columns of a layer's counter buffer int64 [3 phases, WIDTH]: activation counts and histogram per
+# token phase; weight columns read / in all per batch phase.
+ZEROED, TOTAL, HIST = 0, 1, 2
+COLS_READ = HIST + SPARSITY_BUCKETS
+COLS_TOTAL = COLS_READ + 1
+WIDTH = COLS_TOTAL + 1
+
+
+# ---------------------------------------------------------------- worker: inside the graph
+
+
+def token_phases(query_start_loc: torch.Tensor | None, num_tokens: int,
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase of each of the step's ``num_tokens`` tokens, and of the batch, on the device.
+
+    Args:
+        query_start_loc: int32/int64 [R + 1], cumulative query lengths of the step's requests
+            (vLLM's attention metadata; padded entries repeat the last value); None for a dummy
+            run (no requests).
+        num_tokens: tokens in the forward, padding included.
+        device: where to build the result when there is no ``query_start_loc`` (else on its
+            device).
+
+    Returns:
+        ``(phase, batch_phase)``: int64 [num_tokens], PREFILL, DECODE (the token's request has
+        query length 1) or PAD (past the last request); int64 [] PREFILL if any token is prefill,
+        else DECODE if any is decode, else PAD. Device ops only (no host sync), so that a CUDA
+        graph that records them recomputes them from vLLM's persistent buffer on replay.
+    """
+    if query_start_loc is None or query_start_loc.numel() < 2 or num_tokens == 0:
+        return (torch.full((num_tokens,), PAD, dtype=torch.int64, device=device),
+                torch.tensor(PAD, device=device))
+    qsl = query_start_loc
+    t = torch.arange(num_tokens, dtype=qsl.dtype, device=qsl.device)
+    ends = qsl[1:]
+    r = torch.searchsorted(ends, t, right=True).clamp_(max=ends.numel() - 1)  # token's request
+    phase = ((ends - qsl[:-1])[r] == 1).to(torch.int64)  # DECODE (1) if query length 1, else 0
+    phase.masked_fill_(t >= qsl[-1], PAD)
+    return phase, phase.min()  # PREFILL < DECODE < PAD: the batch's phase is the least
+
+
+def new_stats(device: torch.device) -> torch.Tensor:
+    """A zeroed counter buffer int64 [3, WIDTH] (see module doc)."""
+    return torch.zeros(len(PHASES) + 1, WIDTH, dtype=torch.int64, device=device)
+
+
+def count(stats: torch.Tensor, phase: torch.Tensor, batch_phase: torch.Tensor,
+          kept: torch.Tensor, dim: int, columns_read: torch.Tensor | None,
+          detailed: bool) -> None:
+    """Add one call's counts into ``stats`` in place, with no host sync.
+
+    Built from tensors only (a symbolic numel() turned into a tensor breaks vLLM's one-shot graph
+    capture); ``dim`` (the layer's K) and ``detailed`` are constants of the graph.
+
+    Args:
+        stats: the layer's int64 [3, WIDTH] buffer.
+        phase: int64 [>= M], the phase of each token of the step; batch_phase int64 [1].
+        kept: int64 [M], inputs kept per token.
+        dim: K, inputs per token.
+        columns_read: int64 [1], weight columns the GEMM loaded; None: all ``dim`` of them.
+        detailed: also the histogram and weight columns (metrics on); else ZEROED and TOTAL only.
+    """
+    zeroed = dim - kept
+    row = phase[: kept.shape[0]] * WIDTH  # the PAD row is kept on device and never published
+    index = [row + ZEROED, row + TOTAL]
+    value = [zeroed, torch.full_like(zeroed, dim)]
+    if detailed:
+        # Histogram bucket of each token's sparsity zeroed/K in (i/N, (i+1)/N]:
+        # ceil(zeroed*N/K) - 1 in integers (exact at the bucket edges), 0 for nothing zeroed.
+        bucket = ((zeroed * SPARSITY_BUCKETS + dim - 1) // dim - 1).clamp(min=0)
+        batch_row = batch_phase * WIDTH
+        if columns_read is None:
+            columns_read = kept.new_full((1,), dim)
+        index += [row + HIST + bucket, batch_row + COLS_READ, batch_row + COLS_TOTAL]
+        value += [torch.ones_like(zeroed), columns_read, torch.full_like(columns_read, dim)]
+    stats.view(-1).index_add_(0, torch.cat(index), torch.cat(value))
+
+
+def zeroed_total(stats: torch.Tensor) -> torch.Tensor:
+    """int64 [2]: activations zeroed and in all over the real tokens (prefill + decode)."""
+    return stats[:PAD, ZEROED:TOTAL + 1].sum(dim=0)
+
+
+# ---------------------------------------------------------------- worker: snapshot
+
+
+def snapshot(state, tp_rank: int, latency: dict | None) -> dict[str, Any]:
+    """This worker's settings and counters as plain data for ``collective_rpc``: one stacked
+    device-to-host copy.
+
+    Args:
+        state: the worker's ``state.RuntimeState``.
+        tp_rank: tensor-parallel rank of this worker.
+        latency: the MLP clock's snapshot (``clock.MlpClock.snapshot``), None when not timed.
+
+    Returns:
+        ``settings`` (``state.settings()``), ``p_by_site``, ``tp_rank``, ``latency``, ``sites``
+        (rows ``[layer, site, name, bytes per weight column on this rank, split]``, split: the
+        input is split over K across TP ranks) and ``stats`` (the matching int64 [3, WIDTH]
+        buffers as lists).
+    """
+    layers = [layer for _, layer in state.layers]
+    stats = torch.stack([layer.sparsity_stats for layer in layers]).tolist() if layers else []
+    sites = []
+    for name, layer in state.layers:
+        method, w = layer.quant_method, getattr(layer, "weight", None)
+        # Bytes of one input feature's weights: N elements of this rank's shard (0 when the
+        # weight is not a plain 2-D tensor, e.g. quantized: the torch backend skips nothing).
+        per_column = w.shape[0] * w.element_size() if isinstance(w, torch.Tensor) and w.dim() == 2 \
+            else 0
+        sites.append([method.layer_index, method.site, name, per_column,
+                      method.all_reduce is not None])
+    return {"settings": state.settings(), "p_by_site": state.p_by_site(), "tp_rank": tp_rank,
+            "sites": sites, "stats": stats, "latency": latency}
+
+
+# ---------------------------------------------------------------- API server: merge
+
+
+def merge(per_worker: list[dict | None]) -> dict[str, Any] | None:
+    """One view of all workers' snapshots (see the module doc for the rank rules): the first's
+    ``settings`` and ``p_by_site``, ``sites`` {(layer, site): {"name", "split", "rows": per phase
+    [WIDTH], "skipped_bytes": per phase}} and ``latency`` (summed over TP rank 0 workers, or None). Bytes
+    skipped are summed over every rank (each skips its own shard of the weight). None when no
+    worker runs the rule."""
+    snaps = [s for s in per_worker if s]
+    if not snaps:
+        return None
+    merged = {"settings": snaps[0]["settings"], "p_by_site": snaps[0]["p_by_site"]}
+    sites: dict[tuple[int, str], dict] = {}
+    latency = None
+    for snap in snaps:
+        lead = snap["tp_rank"] == 0
+        for (layer, site, name, per_column, split), rows in zip(snap["sites"], snap["stats"]):
+            entry = sites.setdefault((layer, site), {
+                "name": name, "split": bool(split), "rows": [[0] * WIDTH for _ in PHASES],
+                "skipped_bytes": [0] * len(PHASES)})
+            for phase in (PREFILL, DECODE):
+                if lead:
+                    entry["rows"][phase] = [a + b for a, b in
+                                            zip(entry["rows"][phase], rows[phase])]
+                elif split:  # another shard of the same tokens' inputs
+                    for col in (ZEROED, TOTAL, COLS_READ, COLS_TOTAL):
+                        entry["rows"][phase][col] += rows[phase][col]
+                entry["skipped_bytes"][phase] += \
+                    (rows[phase][COLS_TOTAL] - rows[phase][COLS_READ]) * per_column
+        if lead and snap["latency"] is not None:
+            if latency is None:
+                latency = {"counts": [[0] * len(c) for c in snap["latency"]["counts"]],
+                           "sums": [0.0] * len(snap["latency"]["sums"])}
+            for phase in (PREFILL, DECODE):
+                latency["counts"][phase] = [a + b for a, b in zip(
+                    latency["counts"][phase], snap["latency"]["counts"][phase])]
+                latency["sums"][phase] += snap["latency"]["sums"][phase]
+    merged["sites"] = {key: sites[key] for key in sorted(sites)}
+    merged["latency"] = latency
+    return merged
+
+
+def route_layers(merged: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``/v1/sparsity`` rows of a merged snapshot: per (layer, site), in order, the monotonic
+    counters ``zeroed`` and ``total`` over the real tokens (prefill + decode)."""
+    return [{"layer": layer, "site": site, "name": entry["name"],
+             "zeroed": sum(entry["rows"][ph][ZEROED] for ph in (PREFILL, DECODE)),
+             "total": sum(entry["rows"][ph][TOTAL] for ph in (PREFILL, DECODE)),
+             "split": entry["split"]}
+            for (layer, site), entry in merged["sites"].items()]

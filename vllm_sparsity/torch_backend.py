@@ -1,0 +1,34 @@
+"""The torch backend of the sparse seam (see ``backends``): the exact torch rule on the input, then
+the layer's own linear method (vLLM's dense GEMM, quantized or not) on the sparsified input.
+
+Serves every layer on every device. It gives the paper's semantics, not speed: the dense GEMM
+still reads every weight column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from vllm_sparsity.rule import top_p_sparsify
+
+
+def unsupported_reason(layer: torch.nn.Module) -> None:
+    """None: any layer (the GEMM is the layer's own method's)."""
+    return None
+
+
+def prepare(layer: torch.nn.Module) -> None:
+    """The wrapped method's own step after loading (on CPU vLLM packs the weight for oneDNN)."""
+    layer.quant_method.inner.process_weights_after_loading(layer)
+
+
+def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor,
+                  bias: torch.Tensor | None = None,
+                  all_reduce: Callable[[torch.Tensor], None] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, None]:
+    """``(inner.apply(top_p(x2)), kept [M], None)``: x2 [M, K]; p float64 [1]; the GEMM reads
+    every column (None). ``all_reduce`` as ``rule.top_p_threshold``."""
+    xs, kept = top_p_sparsify(x2, p, all_reduce)
+    return layer.quant_method.inner.apply(layer, xs, bias), kept, None
