@@ -8,11 +8,14 @@ that every module came from the copy. The smoke run takes the CPU code paths of 
 """
 
 import csv
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 COLUMNS = ["gpu", "torch", "triton", "git_sha", "dtype", "model", "op", "M", "K", "N", "s",
@@ -72,3 +75,16 @@ def test_smoke_runs_from_a_plain_checkout_and_writes_the_csv(tmp_path):
             if r[col]:
                 assert 0.5 < float(r[col]) < 1.0, r  # half the entries hold more than half the mass
     assert (out / "gpu_check.png").stat().st_size > 0 or "matplotlib is not installed" in proc.stdout
+
+    # The CSV feeds `vllm-sparsity predict`: at batch 1 its gate_up_proj time ratio is the row's.
+    from vllm_sparsity import predict
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 96, "vocab_size": 100,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32}))
+    shape = predict.ModelShape.from_config(config)
+    timings = predict.KernelTimings(out / "gpu_check.csv", shape, "bf16", m_max=8)
+    assert "predicted from kernel timings" in timings.label
+    (row,) = [r for r in rows if (r["op"], r["M"]) == ("gate_up_proj", "1")]
+    assert timings.ratio("input", 1, 0.5) == pytest.approx(float(row["sparse_over_dense"]))
