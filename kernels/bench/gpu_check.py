@@ -163,9 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(args, torch)
     run.correctness()
     run.timings()
+    run.write_outputs()  # before the sweep: a run cut short still leaves the CSV and PNG
     if not args.no_sweep:
-        run.sweep()
-    run.write_outputs()
+        try:
+            run.sweep()
+        except Exception as e:  # noqa: BLE001 -- the sweep only advises; report and go on
+            print(f"sweep aborted: {type(e).__name__}: {str(e)[:500]}")
+    run.report_supported()
     return run.summary(time.monotonic() - t_start)
 
 
@@ -203,8 +207,9 @@ class Run:
         # Written before every timed repetition, so the weights come from HBM, not from L2.
         self.flush_buf = torch.empty(max(2 * l2, 1 << 20 if self.smoke else 256 << 20),
                                      dtype=torch.int8, device=self.device)
+        self.sha = git_sha()
         print(f"gpu_check on {self.gpu}: torch {torch.__version__}, triton {triton.__version__}, "
-              f"git {git_sha()}, M_MAX {self.m_max}, timed dtype {args.dtype}, reps {self.reps}")
+              f"git {self.sha}, M_MAX {self.m_max}, timed dtype {args.dtype}, reps {self.reps}")
 
     # ---------------------------------------------------------------- inputs
 
@@ -383,7 +388,7 @@ class Run:
     def row(self, **kw) -> dict:
         torch, triton = self.torch, self.triton
         base = {"gpu": self.gpu, "torch": torch.__version__, "triton": triton.__version__,
-                "git_sha": git_sha(), "dtype": self.args.dtype, "reps": self.reps}
+                "git_sha": self.sha, "dtype": self.args.dtype, "reps": self.reps}
         r = {c: "" for c in COLUMNS} | base | kw
         for a, b in (("sparse_over_dense", "sparse_us"), ("gemv_over_dense", "gemv_us"),
                      ("plugin_over_dense", "plugin_us")):
@@ -555,7 +560,11 @@ class Run:
         print(f"sweep {name}: time / default {default} per case: {', '.join(labels)}")
         best, best_gm = default, 1.0
         for cfg in grid:
-            rel = [t / b for t, b in zip(times_of(cfg), base)]
+            try:
+                rel = [t / b for t, b in zip(times_of(cfg), base)]
+            except Exception as e:  # noqa: BLE001 -- e.g. out of shared memory on this GPU
+                print(f"  {cfg}: skipped, {type(e).__name__}: {str(e)[:200]}")
+                continue
             gm = math.exp(sum(map(math.log, rel)) / len(rel))
             print(f"  {cfg}: " + " ".join(f"{r:.3f}" for r in rel) + f"  geomean {gm:.3f}")
             if gm < best_gm:
@@ -589,13 +598,15 @@ class Run:
             writer.writeheader()
             writer.writerows(self.rows)
         print(f"wrote {out / 'gpu_check.csv'} ({len(self.rows)} rows)")
+        self.plot(out / "gpu_check.png")
+
+    def report_supported(self):
         m_max = self.supported_m_max()
         print("M_MAX the data supports (largest M with the sparse MLP faster than the dense one on "
               "every model): " + ", ".join(f"s={s}: {m}" for s, m in m_max.items())
               + f" (backend.M_MAX is {self.m_max})")
         for note in self.notes:
             print(f"block sizes: {note}")
-        self.plot(out / "gpu_check.png")
 
     def plot(self, path: Path):
         try:
