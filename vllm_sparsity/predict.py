@@ -8,7 +8,8 @@ output layer (vocab x hidden: read whole whether tied to the embedding or not) a
 With sparsity each MLP linear's time is multiplied by its ratio r = sparse time / dense time
 (threshold included); everything else stays dense::
 
-    gain(B) = tokens/s sparse / tokens/s dense = D(B) / (D(B) - sum_site L x W_site x (1 - r_site(B)))
+    gain(B) = tokens/s sparse / tokens/s dense
+            = D(B) / (D(B) - sum_site L x W_site x (1 - r_site(B)))
 
 with D(B) the dense bytes of the step, L layers and W_site one layer's weight bytes at the site
 (``input``: gate_up_proj, 2 x intermediate x hidden; ``intermediate``: down_proj, intermediate x
