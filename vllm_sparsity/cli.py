@@ -5,7 +5,9 @@
 - ``vllm-sparsity bench ...``: prefill/decode tokens/s with the plugin against without it
   (``vllm_sparsity/bench.py``);
 - ``vllm-sparsity eval ...``: critical-sparsity sweeps and their regression check
-  (``eval/cli.py``, installed as ``vllm_sparsity.eval``).
+  (``eval/cli.py``, installed as ``vllm_sparsity.eval``);
+- ``vllm-sparsity predict ...``: decode tokens/s gain predicted for a model from GPU kernel
+  timings or a bandwidth model (``vllm_sparsity/predict.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         from vllm_sparsity.eval import cli as eval_cli
 
         return eval_cli.main(rest)
+    if command == "predict":
+        from vllm_sparsity import predict
+
+        return predict.main(rest)
     print(__doc__, file=sys.stderr if command not in ("-h", "--help") else sys.stdout)
     return 0 if command in ("-h", "--help") else 2
 
