@@ -26,7 +26,7 @@ def files(tmp_path):
     return res, base
 
 
-def run(argv, capsys=None):
+def run(argv):
     with pytest.raises(SystemExit) as e:
         main(argv)
     message = str(e.value.code)
