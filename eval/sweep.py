@@ -6,6 +6,10 @@ For each p of the grid (the dense point p = 1.0 first; p = 1.0 is bit-identical 
 document outputs kept with ``--log_samples``), and the counters are read again: their difference is
 the sparsity of exactly those requests. A finished point leaves ``points/p<p>/point.json`` and is
 skipped when the sweep runs again. ``results.build`` then turns the points into ``results.json``.
+
+With ``search`` the points are not all scored: ``search.bisect`` picks them from the grid, one at a
+time, and its trace goes to ``search.json``. The tasks are resolved (``registry.resolve``) and
+their definitions copied into ``<out>/tasks/`` before a server starts.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 
 import requests
 
-from vllm_sparsity.eval import convert
+from vllm_sparsity.eval import convert, registry
 from vllm_sparsity.sites import TARGETS
 
 # The paper's grid (fszatkowski/activation-sparsity-benchmarking, slurm_scripts/harness/
@@ -41,9 +45,13 @@ class SweepConfig:
 
     model: str  # model (or, with --url, tokenizer) path
     tasks: list[str]
-    grid: list[float]
+    grid: list[float]  # with search: the p values it may pick from
     target: str
     limit: int | None
+    include_path: str | None = None  # the user's task YAMLs (lm-eval's --include_path)
+    search: bool = False  # bisection (search.bisect) instead of every point of the grid
+    tol: float = 0.02  # search: stop when the bracket is narrower (measured sparsity)
+    max_points: int | None = None  # search: budget of scored points, dense included
 
 
 def point_dir(out: Path, p: float) -> Path:
@@ -63,8 +71,27 @@ class Server:
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
+    def _get(self, route: str) -> requests.Response:
+        try:
+            r = requests.get(f"{self.url}{route}", headers=self.headers, timeout=60)
+        except requests.ConnectionError:
+            raise SystemExit(f"--url {self.url}: no server answers there (connection "
+                             "failed); pass the address of a running `vllm serve`") from None
+        if r.status_code == 401:
+            raise SystemExit(f"--api-key: the server at {self.url} refused "
+                             f"{'the key' if self.api_key else 'a request without a key'} "
+                             "(HTTP 401); pass the --api-key it was started with")
+        return r
+
     def state(self) -> dict:
-        r = requests.get(f"{self.url}/v1/sparsity", headers=self.headers, timeout=60)
+        r = self._get("/v1/sparsity")
+        if r.status_code == 404:
+            raise SystemExit(f"--url {self.url}: the server has no /v1/sparsity route, so it runs "
+                             "without the plugin's endpoint; start it with VLLM_PLUGINS=sparsity "
+                             "in its environment and --sparsity-p 1.0")
+        if r.status_code == 409:
+            raise SystemExit(f"--url {self.url}: the server runs with sparsity off; start it with "
+                             "--sparsity-p 1.0 (and VLLM_PLUGINS=sparsity)")
         if r.status_code != 200:
             raise RuntimeError(f"GET {self.url}/v1/sparsity: HTTP {r.status_code} {r.text[:300]} "
                                "(start the server with VLLM_PLUGINS=sparsity and --sparsity-p)")
@@ -78,10 +105,31 @@ class Server:
                                f"HTTP {r.status_code} {r.text[:300]}")
         return r.json()
 
-    def served_model(self) -> str:
-        r = requests.get(f"{self.url}/v1/models", headers=self.headers, timeout=60)
-        r.raise_for_status()
-        return r.json()["data"][0]["id"]
+    def served_model(self, model: str) -> str:
+        """The name under which the server serves ``model`` (a path, or the name it serves).
+
+        vLLM's ``/v1/models`` lists each model with ``id`` (the served name) and ``root`` (the path
+        it was loaded from); ``model`` matches either, or the last part of either path.
+
+        Raises:
+            SystemExit: the server does not serve ``model``, or is not an OpenAI-compatible one.
+        """
+        r = self._get("/v1/models")
+        try:
+            served = r.json()["data"] if r.status_code == 200 else None
+        except (ValueError, KeyError, TypeError):
+            served = None
+        if not served:
+            raise SystemExit(f"--url {self.url}: GET /v1/models gave HTTP {r.status_code} without "
+                             "a model list; is it a `vllm serve` (OpenAI-compatible) server?")
+        wanted = {model.rstrip("/"), Path(model.rstrip("/")).name}
+        for m in served:
+            names = {m["id"], m.get("root") or m["id"]}
+            if wanted & (names | {Path(n).name for n in names}):
+                return m["id"]
+        listed = ", ".join(f"{m['id']} (from {m.get('root') or m['id']})" for m in served)
+        raise SystemExit(f"--model {model}: the server at {self.url} serves {listed}, not this "
+                         "model; pass the path of the served model (its tokenizer is read there)")
 
 
 def _free_port() -> int:
@@ -159,7 +207,8 @@ def measured_sparsity(before: dict, after: dict, target: str) -> dict:
 def lm_eval_command(tasks: list[str], include_path: Path, served_name: str, base_url: str,
                     tokenizer: str, out: Path, limit: int | None, num_concurrent: int = 2,
                     batch_size: int = 4) -> list[str]:
-    """lm-eval's own CLI, scoring ``tasks`` against a ``/v1/completions`` endpoint.
+    """lm-eval's own CLI, scoring ``tasks`` (lm-eval task or group names) against a
+    ``/v1/completions`` endpoint.
 
     ``tokenized_requests=True`` with ``add_bos_token=True``: lm-eval tokenizes with the model's
     tokenizer, prepends ``<bos>`` (Gemma needs it) and sends token ids, so the context length it
@@ -170,7 +219,7 @@ def lm_eval_command(tasks: list[str], include_path: Path, served_name: str, base
                   f"tokenizer_backend=huggingface,tokenized_requests=True,add_bos_token=True,"
                   f"num_concurrent={num_concurrent},max_retries=3,timeout=600")
     cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions",
-           "--model_args", model_args, "--tasks", ",".join(convert.lm_eval_name(t) for t in tasks),
+           "--model_args", model_args, "--tasks", ",".join(tasks),
            "--include_path", str(include_path), "--batch_size", str(batch_size),
            "--output_path", str(out), "--log_samples"]
     return cmd + (["--limit", str(limit)] if limit else [])
@@ -187,7 +236,7 @@ def lm_eval_env(api_key: str | None) -> dict:
 
 
 def run_point(server: Server, cfg: SweepConfig, p: float, out: Path, include_path: Path,
-              served_name: str, set_p=None) -> dict:
+              served_name: str, lm_tasks: list[str], set_p=None) -> dict:
     """Score every task at one p and record the sparsity measured for those requests.
 
     ``set_p(server, p, target) -> state`` defaults to ``Server.set``; tests replace it to play a
@@ -198,7 +247,7 @@ def run_point(server: Server, cfg: SweepConfig, p: float, out: Path, include_pat
     pdir.mkdir(parents=True)
     state = (set_p or Server.set)(server, p, cfg.target)
     before = server.state()
-    cmd = lm_eval_command(cfg.tasks, include_path, served_name, server.url, cfg.model,
+    cmd = lm_eval_command(lm_tasks, include_path, served_name, server.url, cfg.model,
                           pdir / "lm_eval", cfg.limit)
     t0 = time.monotonic()
     with (pdir / "lm_eval.log").open("w") as log:
@@ -215,33 +264,87 @@ def run_point(server: Server, cfg: SweepConfig, p: float, out: Path, include_pat
     return point
 
 
+def prepare_tasks(cfg: SweepConfig, out: Path) -> tuple[list[registry.TaskSpec], Path]:
+    """Resolve the tasks (``registry.resolve``: fails at once on a wrong one) and lay out
+    ``<out>/tasks/``, the folder lm-eval is given: the built-in tasks' YAMLs (their data stay in
+    the cache) and a copy of ``--include-path`` under ``user/``. Writes ``<out>/tasks.json``."""
+    specs = registry.resolve(cfg.tasks, cfg.include_path)
+    if cfg.include_path and out.is_relative_to(Path(cfg.include_path).resolve()):
+        raise SystemExit(f"--out {out} lies inside --include-path {cfg.include_path}, whose copy "
+                         "goes into it; put it elsewhere")
+    folder = out / "tasks"
+    shutil.rmtree(folder, ignore_errors=True)  # follows the current definitions
+    convert.build_tasks([s.name for s in specs if s.name in convert.TASKS], yaml_dir=folder)
+    if cfg.include_path:
+        shutil.copytree(cfg.include_path, folder / "user")
+    (out / "tasks.json").write_text(json.dumps([s.to_json() for s in specs], indent=1) + "\n")
+    return specs, folder
+
+
+def _stored_config(cfg_file: Path) -> dict:
+    """sweep.json as written, with the fields added since it was written at their defaults."""
+    defaults = asdict(SweepConfig("", [], [], "", None))
+    return {**{k: v for k, v in defaults.items() if k not in ("model", "tasks", "grid", "target",
+                                                               "limit")},
+            **json.loads(cfg_file.read_text())}
+
+
 def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | None = None,
           set_p=None) -> dict:
-    """Run (or resume) the sweep into ``out`` and write its results; returns results.json's dict."""
+    """Run (or resume) the sweep into ``out`` and write its results; returns results.json's dict.
+
+    Raises:
+        SystemExit: a user error (a task that cannot be scored, a folder holding another sweep, a
+            server that does not fit: see ``registry`` and ``Server``), in one sentence.
+    """
     from tqdm import tqdm
 
-    from vllm_sparsity.eval import results
+    from vllm_sparsity.eval import results, search
 
     out = out.resolve()  # lm-eval's file names are recorded relative to it
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "sweep.json"
-    if cfg_file.exists() and json.loads(cfg_file.read_text()) != asdict(cfg):
+    if cfg_file.exists() and _stored_config(cfg_file) != asdict(cfg):
         raise SystemExit(f"{out} holds a sweep with other settings ({cfg_file}); "
                          "use another --out, or delete it")
+    specs, include_path = prepare_tasks(cfg, out)
     cfg_file.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
-    include_path = convert.build_tasks(cfg.tasks)
-    todo = [p for p in cfg.grid if not (point_dir(out, p) / "point.json").exists()]
+    lm_tasks = [s.lm_eval for s in specs]
+    if cfg.search:  # search.json is written when the search ends
+        todo = not (out / "search.json").exists()
+    else:
+        todo = any(not (point_dir(out, p) / "point.json").exists() for p in cfg.grid)
     if todo:
         with served(cfg.model, out / "server.log", url, api_key) as server:
-            served_name, initial = server.served_model(), server.state()
+            served_name, initial = server.served_model(cfg.model), server.state()
+            bar = tqdm(total=None if cfg.search else len(cfg.grid), unit="p", file=sys.stderr,
+                       desc=f"{'search' if cfg.search else 'sweep'} {cfg.target}")
+
+            def measure(p: float) -> dict:
+                bar.set_postfix_str(f"p={p:g}")
+                if (point_dir(out, p) / "point.json").exists():
+                    point = json.loads((point_dir(out, p) / "point.json").read_text())
+                else:
+                    point = run_point(server, cfg, p, out, include_path, served_name, lm_tasks,
+                                      set_p)
+                bar.update()
+                bar.set_postfix_str(f"p={p:g} sparsity={point['sparsity']['overall']:.3f} "
+                                    f"{point['wall_s']:.0f}s")
+                return point
+
             try:
-                bar = tqdm(cfg.grid, desc=f"sweep {cfg.target}", unit="p", file=sys.stderr)
-                for p in bar:
-                    bar.set_postfix_str(f"p={p:g}")
-                    if p in todo:
-                        point = run_point(server, cfg, p, out, include_path, served_name, set_p)
-                        bar.set_postfix_str(f"p={p:g} sparsity={point['sparsity']['overall']:.3f}"
-                                            f" {point['wall_s']:.0f}s")
+                if cfg.search:
+                    def scored(p):
+                        point = measure(p)
+                        _, docs = results.load_point(point_dir(out, p), specs)
+                        return point["sparsity"]["overall"], docs
+
+                    trace = search.bisect(cfg.grid, scored, cfg.tol, cfg.max_points)
+                    (out / "search.json").write_text(json.dumps(trace, indent=1) + "\n")
+                else:
+                    for p in cfg.grid:
+                        measure(p)
             finally:  # an attached server goes back to its owner's settings
+                bar.close()
                 server.set(initial["p"], initial["target"])
     return results.build(out)

@@ -35,6 +35,7 @@ def main() -> None:
     from reference import HFTopP
 
     from vllm_sparsity.eval import convert
+    from vllm_sparsity.eval import registry
     from vllm_sparsity.eval.results import load_point
     from vllm_sparsity.eval.sweep import point_dir
 
@@ -54,7 +55,8 @@ def main() -> None:
         out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager,
                                       limit=cfg["limit"], log_samples=True)
         wall = time.monotonic() - t0
-        ours, ours_correct = load_point(point_dir(args.sweep, p), cfg["tasks"])
+        ours, ours_correct = load_point(point_dir(args.sweep, p),
+                                        [registry.builtin(t) for t in cfg["tasks"]])
         row = {"p": p, "hf_wall_s": round(wall, 1), "sweep_wall_s": ours["wall_s"],
                "hf_sparsity": (sum(z for z, _ in hf.counts.values())
                                / max(1, sum(t for _, t in hf.counts.values()))),

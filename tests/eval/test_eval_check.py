@@ -68,10 +68,13 @@ def test_a_critical_sparsity_where_no_point_passes_counts_as_zero(baseline):
     assert failures[0].startswith("critical sparsity 0.000")
 
 
-def test_reports_every_failed_criterion_and_incomparable_results(baseline):
+def test_reports_every_failed_criterion_and_refuses_incomparable_results(baseline):
     failures, _ = check.check(results({1.0: 1.0, 0.9: 0.95}, critical=0.1,
-                                      interval=(0.0, 0.1), limit=20), baseline)
-    assert [f.split(" ")[0] for f in failures] == ["not", "no", "critical"]
+                                      interval=(0.0, 0.1)), baseline)
+    assert [f.split(" ")[0] for f in failures] == ["no", "critical"]
+    with pytest.raises(ValueError, match="not comparable to the baseline: limit 20 where the "
+                                         "baseline has 40"):
+        check.check(results({1.0: 1.0, 0.98: 0.995}, limit=20), baseline)
     failures, _ = check.check(results({1.0: 1.0, 0.9: 0.8}), baseline, deployed_p=0.9)
     assert failures[0].startswith("accuracy at the deployed p=0.9 is 0.800")
 

