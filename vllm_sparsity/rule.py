@@ -30,10 +30,14 @@ Tensor parallelism: ``down_proj``'s input is sharded over K across TP ranks, and
 row's global mass. With ``all_reduce`` (an in-place sum across the ranks) each level's histogram is
 summed over the shards before it is read, so every rank finds the same threshold: that of the
 whole row, applied to its own shard (the paper's rule, not a per-shard one).
+
+The paper's other rules (Sec. 3 and App. A: top-k, max-p, L_q top-p) follow the top-p functions,
+on the same radix select with other weights per entry, and ``RULES`` names them all.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -72,8 +76,8 @@ def top_p_threshold(x: torch.Tensor, p: torch.Tensor | float,
     """
     _check_x(x)
     # Weights |x|; the first histogram's sum is the row's L1 mass (NaN exactly for rows with a NaN).
-    prefix, target = _radix_select(x, x.abs().to(torch.float64), lambda total: total * p,
-                                   all_reduce)
+    a = x.abs()
+    prefix, target = _radix_select(a, a.to(torch.float64), lambda total: total * p, all_reduce)
     return _threshold(x, prefix, target, p)
 
 
@@ -123,7 +127,10 @@ def _check_x(x: torch.Tensor) -> None:
         raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
 
 
-def _radix_select(x: torch.Tensor, weight: torch.Tensor,
+_SMALLEST_FLOAT64 = math.ulp(0.0)  # 2^-1074
+
+
+def _radix_select(a: torch.Tensor, weight: torch.Tensor,
                   target_of: Callable[[torch.Tensor], torch.Tensor],
                   all_reduce: Callable[[torch.Tensor], None] | None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +139,7 @@ def _radix_select(x: torch.Tensor, weight: torch.Tensor,
     any non-negative weight: |x| for top-p, |x|^q for lq, 1 for top-k).
 
     Args:
-        x: [M, K] (or this rank's shard), checked by ``_check_x``.
+        a: |x| [M, K] (or this rank's shard), x checked by ``_check_x``.
         weight: float64 [M, K], >= 0, NaN at NaN entries (so the row's total is NaN).
         target_of: the row totals [M, 1] (sum of weight, over all shards) -> float64 targets [M, 1].
         all_reduce: as ``top_p_threshold``.
@@ -142,28 +149,29 @@ def _radix_select(x: torch.Tensor, weight: torch.Tensor,
         the target (it exceeds the weight of the nonzero entries, or the row has no weight); a NaN
         target gives an arbitrary code (the caller keeps the row whole).
     """
-    int_dtype, bits_left, digits, _ = _CODE[x.dtype]
+    int_dtype, bits_left, digits, _ = _CODE[a.dtype]
     # The sign bit is clear after abs(), so the integer view is the (monotone) magnitude code.
-    code = x.abs().view(int_dtype).to(torch.int64)
+    code = a.view(int_dtype).to(torch.int64)
     prefix = torch.zeros_like(code[:, :1])  # the threshold's code bits found so far
-    above = torch.zeros(x.shape[0], 1, dtype=torch.float64, device=x.device)  # weight above prefix
+    above = torch.zeros(a.shape[0], 1, dtype=torch.float64, device=a.device)  # weight above prefix
     target = None
     for level, bits in enumerate(digits):
         bits_left -= bits
         digit = (code >> bits_left) & ((1 << bits) - 1)
         in_bin = weight if level == 0 else torch.where(
             (code >> (bits_left + bits)) == prefix, weight, 0.0)
-        hist = torch.zeros(x.shape[0], 1 << bits, dtype=torch.float64, device=x.device)
+        hist = torch.zeros(a.shape[0], 1 << bits, dtype=torch.float64, device=a.device)
         hist.scatter_add_(1, digit, in_bin)
         if all_reduce is not None:  # weights of the whole rows: every rank takes the same digit
             all_reduce(hist)
         if target is None:  # the first histogram holds the whole row: its sum is the total
-            target = target_of(hist.sum(dim=-1, keepdim=True))
+            # At least the smallest positive float64: a target of 0 (p * total underflowed) is
+            # reached at the largest weighted entry, as by the sort rule's first index, not
+            # above it (which would keep nothing). NaN stays NaN.
+            target = target_of(hist.sum(dim=-1, keepdim=True)).clamp(min=_SMALLEST_FLOAT64)
         # W(digit >= d) for every d; the largest d whose weight reaches the target is the digit.
-        # W > 0 too: a target of 0 (p * total underflowed) is reached at the largest weighted entry,
-        # as by the sort rule's first index, not above it (which would keep nothing).
         reach = hist.flip(-1).cumsum(-1).flip(-1) + above
-        d = (((reach >= target) & (reach > 0)).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
+        d = ((reach >= target).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
         last = (1 << bits) - 1
         above = torch.where(d < last, reach.gather(1, (d + 1).clamp(max=last)), above)
         prefix = (prefix << bits) | d
@@ -187,10 +195,9 @@ def _threshold(x: torch.Tensor, code: torch.Tensor, target: torch.Tensor,
     return torch.where(target.isnan(), torch.full_like(t, float("nan")), t)
 
 
-def _counts(x: torch.Tensor) -> torch.Tensor:
-    """float64 [M, K]: weight 1 per entry (zeros included), NaN at NaN entries."""
-    a = x.abs().to(torch.float64)
-    return torch.where(a.isnan(), a, 1.0)
+def _counts(a: torch.Tensor) -> torch.Tensor:
+    """float64 [M, K] from |x|: weight 1 per entry (zeros included), NaN at NaN entries."""
+    return torch.where(a.isnan(), a.to(torch.float64), 1.0)
 
 
 def top_k_threshold(x: torch.Tensor, p: torch.Tensor | float,
@@ -223,7 +230,8 @@ def top_k_threshold(x: torch.Tensor, p: torch.Tensor | float,
     def k_of(total):  # nearest integer to p * K, halves up, at least 1
         return (total * p + 0.5).floor().clamp(min=1)
 
-    code, target = _radix_select(x, _counts(x), k_of, all_reduce)
+    a = x.abs()
+    code, target = _radix_select(a, _counts(a), k_of, all_reduce)
     return _threshold(x, code, target, p)
 
 
@@ -253,11 +261,12 @@ def max_p_threshold(x: torch.Tensor, p: torch.Tensor | float,
     """
     _check_x(x)
     int_dtype, _, _, inf_code = _CODE[x.dtype]
+    a = x.abs()
     if all_reduce is None:
-        top = x.abs().amax(dim=-1, keepdim=True).to(torch.float64)  # NaN for a row with a NaN
+        top = a.amax(dim=-1, keepdim=True).to(torch.float64)  # NaN for a row with a NaN
     else:
         # Target: one entry (total * 0 + 1 keeps a NaN row's NaN; counts are never infinite).
-        code, target = _radix_select(x, _counts(x), lambda total: total * 0 + 1, all_reduce)
+        code, target = _radix_select(a, _counts(a), lambda total: total * 0 + 1, all_reduce)
         top = code.to(int_dtype).view(x.dtype).to(torch.float64)
         top = torch.where(target.isnan(), target, top)
     bound = top * torch.as_tensor(p, dtype=torch.float64, device=x.device).clamp(max=1.0)
@@ -297,8 +306,9 @@ def lq_threshold(x: torch.Tensor, p: torch.Tensor | float,
     _check_x(x)
     if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q < float("inf"):
         raise ValueError(f"q must be a finite number > 0 (the L_q exponent), got {q!r}")
-    weight = x.abs().to(torch.float64).pow(float(q))
-    code, target = _radix_select(x, weight, lambda total: total * p, all_reduce)
+    a = x.abs()
+    code, target = _radix_select(a, a.to(torch.float64).pow(float(q)), lambda total: total * p,
+                                 all_reduce)
     return _threshold(x, code, target, p)
 
 
