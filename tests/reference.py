@@ -11,6 +11,7 @@ kept, a row holding a NaN is kept whole, ``p >= 1`` keeps every nonzero entry.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -99,3 +100,65 @@ class HFTopP:
                 return tokens
             out = self.model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values,
                              use_cache=True)
+
+
+# --- The paper's other rules (Sec. 3 and App. A), one row at a time after a sort. ---------------
+# Same edge cases as the rule module: zeros never kept, a row holding a NaN kept whole.
+
+
+def _rows(x: torch.Tensor) -> list[list[float]]:
+    return x.reshape(-1, x.shape[-1]).double().tolist()
+
+
+def _as_mask(rows: list[list[bool]], x: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.bool).reshape(x.shape)
+
+
+def sort_top_k_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Top-k on x [..., K]: k = p * K rounded to the nearest integer (halves up), at least 1; keep
+    every nonzero with |x| >= the k-th largest |x| (ties kept together)."""
+    out = []
+    for row in _rows(x):
+        if any(math.isnan(v) for v in row):
+            out.append([True] * len(row))
+            continue
+        mags = sorted((abs(v) for v in row), reverse=True)
+        k = max(1, math.floor(p * len(row) + 0.5))
+        threshold = 0.0 if p >= 1.0 else mags[min(k, len(mags)) - 1]
+        out.append([v != 0 and abs(v) >= threshold for v in row])
+    return _as_mask(out, x)
+
+
+def sort_max_p_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Max-p on x [..., K]: keep every nonzero with |x| >= min(p, 1) * max|x| (float64 product)."""
+    out = []
+    for row in _rows(x):
+        if any(math.isnan(v) for v in row):
+            out.append([True] * len(row))
+            continue
+        top = max(abs(v) for v in row)
+        out.append([v != 0 and abs(v) >= min(p, 1.0) * top for v in row])
+    return _as_mask(out, x)
+
+
+def sort_lq_mask(x: torch.Tensor, p: float, q: float) -> torch.Tensor:
+    """L_q top-p on x [..., K]: sort |x| descending, float64 cumulative sum of |x|^q, first index
+    where it reaches p * sum |x|^q, keep every nonzero with |x| >= the value there. A row whose
+    every |x|^q underflows to 0 (no mass to rank by) keeps every nonzero, as the rule module says.
+
+    |x|^q comes from ``torch.pow`` on the whole float64 tensor, as in the rule, so that both sum
+    the same float64 weights (a vectorised pow may differ from Python's ``**`` in the last bit)."""
+    weights = x.abs().double().pow(q).reshape(-1, x.shape[-1]).tolist()
+    out = []
+    for row, w in zip(_rows(x), weights):
+        if any(math.isnan(v) for v in row):
+            out.append([True] * len(row))
+            continue
+        order = sorted(range(len(row)), key=lambda j: abs(row[j]), reverse=True)
+        cumsum = list(itertools.accumulate(w[j] for j in order))  # float64, as the paper's
+        threshold = 0.0  # p >= 1: every nonzero
+        if p < 1.0:
+            reached = [c >= p * cumsum[-1] for c in cumsum]
+            threshold = abs(row[order[reached.index(True)]]) if cumsum[-1] > 0 else 0.0
+        out.append([v != 0 and abs(v) >= threshold for v in row])
+    return _as_mask(out, x)

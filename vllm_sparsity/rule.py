@@ -30,10 +30,14 @@ Tensor parallelism: ``down_proj``'s input is sharded over K across TP ranks, and
 row's global mass. With ``all_reduce`` (an in-place sum across the ranks) each level's histogram is
 summed over the shards before it is read, so every rank finds the same threshold: that of the
 whole row, applied to its own shard (the paper's rule, not a per-shard one).
+
+The paper's other rules (Sec. 3 and App. A: top-k, max-p, L_q top-p) follow the top-p functions,
+on the same radix select with other weights per entry, and ``RULES`` names them all.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -81,45 +85,11 @@ def top_p_threshold(x: torch.Tensor, p: torch.Tensor | float,
     Raises:
         ValueError: x is not 2-D or its dtype is not bf16, fp16 or fp32.
     """
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [num_tokens, dim], got shape {tuple(x.shape)}")
-    if x.dtype not in _CODE:
-        raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
-    int_dtype, bits_left, digits, inf_code = _CODE[x.dtype]
+    _check_x(x)
+    # Weights |x|; the first histogram's sum is the row's L1 mass (NaN exactly for rows with a NaN).
     a = x.abs()
-    # The sign bit is clear after abs(), so the integer view is the (monotone) magnitude code.
-    code = a.view(int_dtype).to(torch.int64)
-    a64 = a.to(torch.float64)
-    prefix = torch.zeros_like(code[:, :1])  # the threshold's code bits found so far
-    above = torch.zeros(x.shape[0], 1, dtype=torch.float64, device=x.device)  # mass above prefix
-    target = None
-    for level, bits in enumerate(digits):
-        bits_left -= bits
-        digit = (code >> bits_left) & ((1 << bits) - 1)
-        in_bin = a64 if level == 0 else torch.where(
-            (code >> (bits_left + bits)) == prefix, a64, 0.0)
-        hist = torch.zeros(x.shape[0], 1 << bits, dtype=torch.float64, device=x.device)
-        hist.scatter_add_(1, digit, in_bin)
-        if all_reduce is not None:  # masses of the whole rows: every rank takes the same digit
-            all_reduce(hist)
-        if target is None:  # the first histogram holds the whole row: its sum is the total
-            target = hist.sum(dim=-1, keepdim=True) * p  # NaN exactly for rows holding a NaN
-        # mass(digit >= d) for every d; the largest d whose mass reaches the target is the digit.
-        reach = hist.flip(-1).cumsum(-1).flip(-1) + above
-        d = ((reach >= target).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
-        last = (1 << bits) - 1
-        above = torch.where(d < last, reach.gather(1, (d + 1).clamp(max=last)), above)
-        prefix = (prefix << bits) | d
-    # Code 1 is the smallest positive magnitude: keep every nonzero (p >= 1, or a row whose float64
-    # total absorbed tiny entries). An all-zero row (target 0) searches up to the top code, a NaN
-    # pattern: +Inf instead keeps nothing, as zeros are never kept.
-    prefix = prefix.clamp(min=1, max=inf_code)
-    # float64: a float p just below 1 would round up to 1 in float32 (torch's default dtype).
-    prefix = torch.where(torch.as_tensor(p, dtype=torch.float64, device=x.device) >= 1.0, 1, prefix)
-    # Back to a value ([M, 1] only): the full-size comparison then stays in floating point, which
-    # compilers vectorise (an integer bitcast of the whole block is several times slower on CPU).
-    t = prefix.to(int_dtype).view(x.dtype)
-    return torch.where(target.isnan(), torch.full_like(t, float("nan")), t)
+    prefix, target = _radix_select(a, a.to(torch.float64), lambda total: total * p, all_reduce)
+    return _threshold(x, prefix, target, p)
 
 
 def top_p_mask(x: torch.Tensor, p: torch.Tensor | float,
@@ -151,3 +121,214 @@ def top_p_sparsify(x: torch.Tensor, p: torch.Tensor | float,
     """
     mask = top_p_mask(x, p, all_reduce)
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)), mask.sum(dim=-1)
+
+
+# --- The paper's other rules (Sec. 3 and App. A), on one radix select shared with top-p. ---
+#
+# Every rule below returns a threshold t [M, 1] with top_p_threshold's contract: entry kept iff
+# |x| >= t, t NaN keeps the row whole (a NaN in the row, in any shard under ``all_reduce``),
+# t > 0 so zeros are never kept. ``all_reduce`` is the same in-place sum hook, called once per
+# radix level with a float64 histogram (2 calls for bf16/fp16, 4 for fp32, same shapes as top-p).
+
+
+def _check_x(x: torch.Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [num_tokens, dim], got shape {tuple(x.shape)}")
+    if x.dtype not in _CODE:
+        raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
+
+
+_SMALLEST_FLOAT64 = math.ulp(0.0)  # 2^-1074
+
+
+def _radix_select(a: torch.Tensor, weight: torch.Tensor,
+                  target_of: Callable[[torch.Tensor], torch.Tensor],
+                  all_reduce: Callable[[torch.Tensor], None] | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the largest magnitude code c with ``W(c) >= target``, where ``W(c)`` is the sum of
+    ``weight`` over the entries whose magnitude code is >= c (the module doc's radix select, with
+    any non-negative weight: |x| for top-p, |x|^q for lq, 1 for top-k).
+
+    Args:
+        a: |x| [M, K] (or this rank's shard), x checked by ``_check_x``.
+        weight: float64 [M, K], >= 0, NaN at NaN entries (so the row's total is NaN).
+        target_of: the row totals [M, 1] (sum of weight, over all shards) -> float64 targets [M, 1].
+        all_reduce: as ``top_p_threshold``.
+
+    Returns:
+        (code int64 [M, 1], target float64 [M, 1]). The code is 0 when no positive weight reaches
+        the target (it exceeds the weight of the nonzero entries, or the row has no weight); a NaN
+        target gives an arbitrary code (the caller keeps the row whole).
+    """
+    int_dtype, bits_left, digits, _ = _CODE[a.dtype]
+    # The sign bit is clear after abs(), so the integer view is the (monotone) magnitude code.
+    code = a.view(int_dtype).to(torch.int64)
+    prefix = torch.zeros_like(code[:, :1])  # the threshold's code bits found so far
+    above = torch.zeros(a.shape[0], 1, dtype=torch.float64, device=a.device)  # weight above prefix
+    target = None
+    for level, bits in enumerate(digits):
+        bits_left -= bits
+        digit = (code >> bits_left) & ((1 << bits) - 1)
+        in_bin = weight if level == 0 else torch.where(
+            (code >> (bits_left + bits)) == prefix, weight, 0.0)
+        hist = torch.zeros(a.shape[0], 1 << bits, dtype=torch.float64, device=a.device)
+        hist.scatter_add_(1, digit, in_bin)
+        if all_reduce is not None:  # weights of the whole rows: every rank takes the same digit
+            all_reduce(hist)
+        if target is None:  # the first histogram holds the whole row: its sum is the total
+            # At least the smallest positive float64: a target of 0 (p * total underflowed) is
+            # reached at the largest weighted entry, as by the sort rule's first index, not
+            # above it (which would keep nothing). NaN stays NaN.
+            target = target_of(hist.sum(dim=-1, keepdim=True)).clamp(min=_SMALLEST_FLOAT64)
+        # W(digit >= d) for every d; the largest d whose weight reaches the target is the digit.
+        reach = hist.flip(-1).cumsum(-1).flip(-1) + above
+        d = ((reach >= target).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
+        last = (1 << bits) - 1
+        above = torch.where(d < last, reach.gather(1, (d + 1).clamp(max=last)), above)
+        prefix = (prefix << bits) | d
+    return prefix, target
+
+
+def _threshold(x: torch.Tensor, code: torch.Tensor, target: torch.Tensor,
+               p: torch.Tensor | float) -> torch.Tensor:
+    """Threshold value [M, 1] in x's dtype from a radix-selected code: at least the smallest
+    positive magnitude, at most +Inf; every nonzero for ``p >= 1``; NaN where the target is NaN."""
+    int_dtype, _, _, inf_code = _CODE[x.dtype]
+    # Code 1 is the smallest positive magnitude: keep every nonzero (p >= 1, a row whose float64
+    # total absorbed tiny entries, a row without weight: an all-zero one keeps nothing, as zeros
+    # are never kept). The top clamp only bounds the arbitrary code of a NaN row.
+    code = code.clamp(min=1, max=inf_code)
+    # float64: a float p just below 1 would round up to 1 in float32 (torch's default dtype).
+    code = torch.where(torch.as_tensor(p, dtype=torch.float64, device=x.device) >= 1.0, 1, code)
+    # Back to a value ([M, 1] only): the full-size comparison then stays in floating point, which
+    # compilers vectorise (an integer bitcast of the whole block is several times slower on CPU).
+    t = code.to(int_dtype).view(x.dtype)
+    return torch.where(target.isnan(), torch.full_like(t, float("nan")), t)
+
+
+def _counts(a: torch.Tensor) -> torch.Tensor:
+    """float64 [M, K] from |x|: weight 1 per entry (zeros included), NaN at NaN entries."""
+    return torch.where(a.isnan(), a.to(torch.float64), 1.0)
+
+
+def top_k_threshold(x: torch.Tensor, p: torch.Tensor | float,
+                    all_reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Per-row magnitude threshold of the top-k rule (paper Sec. 3 and App. A): keep the k largest
+    |x| of each row, with ``k = max(1, floor(p * K + 0.5))``, i.e. p * K rounded to the nearest
+    integer, halves up, in float64 (K the whole row's length, summed over the shards under
+    ``all_reduce``). Nearest, not ceil: a decimal p carries float noise (0.07 * 100 is
+    7.000000000000001 in float64, whose ceil would keep 8).
+
+    Ties at the k-th largest magnitude are kept together (so possibly more than k); zeros are never
+    kept (so possibly fewer: a row with fewer than k nonzeros keeps all of them). ``p >= 1`` keeps
+    every nonzero. ±Inf is the largest magnitude: kept first and counted as one entry like any
+    other. A row holding a NaN is kept whole (t NaN).
+
+    Args:
+        x: as ``top_p_threshold``.
+        p: kept fraction of K, in (0, 1]; a float or a float64 tensor [1].
+        all_reduce: as ``top_p_threshold``: the histograms are per-row entry counts, summed over
+            the ranks (float64, exact below 2^53 entries).
+
+    Returns:
+        t [M, 1], dtype of x, with ``top_p_threshold``'s contract.
+
+    Raises:
+        ValueError: x is not 2-D or its dtype is not bf16, fp16 or fp32.
+    """
+    _check_x(x)
+    # The first histogram counts every entry of the whole row: its total is K (NaN with a NaN).
+    def k_of(total):  # nearest integer to p * K, halves up, at least 1
+        return (total * p + 0.5).floor().clamp(min=1)
+
+    a = x.abs()
+    code, target = _radix_select(a, _counts(a), k_of, all_reduce)
+    return _threshold(x, code, target, p)
+
+
+def max_p_threshold(x: torch.Tensor, p: torch.Tensor | float,
+                    all_reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Per-row magnitude threshold of the max-p rule (paper Sec. 3 and App. A): keep
+    ``|x| >= p * max|x|``, the product taken in float64 (t is the smallest value of x's dtype at
+    least that), so the largest entry is always kept.
+
+    ``p >= 1`` (p is capped at 1) keeps only the entries equal to the max: that is the rule, unlike
+    top-p it does not keep every nonzero. An all-zero row keeps nothing; a row holding ±Inf keeps
+    only its infinite entries (p * Inf = Inf); a row holding a NaN is kept whole (t NaN).
+
+    Args:
+        x: as ``top_p_threshold``.
+        p: fraction of the row's largest magnitude, in (0, 1]; a float or a float64 tensor [1].
+        all_reduce: as ``top_p_threshold``. The hook only sums, so the global max is found as a
+            radix select over per-row entry counts (the largest code with at least one entry at or
+            above it; the histograms, not the max, are summed over the ranks): same calls and
+            shapes as top-p. Without it the max is a plain ``amax``.
+
+    Returns:
+        t [M, 1], dtype of x, with ``top_p_threshold``'s contract.
+
+    Raises:
+        ValueError: x is not 2-D or its dtype is not bf16, fp16 or fp32.
+    """
+    _check_x(x)
+    int_dtype, _, _, inf_code = _CODE[x.dtype]
+    a = x.abs()
+    if all_reduce is None:
+        top = a.amax(dim=-1, keepdim=True).to(torch.float64)  # NaN for a row with a NaN
+    else:
+        # Target: one entry (total * 0 + 1 keeps a NaN row's NaN; counts are never infinite).
+        code, target = _radix_select(a, _counts(a), lambda total: total * 0 + 1, all_reduce)
+        top = code.to(int_dtype).view(x.dtype).to(torch.float64)
+        top = torch.where(target.isnan(), target, top)
+    bound = top * torch.as_tensor(p, dtype=torch.float64, device=x.device).clamp(max=1.0)
+    t = bound.to(x.dtype)  # rounded to nearest: step one code up where that fell below the bound
+    code = t.view(int_dtype).to(torch.int64) + (t.to(torch.float64) < bound).to(torch.int64)
+    t = code.clamp(min=1, max=inf_code).to(int_dtype).view(x.dtype)  # zeros never kept
+    return torch.where(bound.isnan(), torch.full_like(t, float("nan")), t)
+
+
+def lq_threshold(x: torch.Tensor, p: torch.Tensor | float,
+                 all_reduce: Callable[[torch.Tensor], None] | None = None, *,
+                 q: float) -> torch.Tensor:
+    """Per-row magnitude threshold of the generalised L_q top-p rule (paper Sec. 3 and App. A):
+    keep the smallest set of largest |x| whose sum of |x|^q reaches ``p * sum |x|^q``, q > 0.
+    ``q = 1`` is top-p, bit for bit (``top_p_threshold``); larger q favours the largest entries.
+
+    |x|^q and the masses are float64 (``torch.pow``), so the kept set is the sort rule's whenever
+    those sums are exact, as for top-p. Edge cases as top-p: zeros never kept, ``p >= 1`` keeps
+    every nonzero, ties kept together, a NaN row kept whole, ±Inf carries all of a row's mass
+    (only the infinite entries are kept). Float64 range: an |x|^q that overflows (fp32 |x| = 1e38
+    with q > 8.1) counts as Inf, so only the largest magnitude (and its ties) is kept; a row whose
+    every |x|^q underflows to 0 has nothing to rank by and keeps every nonzero.
+
+    Args:
+        x: as ``top_p_threshold``.
+        p: share of each row's L_q mass (sum of |x|^q) to keep, in (0, 1]; float or float64 [1].
+        all_reduce: as ``top_p_threshold`` (histograms of |x|^q).
+        q: the exponent, a finite float > 0 (keyword only; a constant of a compiled graph).
+
+    Returns:
+        t [M, 1], dtype of x, with ``top_p_threshold``'s contract.
+
+    Raises:
+        ValueError: x is not 2-D or its dtype is not bf16, fp16 or fp32; q is not a finite number
+            > 0.
+    """
+    _check_x(x)
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q < float("inf"):
+        raise ValueError(f"q must be a finite number > 0 (the L_q exponent), got {q!r}")
+    a = x.abs()
+    code, target = _radix_select(a, a.to(torch.float64).pow(float(q)), lambda total: total * p,
+                                 all_reduce)
+    return _threshold(x, code, target, p)
+
+
+# Rule name -> threshold function ``(x, p, all_reduce=None) -> t [M, 1]`` (the names of
+# ``--sparsity-rule``). "lq" also takes its exponent as the keyword ``q``: bind it with
+# ``functools.partial(RULES["lq"], q=Q)``.
+RULES: dict[str, Callable[..., torch.Tensor]] = {
+    "top-p": top_p_threshold,
+    "top-k": top_k_threshold,
+    "max-p": max_p_threshold,
+    "lq": lq_threshold,
+}

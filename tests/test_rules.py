@@ -1,0 +1,329 @@
+"""The paper's other rules (top-k, max-p, L_q top-p) against naive sort-based references
+(tests/reference.py), on whole rows, edge rows, K-sharded rows (TP) and under torch.compile."""
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from gloo_ranks import run_ranks
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reference import paper_top_p_mask, sort_lq_mask, sort_max_p_mask, sort_top_k_mask
+from vllm_sparsity.rule import (RULES, lq_threshold, max_p_threshold, top_k_threshold,
+                                top_p_threshold)
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+NAN, INF = float("nan"), float("inf")
+
+# Rule name -> (threshold function, reference mask function), both taking (x, p).
+CASES = {
+    "top-p": (top_p_threshold, paper_top_p_mask),
+    "top-k": (top_k_threshold, sort_top_k_mask),
+    "max-p": (max_p_threshold, sort_max_p_mask),
+    "lq q=2": (functools.partial(lq_threshold, q=2.0), functools.partial(sort_lq_mask, q=2.0)),
+    "lq q=0.5": (functools.partial(lq_threshold, q=0.5), functools.partial(sort_lq_mask, q=0.5)),
+    "lq q=3.7": (functools.partial(lq_threshold, q=3.7), functools.partial(sort_lq_mask, q=3.7)),
+}
+
+
+def _mask(x, t):
+    """The threshold contract: keep |x| >= t, the whole row where t is NaN."""
+    return (x.abs() >= t) | t.isnan()
+
+
+def _activations(m, k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g).mul(4).exp()
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 640), (7, 333), (64, 2048)])
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("rule", list(CASES))
+def test_rule_equals_sort_reference(rule, dtype, shape, p):
+    threshold, reference = CASES[rule]
+    x = _activations(*shape, dtype)
+    t = threshold(x, p)
+    assert t.shape == (shape[0], 1) and t.dtype == dtype
+    mask = _mask(x, t)
+    assert torch.equal(mask, reference(x, p))
+    if p < 1.0 or rule == "max-p":
+        assert 0 < mask.sum() < x.numel()  # the rule did something
+
+
+def test_target_underflowing_to_zero_keeps_the_largest_entry():
+    # p * total rounds to 0 in float64: the sort rule's first index still keeps the largest entry.
+    x = torch.tensor([[1e-40, 3e-40, 0.0]], dtype=torch.float32)
+    for rule in ("top-p", "lq q=2"):
+        threshold, reference = CASES[rule]
+        assert _mask(x, threshold(x, 5e-324)).tolist() == [[False, True, False]], rule
+        assert torch.equal(_mask(x, threshold(x, 5e-324)), reference(x, 5e-324)), rule
+
+
+def test_registry_names_every_rule():
+    assert RULES == {"top-p": top_p_threshold, "top-k": top_k_threshold,
+                     "max-p": max_p_threshold, "lq": lq_threshold}
+    x = _activations(3, 65, torch.bfloat16)
+    assert torch.equal(RULES["lq"](x, 0.7, q=2.0), lq_threshold(x, 0.7, q=2.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_p_as_tensor_equals_p_as_float(dtype):
+    x = _activations(8, 257, dtype)
+    p = torch.tensor([0.7], dtype=torch.float64)
+    for rule, (threshold, _) in CASES.items():
+        assert torch.equal(threshold(x, p), threshold(x, 0.7)), rule
+
+
+# --- top-k: how k is rounded -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("k_dim", "p", "k"), [
+    (100, 0.07, 7),   # 0.07 * 100 is 7.000000000000001 in float64: ceil would give 8
+    (100, 0.29, 29),  # 28.999999999999996: floor would give 28
+    (10, 0.25, 3),    # 2.5: halves round up
+    (10, 0.24, 2),    # 2.4
+    (333, 0.001, 1),  # 0.333: at least 1
+    (333, 1.0, 333),
+])
+def test_top_k_keeps_p_times_k_rounded_to_nearest(k_dim, p, k):
+    x = torch.randperm(k_dim).add(1).to(torch.float32).unsqueeze(0)  # distinct magnitudes 1..K
+    x[0, ::2] *= -1
+    mask = _mask(x, top_k_threshold(x, p))
+    assert mask.sum().item() == k
+    assert torch.equal(mask, x.abs() > k_dim - k)  # the k largest
+
+
+def test_top_k_ties_zeros_and_p_one():
+    x = torch.tensor([[5.0, 3.0, -3.0, 3.0, 1.0, 0.0],    # k = 2: the three 3s tie with the 2nd
+                      [0.0, 0.0, -2.0, 0.0, 0.0, 0.0],    # k = 2, one nonzero: kept alone
+                      [0.0] * 6],                          # all zero: nothing
+                     dtype=torch.bfloat16)
+    assert _mask(x, top_k_threshold(x, 2 / 6)).tolist() == [
+        [True, True, True, True, False, False], [False, False, True, False, False, False],
+        [False] * 6]
+    assert _mask(x, top_k_threshold(x, 1.0)).tolist() == (x != 0).tolist()  # every nonzero
+
+
+# --- max-p -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_p_bound_is_p_times_max_in_float64(dtype):
+    # 0.07 * 100 is 7.000000000000001 in float64: an entry equal to 7 falls below the bound, and
+    # the next value of the dtype above 7 is kept.
+    ints = torch.int16 if dtype.itemsize == 2 else torch.int32
+    above = (torch.tensor(7.0, dtype=dtype).view(ints) + 1).view(dtype).item()
+    x = torch.tensor([[100.0, 7.0, -above, 2.0, 0.0]], dtype=dtype)
+    assert _mask(x, max_p_threshold(x, 0.07)).tolist() == [[True, False, True, False, False]]
+    assert _mask(x, max_p_threshold(x, 0.01)).tolist() == [[True, True, True, True, False]]
+    assert torch.equal(_mask(x, max_p_threshold(x, 0.07)), sort_max_p_mask(x, 0.07))
+
+
+def test_max_p_at_one_keeps_only_the_max():
+    x = torch.tensor([[2.0, -7.0, 7.0, 6.99], [1e-3, 0.0, 0.0, 0.0]], dtype=torch.float32)
+    for p in (1.0, 1.5):  # p is capped at 1
+        assert _mask(x, max_p_threshold(x, p)).tolist() == [[False, True, True, False],
+                                                             [True, False, False, False]]
+
+
+# --- lq ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lq_with_q_one_is_top_p_bit_for_bit(dtype):
+    x = _activations(16, 333, dtype, seed=3)
+    x[1] = 0.0
+    x[2, 7] = NAN
+    x[3, 9] = -INF
+    x[4, 11] = 1e4
+    for p in (0.1, 0.5, 0.9, 0.999, 1.0):
+        t_lq, t_top_p = lq_threshold(x, p, q=1.0), top_p_threshold(x, p)
+        assert torch.equal(t_lq.view(torch.uint8), t_top_p.view(torch.uint8))  # NaNs included
+        assert torch.equal(_mask(x, t_lq), paper_top_p_mask(x, p))
+
+
+def test_lq_larger_q_keeps_fewer():
+    x = _activations(32, 1024, torch.bfloat16, seed=4)
+    kept = [_mask(x, lq_threshold(x, 0.8, q=q)).sum().item() for q in (0.5, 1.0, 2.0, 4.0)]
+    assert kept == sorted(kept, reverse=True) and kept[0] > kept[-1]
+
+
+def test_lq_float64_range_edges():
+    # fp32: 1e38^9 overflows float64 (counts as Inf: only the max kept); 1e-40^9 underflows to 0
+    # for every entry (nothing to rank by: every nonzero kept).
+    x = torch.tensor([[1e38, -2e37, 1.0], [1e-40, 2e-40, 0.0]], dtype=torch.float32)
+    assert _mask(x, lq_threshold(x, 0.5, q=9.0)).tolist() == [[True, False, False],
+                                                              [True, True, False]]
+    assert _mask(x, lq_threshold(x, 1.0, q=9.0)).tolist() == (x != 0).tolist()
+    assert torch.equal(_mask(x, lq_threshold(x, 0.5, q=9.0)), sort_lq_mask(x, 0.5, 9.0))
+
+
+@pytest.mark.parametrize("q", [0, -1.0, INF, NAN, "2", True, None])
+def test_lq_bad_q_raises(q):
+    with pytest.raises(ValueError, match="q must be a finite number > 0"):
+        lq_threshold(torch.ones(1, 4), 0.5, q=q)
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("bad", [torch.zeros(2, 3, 4), torch.zeros(4, dtype=torch.bfloat16),
+                                 torch.zeros(2, 3, dtype=torch.int32)])
+def test_bad_input_raises(rule, bad):
+    with pytest.raises(ValueError, match="x must be"):
+        RULES[rule](bad, 0.5, **({"q": 2.0} if rule == "lq" else {}))
+
+
+# --- Edge rows, every rule ----------------------------------------------------------------------
+
+EDGE_ROWS = [
+    [0.0] * 6,                              # all zero: nothing kept
+    [1.0, NAN, -3.0, 0.0, 2.0, 5.0],        # NaN: kept whole
+    [1.0, INF, -3.0, -INF, 2.0, 0.0],       # +-Inf
+    [4.0, 1.0, 1.0, -1.0, 1.0, 0.5],        # ties
+    [0.01, -0.02, 3000.0, 0.01, 0.0, 0.03],  # one outlier
+]
+# Per rule at p = 0.5, the kept set of each edge row, in the order above.
+EDGE_KEPT = {
+    "top-p": [[0] * 6, [1] * 6, [0, 1, 0, 1, 0, 0],   # Inf carries the whole mass
+              [1, 1, 1, 1, 1, 0],                      # 4 + 1 reaches 0.5 * 8.5: ties with 1
+              [0, 0, 1, 0, 0, 0]],
+    "top-k": [[0] * 6, [1] * 6, [0, 1, 1, 1, 0, 0],   # k = 3: both Infs, then -3
+              [1, 1, 1, 1, 1, 0],                      # k = 3: 4, then the four tied 1s
+              [0, 1, 1, 0, 0, 1]],                     # k = 3
+    "max-p": [[0] * 6, [1] * 6, [0, 1, 0, 1, 0, 0],    # 0.5 * Inf = Inf
+              [1, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]],
+    "lq q=2": [[0] * 6, [1] * 6, [0, 1, 0, 1, 0, 0],   # Inf carries the whole mass
+               [1, 0, 0, 0, 0, 0],                      # 16 >= 0.5 * 20.25
+               [0, 0, 1, 0, 0, 0]],
+    "lq q=0.5": [[0] * 6, [1] * 6, [0, 1, 0, 1, 0, 0],
+                 [1, 1, 1, 1, 1, 0],                    # 2 + 1 reaches 0.5 * 6.707: ties with 1
+                 [0, 0, 1, 0, 0, 0]],                   # sqrt(3000) = 54.8 of 55.3
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rule", list(EDGE_KEPT))
+def test_edge_rows(rule, dtype):
+    threshold, reference = CASES[rule]
+    x = torch.tensor(EDGE_ROWS, dtype=dtype)
+    mask = _mask(x, threshold(x, 0.5))
+    assert mask.int().tolist() == EDGE_KEPT[rule]
+    assert torch.equal(mask, reference(x, 0.5))
+    t = threshold(x, 0.5)
+    assert t[1].isnan() and (t[[0, 2, 3, 4]] > 0).all()  # NaN row whole; zeros never kept
+
+
+# --- Hypothesis: single rows with ties, zeros, tiny, huge and non-finite values ------------------
+
+_value = st.one_of(
+    st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, width=32),
+    st.sampled_from([0.0, 1.0, -1.0, 0.5, 2.0, -2.0]),       # zeros and ties
+    st.sampled_from([1e-40, -3e-8, 6e4, 3e38]),              # subnormal, fp16 edge and overflow
+    st.sampled_from([INF, -INF, NAN]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(values=st.lists(_value, min_size=1, max_size=150),
+       p=st.floats(min_value=0.0, max_value=1.0, exclude_min=True),
+       rule=st.sampled_from(list(CASES)), dtype=st.sampled_from(DTYPES))
+def test_rule_equals_reference_on_random_rows(values, p, rule, dtype):
+    threshold, reference = CASES[rule]
+    x = torch.tensor([values], dtype=torch.float32).to(dtype)
+    t = threshold(x, p)
+    mask = _mask(x, t)[0]
+    assert torch.equal(mask, reference(x, p)[0])
+    a = x[0].abs().double()
+    if x.isnan().any():
+        assert mask.all()
+        return
+    assert not mask[a == 0].any() and t.item() > 0  # zeros are never kept
+    if a.max() > 0:  # the largest magnitude is always kept
+        assert mask[a == a.max()].all()
+
+
+# --- Tensor parallelism: rows split over K into two shards summed through a gloo all-reduce -------
+
+TP_SPLIT, TP_K = 700, 1500
+
+
+def _tp_rows(dtype):
+    """Ordinary rows, all-zero, NaN (in rank 1's shard), an outlier (rank 0's), -Inf (rank 1's),
+    a row whose mass sits in rank 0's shard, and one of ties across both shards."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, TP_K, generator=g) * torch.rand(8, 1, generator=g).mul(4).exp()
+    x[2] = 0.0
+    x[3, 1200] = NAN
+    x[4] = torch.randn(TP_K, generator=g) * 0.01
+    x[4, 17] = 3000.0
+    x[5, 1100] = -INF
+    x[6, :TP_SPLIT] *= 30.0
+    x[7] = torch.randint(-3, 4, (TP_K,), generator=g).float()
+    return x.to(dtype)
+
+
+TP_RULES = ["top-k", "max-p", "lq q=2", "lq q=0.5"]  # q=2, 0.5: exact square / sqrt in every shard
+
+
+def _sharded_rules_on_rank(rank, world_size, ps):
+    out = {}
+    for dtype in DTYPES:
+        x = _tp_rows(dtype)
+        shard = (x[:, :TP_SPLIT] if rank == 0 else x[:, TP_SPLIT:]).contiguous()
+        for rule in TP_RULES:
+            calls = []
+
+            def all_reduce(t):
+                calls.append((str(t.dtype), tuple(t.shape)))
+                dist.all_reduce(t)
+
+            for p in ps:
+                out[f"{rule} {dtype} {p}"] = _mask(shard, CASES[rule][0](shard, p, all_reduce))
+            out[f"{rule} {dtype} calls"] = calls
+    return out
+
+
+def test_sharded_rules_equal_reference_on_whole_rows(tmp_path):
+    """Two gloo processes, each holding one K-shard of the same rows (down_proj's input under
+    TP = 2): each rank's mask is its slice of the rule on the whole rows."""
+    ps = (0.3, 0.8)
+    ranks = run_ranks(_sharded_rules_on_rank, 2, tmp_path, ps)
+    shards = (slice(0, TP_SPLIT), slice(TP_SPLIT, TP_K))
+    for dtype in DTYPES:
+        x = _tp_rows(dtype)
+        levels = 2 if dtype.itemsize == 2 else 4
+        calls = [("torch.float64", (8, 256))] * (levels - 1) + [("torch.float64", (8, 128))]
+        for rule in TP_RULES:
+            threshold, reference = CASES[rule]
+            for p in ps:
+                full = reference(x, p)
+                assert full[3].all() and not full[2].any()  # NaN row whole, zero row nothing
+                for out, cols in zip(ranks, shards):
+                    assert torch.equal(out[f"{rule} {dtype} {p}"], full[:, cols]), (rule, dtype, p)
+                # The test can fail: the rule on each shard alone keeps another set.
+                per_shard = torch.cat([_mask(x[:, c], threshold(x[:, c].contiguous(), p))
+                                       for c in shards], 1)
+                assert not torch.equal(per_shard, full), (rule, dtype, p)
+            for out in ranks:
+                assert out[f"{rule} {dtype} calls"] == calls * len(ps)
+
+
+# --- torch.compile: one graph, dynamic M, p a float64 tensor [1] (as the plugin passes it) --------
+
+
+def test_rules_compile_fullgraph_with_dynamic_rows():
+    torch._dynamo.reset()
+    p = torch.tensor([0.6], dtype=torch.float64)
+    for rule in ("top-k", "max-p", "lq q=2"):
+        threshold, reference = CASES[rule]
+        compiled = torch.compile(threshold, fullgraph=True, dynamic=True)
+        for m in (3, 17):
+            x = _activations(m, 333, torch.bfloat16, seed=m)
+            x[1, 4] = NAN
+            t = compiled(x, p)
+            assert torch.equal(t.view(torch.int16), threshold(x, p).view(torch.int16)), rule
+            assert torch.equal(_mask(x, t), reference(x, 0.6)), rule
