@@ -316,9 +316,9 @@ void gemv_chunk(const T* wt, int64_t N, const int64_t* idx, const float* xv, int
       for (int i = 0; i < kGroup; ++i) xg[i] = xv[(g + i) * M + m];
       // Rows of this group stay in L1 for the later rows of x: prefetch the next group once.
       if (m == 0 && has_next)
-        group_pass<T, true>(acc, rows, next, xg, cols);
+        group_pass<T, true>(acc + m * cols, rows, next, xg, cols);
       else
-        group_pass<T, false>(acc, rows, next, xg, cols);
+        group_pass<T, false>(acc + m * cols, rows, next, xg, cols);
     }
   }
   for (; g < nk; ++g) {
