@@ -198,13 +198,19 @@ void check_x(const at::Tensor& x) {
               x.strides());
 }
 
-// Threshold codes [M] of x's rows, rows in parallel.
+// Rows of x per thread task of the row-parallel ops: each task reads at least this many entries,
+// as every fork-join costs the caller (a whole scheduler slice when the cores are oversubscribed).
+int64_t row_grain(int64_t K) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(K, 1));
+}
+
+// Threshold codes [M] of x's rows (rows in parallel when there is enough work).
 template <typename T>
 std::vector<uint32_t> row_thresholds(const at::Tensor& x, double p) {
   const int64_t M = x.size(0), K = x.size(1), ld = x.stride(0);
   const T* xp = x.data_ptr<T>();
   std::vector<uint32_t> thr(M);
-  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+  at::parallel_for(0, M, row_grain(K), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) thr[m] = threshold_code<T>(xp + m * ld, K, p);
   });
   return thr;
@@ -238,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor> top_p_sparsify(const at::Tensor& x, const at:
     scalar_t* yp = y.data_ptr<scalar_t>();
     int64_t* kp = kept.data_ptr<int64_t>();
     const int64_t ld = x.stride(0);
-    at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    at::parallel_for(0, M, row_grain(K), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
         const scalar_t* xr = xp + m * ld;
         const uint32_t thr = threshold_code<scalar_t>(xr, K, pv);
@@ -359,9 +365,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_sparse_gemv(
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using C = Code<scalar_t>;
-    const auto thr = row_thresholds<scalar_t>(x, pv);
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const int64_t ld = x.stride(0);
+    // Decode rows: thresholds on the calling thread (tens of microseconds against a GEMV of
+    // milliseconds), so that the call forks threads once, for the GEMV.
+    std::vector<uint32_t> thr(M);
+    for (int64_t m = 0; m < M; ++m) thr[m] = threshold_code<scalar_t>(xp + m * ld, K, pv);
     int64_t* kp = kept.data_ptr<int64_t>();
     // Union of the rows' kept sets, and per kept row the M inputs it multiplies.
     std::vector<int64_t> idx;
