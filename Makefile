@@ -7,7 +7,7 @@ P ?= 0.9
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test bench clean-venv
+.PHONY: setup kernels demo test bench clean-venv
 
 setup: $(VENV)/.setup-done
 
@@ -34,11 +34,16 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	touch $@
 
 # VLLM_PLUGINS=sparsity also enables the plugin's opt-in HTTP routes (runtime p, see README).
-demo: setup
+# The CPU kernels are built at first use (cached in ~/.cache/vllm-sparsity): build them here, once,
+# rather than in every vLLM worker at start-up. Where they cannot be built it says why.
+kernels: setup
+	$(PY) -m vllm_sparsity.kernels.cpu_backend
+
+demo: setup kernels
 	VLLM_PLUGINS=sparsity $(VENV)/bin/vllm serve "$$($(VENV)/bin/vllm-sparsity demo-model)" \
 		--served-model-name gemma-3-270m --max-model-len 2048 --port $(PORT) --sparsity-p $(P)
 
-test: setup
+test: setup kernels
 	$(VENV)/bin/vllm-sparsity demo-model >/dev/null
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

@@ -14,7 +14,7 @@ Same interface as the Triton backend (``kernels/backend.py``):
   ``F.linear`` fallback, e.g. bf16 on a CPU without AVX-512, where oneDNN has no bf16 matmul), it
   stays as it is: ``F.linear`` on a transposed view of ``Wt`` would save that copy but ran prefill
   GEMMs several times slower (measured with bench_cpu_sparse_gemv's shapes, torch 2.13).
-- ``apply_counted(layer, x2, p, site, bias)``: one op, ``torch.ops.vllm_sparsity.
+- ``apply_counted(layer, x2, p, bias, all_reduce)``: one op, ``torch.ops.vllm_sparsity.
   cpu_input_sparse_linear``, that takes the batch branch at run time (under torch.compile a Python
   ``if M <= M_MAX`` would be evaluated once, at trace time; see ``kernels/backend.py``).
 
@@ -55,7 +55,6 @@ from vllm_sparsity.rule import top_p_sparsify
 # compute-bound and its p = 1 speed falls to about the dense GEMM's; past that the dense GEMM
 # (oneDNN, AMX where present) wins. The kernel itself takes up to 16 rows.
 M_MAX = 8
-SITES = ("input", "intermediate")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SOURCE = Path(__file__).resolve().parent / "cpu" / "input_sparse_gemv.cpp"
 ISA_ENV = "VLLM_SPARSITY_CPU_ISA"
@@ -181,7 +180,8 @@ def prepare(layer: torch.nn.Module, inner=None) -> None:
 
     Args:
         layer: a linear layer with its weight [N, K] loaded.
-        inner: the layer's original linear method (default: vLLM's ``UnquantizedLinearMethod``).
+        inner: the layer's original linear method (default: the one the sparse seam wraps,
+            ``layer.quant_method.inner``, else vLLM's ``UnquantizedLinearMethod``).
 
     Raises:
         ValueError: ``unsupported_reason(layer)`` is not None.
@@ -191,6 +191,8 @@ def prepare(layer: torch.nn.Module, inner=None) -> None:
     reason = unsupported_reason(layer)
     if reason is not None:
         raise ValueError(f"cpu sparsity backend: {reason}")
+    if inner is None:
+        inner = getattr(getattr(layer, "quant_method", None), "inner", None)
     if inner is None:
         from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
@@ -252,15 +254,7 @@ def input_sparse_linear(x: torch.Tensor, p: torch.Tensor, layer: torch.nn.Module
                                                            layer.sparsity_dense_id, m_max)
 
 
-def apply(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor, site: str,
-          bias: torch.Tensor | None = None,
-          all_reduce: Callable[[torch.Tensor], None] | None = None
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y2, kept_per_row)`` of ``apply_counted``."""
-    return apply_counted(layer, x2, p, site, bias, all_reduce)[:2]
-
-
-def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor, site: str,
+def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor,
                   bias: torch.Tensor | None = None,
                   all_reduce: Callable[[torch.Tensor], None] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -270,20 +264,20 @@ def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor, sit
         layer: a linear layer that went through ``prepare``.
         x2: input [M, K] in the weight's dtype.
         p: float64 [1], ``layer.sparsity_p``.
-        site: ``"input"`` or ``"intermediate"`` (both run the same kernels).
         bias: the bias vLLM passes to ``quant_method.apply`` (None when it adds it itself).
         all_reduce: None for whole rows; for x2 a shard of K across TP ranks, the in-place sum over
             them: the torch rule with global histograms, then the dense GEMM (see module doc).
 
     Returns:
         ``(y2, kept_per_row, rows_read)`` as ``input_sparse_linear``.
-
-    Raises:
-        ValueError: unknown site.
     """
-    if site not in SITES:
-        raise ValueError(f"site must be one of {SITES}, got {site!r}")
     if all_reduce is None:
         return input_sparse_linear(x2, p, layer, bias)
     xs, kept = top_p_sparsify(x2, p, all_reduce)
     return _DENSE[layer.sparsity_dense_id](xs, bias), kept, kept.new_full((1,), x2.shape[1])
+
+
+if __name__ == "__main__":  # `python -m vllm_sparsity.kernels.cpu_backend`: build once, say how
+    reason = _load()
+    print(f"vllm-sparsity cpu kernels: {select_isa()[0]} build ready" if reason is None
+          else f"vllm-sparsity cpu kernels unavailable (the torch backend serves): {reason}")

@@ -21,6 +21,7 @@ from types import ModuleType
 # name -> module implementing the interface above.
 BACKENDS = {
     "triton": "vllm_sparsity.kernels.backend",
+    "cpu": "vllm_sparsity.kernels.cpu_backend",
     "torch": "vllm_sparsity.torch_backend",
 }
 
@@ -29,11 +30,16 @@ def _on_cuda(layer) -> bool:
     return layer.weight.device.type == "cuda"
 
 
+def _on_cpu(layer) -> bool:
+    return layer.weight.device.type == "cpu"
+
+
 # ``auto``, in order of preference: (backend, whether auto tries it for this layer). The first tried
 # backend that supports the layer serves it; a tried one that refuses it is logged with its reason.
 # "torch" supports every layer and ends the list.
 AUTO = (
     ("triton", _on_cuda),
+    ("cpu", _on_cpu),  # x86-64 with AVX2/AVX-512 and a C++ compiler; else it says why
     ("torch", lambda layer: True),
 )
 

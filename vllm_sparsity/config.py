@@ -54,8 +54,9 @@ class SparsityConfig:
             MLP input feeding ``gate_up_proj``), ``"intermediate"`` (the act-and-mul output feeding
             ``down_proj``) or ``"all_inputs"`` (both).
         backend: ``"torch"`` (the exact torch rule, any device), ``"triton"`` (the input-sparse
-            Triton kernels, CUDA only) or ``"auto"`` (per layer, the first of
-            ``backends.AUTO`` that serves it: triton on CUDA, torch elsewhere).
+            Triton kernels, CUDA only), ``"cpu"`` (the C++ input-sparse kernels, x86-64 with
+            AVX2 or AVX-512) or ``"auto"`` (per layer, the first of ``backends.AUTO`` that serves
+            it: triton on CUDA, cpu on a CPU that has the kernels, torch elsewhere).
     """
 
     p: float

@@ -32,8 +32,8 @@ _FLAG_HELP = {
     "of every gated MLP's linear layers, a number in (0, 1]. Unset: sparsity off.",
     "target": "Which inputs the top-p rule sparsifies: input (gate_up_proj input), intermediate "
     "(down_proj input) or all_inputs (both). Default: all_inputs.",
-    "backend": "Sparse compute backend: auto (triton on CUDA, torch elsewhere), triton or torch. "
-    "Default: auto.",
+    "backend": "Sparse compute backend: auto (triton on CUDA, cpu on x86-64 CPUs with AVX2 or "
+    "AVX-512, torch elsewhere), triton, cpu or torch. Default: auto.",
 }
 _FLAG_METAVAR = {"p": "P", "target": "{" + ",".join(cfg.TARGETS) + "}",
                  "backend": "{" + ",".join(cfg.BACKENDS) + "}"}

@@ -151,7 +151,7 @@ def test_backend_both_batch_paths(dtype):
     assert layer.weight.numel() == 0 or layer.weight.stride() == (K, 1)
     x = edge_batch(M_MAX + 3, K, dtype, seed=7)
     for m in (1, M_MAX, M_MAX + 1, M_MAX + 3):  # sparse GEMV, then the rule + vLLM's dense GEMM
-        y, kept, rows_read = cpu_backend.apply_counted(layer, x[:m], ptensor(0.5), "input")
+        y, kept, rows_read = cpu_backend.apply_counted(layer, x[:m], ptensor(0.5))
         mask = top_p_mask(x[:m], ptensor(0.5))
         assert torch.equal(kept, mask.sum(-1))
         assert rows_read.tolist() == [int(mask.any(0).sum()) if m <= M_MAX else K]
@@ -165,7 +165,7 @@ def test_backend_under_torch_compile():
 
     @torch.compile(fullgraph=True, dynamic=True)
     def f(x):
-        return cpu_backend.apply_counted(layer, x, p, "input")
+        return cpu_backend.apply_counted(layer, x, p)
 
     x = activations(M_MAX + 2, K, torch.bfloat16, seed=8)
     for m in (1, M_MAX + 2, 2):
