@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         crit = result["critical_sparsity"]["average"]
         print(f"critical sparsity {crit['sparsity']} (p={crit['p']}), interval {crit['interval']}"
               f"; {args.out / 'results.json'}")
-        if "search" in result:
-            sr = result["search"]
+        if "search_trace" in result:
+            sr = result["search_trace"]
             print(f"search: {sr['points']} points, stopped: {sr['stopped']}, bracket p "
                   f"{sr['bracket']['pass_p']:g} (pass) .. {sr['bracket']['fail_p']} (fail)")
         return 0

@@ -149,7 +149,7 @@ def build(out: Path, n_boot: int = 2000) -> dict:
     result = {**cfg, "docs": {t: int(correct[t].shape[1]) for t in tasks},
               "points": points, "critical_sparsity": crit}
     if (out / "search.json").exists():
-        result["search"] = json.loads((out / "search.json").read_text())
+        result["search_trace"] = json.loads((out / "search.json").read_text())
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     files = {f"p{pt['p']:g}": {k: str(Path(v).relative_to(out)) for k, v in pt["files"].items()}
              for pt in points}
@@ -231,8 +231,8 @@ def report(result: dict) -> str:
         f"{t} {result['points'][0]['tasks'][t]['primary']}" for t in tasks)
         + " (acc_norm: log-likelihood per character). Generative tasks: mean generated tokens "
         "per document in parentheses.", ""]
-    if "search" in result:
-        sr = result["search"]
+    if "search_trace" in result:  # ("search" is the sweep's setting)
+        sr = result["search_trace"]
         width = sr["bracket"]["width"]
         lines += [f"**Search:** bisection over the grid, {sr['points']} points scored in this "
                   f"order: " + ", ".join(f"p={t['p']:g} {'pass' if t['passes'] else 'fail'}"

@@ -175,18 +175,24 @@ def test_sweep_with_search_writes_the_trace_and_the_grids_answer(tmp_path, monke
             "--tol", "0.001", "--out", str(tmp_path / "s")]
     try:
         assert main(argv) == 0
+        searched = list(scored)
+        grid = ["sweep", "--model", MODEL_ROOT, "--url", url, "--tasks", "piqa", "--p-grid",
+                "1.0,0.6", "--out", str(tmp_path / "g")]  # the grid path beside it
+        assert main(grid) == 0 and "**Search:**" not in (tmp_path / "g" / "report.md").read_text()
+        assert "search_trace" not in json.loads((tmp_path / "g" / "results.json").read_text())
+        scored[:] = searched
     finally:
         server.shutdown()
         server.server_close()
     result = json.loads((tmp_path / "s" / "results.json").read_text())
     grid_answer = stats.critical({"piqa": docs}, sparsity, dense=0)["average"]
-    assert [t["p"] for t in result["search"]["trace"]] == scored
+    assert [t["p"] for t in result["search_trace"]["trace"]] == scored
     assert len(scored) < len(GRID) // 2 and scored[:2] == [1.0, GRID[-1]]
     assert result["critical_sparsity"]["average"]["sparsity"] == grid_answer
-    assert result["search"]["critical"]["sparsity"] == grid_answer
+    assert result["search_trace"]["critical"]["sparsity"] == grid_answer
     assert sorted(pt["p"] for pt in result["points"]) == sorted(scored)
     report = (tmp_path / "s" / "report.md").read_text()
     assert f"**Search:** bisection over the grid, {len(scored)} points scored" in report
     assert "stopped: adjacent" in report
     # Finished: a rerun reads the folder and asks no server (the fake one is gone).
-    assert main(argv) == 0 and len(scored) == len(result["search"]["trace"])
+    assert main(argv) == 0 and len(scored) == len(result["search_trace"]["trace"])
