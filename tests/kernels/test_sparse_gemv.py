@@ -9,6 +9,7 @@ from gemv_reference import assert_close_to_ref, ref_sparse_gemv
 from vllm_sparsity.kernels import common
 from vllm_sparsity.kernels import sparse_gemv as sg
 from vllm_sparsity.kernels import top_p_threshold as tpt
+from vllm_sparsity.rule import top_p_mask
 
 # K and N are not multiples of BLOCK_K (128) and BLOCK_N (64, or 256 under the interpreter's
 # launch configuration); K spans 3 K blocks. Tests that take the ``launch_config`` fixture run under
@@ -134,11 +135,16 @@ def test_launch_configs():
 @pytest.mark.parametrize("m, n, k", [(1, 300, 700), (5, 70, 300), (17, 136, 129)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_interpreter_config_gives_the_gpu_configs_bits(dtype, m, n, k, with_bias, monkeypatch):
-    """Both configurations sum each output's K blocks of BLOCK_K in the same order (no split-K):
-    the same bits, whatever BLOCK_N. (The GPU configuration's default split-K sums in another
-    order: close to the reference, tested above, but not the same bits.)"""
-    w, b = weights(dtype, n=n, k=k, seed=m)
-    x = activations(m, k, dtype, seed=m)
+    """Both configurations compute the same masked product, whatever BLOCK_N: the same bits.
+
+    Inputs are small multiples of powers of two, so every fp32 product and partial sum is exact
+    and the result cannot depend on summation order: under the interpreter ``tl.dot`` is numpy's
+    matmul, whose order inside a block depends on the block's shape and the BLAS build. What is
+    compared is what the configurations must agree on: masks, indexing, tiling, bias."""
+    g = torch.Generator().manual_seed(m)
+    w = (torch.randint(-8, 9, (n, k), generator=g) * 2.0**-4).to(dtype)
+    x = (torch.randint(-16, 17, (m, k), generator=g) * 2.0**-3).to(dtype)
+    b = (torch.randint(-8, 9, (n,), generator=g) * 2.0**-2).to(dtype)
     thr, _ = tpt.top_p_threshold(x, ptensor(0.7))
     wt, b = w.t().contiguous(), b if with_bias else None
     fast = sg.sparse_gemv(x, thr, wt, b)
@@ -146,6 +152,9 @@ def test_interpreter_config_gives_the_gpu_configs_bits(dtype, m, n, k, with_bias
     assert sg.launch_config(m, n)["BLOCK_N"] == sg.BLOCK_N
     gpu = sg.sparse_gemv(x, thr, wt, b, 1)
     assert torch.equal(fast.view(torch.int16), gpu.view(torch.int16))
+    kept = top_p_mask(x, 0.7).float()  # the torch rule (thr holds the same set as codes)
+    exact = (x.float() * kept) @ w.float().t() + (b.float() if with_bias else 0)
+    assert torch.equal(fast.float(), exact.to(dtype).float())  # exact, so equal to the reference
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
