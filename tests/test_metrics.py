@@ -26,13 +26,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_counters import site_rows, worker
 
 from conftest import free_port
-from vllm_sparsity import config, counters, metrics
+from vllm_sparsity import config, metrics
 from vllm_sparsity.clock import LATENCY_BUCKETS_S
-from vllm_sparsity.counters import PREFILL
+from vllm_sparsity.counters import HIST, PREFILL, SPARSITY_BUCKETS, merge
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "vllm-sparsity.json"
-NB = counters.SPARSITY_BUCKETS
+NB = SPARSITY_BUCKETS
 
 
 def scrape(collector) -> dict:
@@ -46,8 +46,8 @@ def test_collector_exposition_names_labels_and_histograms():
     collector = metrics.SparsityCollector("demo")
     assert scrape(collector) == {}  # nothing before the first poll
     rows = site_rows(30, 200, 60, 100)
-    rows[PREFILL][counters.HIST:counters.HIST + 3] = [1, 0, 1]  # 2 tokens of K = 100
-    collector.snapshot = counters.merge([worker(0, [[4, "input", 10, 0]], [rows])])
+    rows[PREFILL][HIST:HIST + 3] = [1, 0, 1]  # 2 tokens of K = 100
+    collector.snapshot = merge([worker(0, [[4, "input", 10, 0]], [rows])])
     families = scrape(collector)
     assert {f"{n}" for n in families} | {"vllm_sparsity_config_info"} >= {
         n.removesuffix("_total") for n in metrics.METRIC_NAMES if "latency" not in n}
