@@ -46,7 +46,8 @@ from vllm_sparsity.codes import CODE as _CODE
 
 # The rules, by name: a threshold function with the signature and contract of ``top_p_threshold``
 # (x [M, K], p, all_reduce -> t [M, 1]; keep |x| >= t, NaN t keeps the row whole). A new rule is
-# one function decorated with ``@register_rule(name)``.
+# one function decorated with ``@register_rule(name)``. "lq" also takes its exponent as the keyword
+# ``q``: bind it with ``functools.partial(RULES["lq"], q=Q)``.
 RULES: dict[str, Callable[..., torch.Tensor]] = {}
 
 
@@ -211,6 +212,7 @@ def _counts(a: torch.Tensor) -> torch.Tensor:
     return torch.where(a.isnan(), a.to(torch.float64), 1.0)
 
 
+@register_rule("top-k")
 def top_k_threshold(x: torch.Tensor, p: torch.Tensor | float,
                     all_reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Per-row magnitude threshold of the top-k rule (paper Sec. 3 and App. A): keep the k largest
@@ -246,6 +248,7 @@ def top_k_threshold(x: torch.Tensor, p: torch.Tensor | float,
     return _threshold(x, code, target, p)
 
 
+@register_rule("max-p")
 def max_p_threshold(x: torch.Tensor, p: torch.Tensor | float,
                     all_reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Per-row magnitude threshold of the max-p rule (paper Sec. 3 and App. A): keep
@@ -287,6 +290,7 @@ def max_p_threshold(x: torch.Tensor, p: torch.Tensor | float,
     return torch.where(bound.isnan(), torch.full_like(t, float("nan")), t)
 
 
+@register_rule("lq")
 def lq_threshold(x: torch.Tensor, p: torch.Tensor | float,
                  all_reduce: Callable[[torch.Tensor], None] | None = None, *,
                  q: float) -> torch.Tensor:
@@ -322,13 +326,3 @@ def lq_threshold(x: torch.Tensor, p: torch.Tensor | float,
                                  all_reduce)
     return _threshold(x, code, target, p)
 
-
-# Rule name -> threshold function ``(x, p, all_reduce=None) -> t [M, 1]`` (the names of
-# ``--sparsity-rule``). "lq" also takes its exponent as the keyword ``q``: bind it with
-# ``functools.partial(RULES["lq"], q=Q)``.
-RULES: dict[str, Callable[..., torch.Tensor]] = {
-    "top-p": top_p_threshold,
-    "top-k": top_k_threshold,
-    "max-p": max_p_threshold,
-    "lq": lq_threshold,
-}
