@@ -33,7 +33,9 @@ def sparsity_table(url: str, ps: list[float], api_key: str | None = None,
     the server at ``url``. Leaves the server at the last target and p. Raises RuntimeError when
     the route refuses (plugin or route off)."""
     server = Server(url.rstrip("/"), api_key)
-    model = server.served_model()
+    models = requests.get(f"{server.url}/v1/models", headers=server.headers, timeout=30)
+    models.raise_for_status()
+    model = models.json()["data"][0]["id"]  # one served model: the one the route sparsifies
 
     def counters():
         return {(r["layer"], r["site"]): (r["zeroed"], r["total"])

@@ -39,8 +39,10 @@ rule (``rule.top_p_sparsify``) then the dense GEMM: exact, no speed-up.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -113,7 +115,11 @@ def _load() -> str | None:
 
     name = f"vllm_sparsity_cpu_{isa}"
     tag = re.sub(r"[^A-Za-z0-9_.]", "_", torch.__version__)
-    build_dir = cache_dir() / "torch_extensions" / f"{name}-torch{tag}"
+    # One folder per Python environment too: the build's command line names this environment's
+    # torch headers, and ninja rebuilds whenever the command line changes, so two environments
+    # sharing a folder would rebuild each other's extension at every start.
+    env = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
+    build_dir = cache_dir() / "torch_extensions" / f"{name}-torch{tag}-{env}"
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
         cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),

@@ -158,8 +158,8 @@ def _radix_select(a: torch.Tensor, weight: torch.Tensor,
 
     Returns:
         (code int64 [M, 1], target float64 [M, 1]). The code is 0 when no positive weight reaches
-        the target (it exceeds the weight of the nonzero entries, or the row has no weight); a NaN
-        target gives an arbitrary code (the caller keeps the row whole).
+        the target (it exceeds the weight of the nonzero entries), the top code for a row without
+        weight (target 0); a NaN target gives an arbitrary code (the caller keeps the row whole).
     """
     int_dtype, bits_left, digits, _ = _CODE[a.dtype]
     # The sign bit is clear after abs(), so the integer view is the (monotone) magnitude code.
@@ -177,10 +177,14 @@ def _radix_select(a: torch.Tensor, weight: torch.Tensor,
         if all_reduce is not None:  # weights of the whole rows: every rank takes the same digit
             all_reduce(hist)
         if target is None:  # the first histogram holds the whole row: its sum is the total
-            # At least the smallest positive float64: a target of 0 (p * total underflowed) is
-            # reached at the largest weighted entry, as by the sort rule's first index, not
-            # above it (which would keep nothing). NaN stays NaN.
-            target = target_of(hist.sum(dim=-1, keepdim=True)).clamp(min=_SMALLEST_FLOAT64)
+            # At least the smallest positive float64 where the row has weight: a target of 0
+            # (p * total underflowed) is reached at the largest weighted entry, as by the sort
+            # rule's first index, not above it (which would keep nothing). A row without weight
+            # keeps its target 0, reached at every digit: its code runs to the top, +Inf after
+            # the clamp in ``_threshold`` (the kernels' threshold too). NaN stays NaN.
+            total = hist.sum(dim=-1, keepdim=True)
+            target = target_of(total)
+            target = torch.where(total > 0, target.clamp(min=_SMALLEST_FLOAT64), target)
         # W(digit >= d) for every d; the largest d whose weight reaches the target is the digit.
         reach = hist.flip(-1).cumsum(-1).flip(-1) + above
         d = ((reach >= target).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
@@ -196,8 +200,8 @@ def _threshold(x: torch.Tensor, code: torch.Tensor, target: torch.Tensor,
     positive magnitude, at most +Inf; every nonzero for ``p >= 1``; NaN where the target is NaN."""
     int_dtype, _, _, inf_code = _CODE[x.dtype]
     # Code 1 is the smallest positive magnitude: keep every nonzero (p >= 1, a row whose float64
-    # total absorbed tiny entries, a row without weight: an all-zero one keeps nothing, as zeros
-    # are never kept). The top clamp only bounds the arbitrary code of a NaN row.
+    # total absorbed tiny entries). The top clamp bounds a row without weight (an all-zero one:
+    # +Inf, it keeps nothing, as zeros are never kept) and the arbitrary code of a NaN row.
     code = code.clamp(min=1, max=inf_code)
     # float64: a float p just below 1 would round up to 1 in float32 (torch's default dtype).
     code = torch.where(torch.as_tensor(p, dtype=torch.float64, device=x.device) >= 1.0, 1, code)
@@ -324,5 +328,8 @@ def lq_threshold(x: torch.Tensor, p: torch.Tensor | float,
     a = x.abs()
     code, target = _radix_select(a, a.to(torch.float64).pow(float(q)), lambda total: total * p,
                                  all_reduce)
+    # A row with nonzeros whose |x|^q all underflow has no weight to rank by: keep every nonzero
+    # (code 1). An all-zero row keeps top-p's +Inf. Per shard under TP: a shard's own nonzeros.
+    code = torch.where((target == 0) & (a.amax(dim=-1, keepdim=True) > 0), 1, code)
     return _threshold(x, code, target, p)
 
