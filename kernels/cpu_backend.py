@@ -218,7 +218,9 @@ def _input_sparse_linear(x, p, wt, bias, dense_id, m_max):
     # from that dtype, so the cast is exact).
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    if x.shape[0] <= m_max:
+    # p >= 1 keeps every nonzero: the dense GEMM reads no more and gives the plugin-off output bit
+    # for bit (p is a CPU tensor: reading it is no device sync).
+    if x.shape[0] <= m_max and float(p) < 1.0:
         return torch.ops.vllm_sparsity.cpu_input_sparse_gemv(x, p, wt, bias)
     xs, kept = torch.ops.vllm_sparsity.cpu_top_p_sparsify(x, p)
     return _DENSE[dense_id](xs, bias), kept, kept.new_full((1,), x.shape[1])
