@@ -5,6 +5,8 @@ import pytest
 from vllm_sparsity import config
 from vllm_sparsity.config import SparsityConfig, SparsityConfigError, resolve
 
+FLAG_P_MESSAGE = r"--sparsity-p must be a number in \[1e-06, 1\]"
+
 
 def test_off_when_no_source_sets_p():
     assert resolve({}, {}, {}) is None
@@ -34,10 +36,10 @@ def test_precedence_is_per_field():
 @pytest.mark.parametrize("value", ["0", "-0.1", "1.0001", "nan", "inf", "abc", ""])
 def test_bad_p_from_flag_names_the_flag(value):
     if value == "":  # an empty flag value is a value, not "unset"
-        with pytest.raises(SparsityConfigError, match=r"--sparsity-p must be a number in \(0, 1\]"):
+        with pytest.raises(SparsityConfigError, match=FLAG_P_MESSAGE):
             resolve({"p": value}, {}, {})
         return
-    with pytest.raises(SparsityConfigError, match=r"--sparsity-p must be a number in \(0, 1\]"):
+    with pytest.raises(SparsityConfigError, match=FLAG_P_MESSAGE):
         resolve({"p": value}, {}, {})
 
 
@@ -46,12 +48,13 @@ def test_bad_p_from_additional_config_names_the_field(value):
     if value is None:
         assert resolve({}, {"sparsity": {"p": None}}, {}) is None
         return
-    with pytest.raises(SparsityConfigError, match=r"sparsity\.p must be a number in \(0, 1\]"):
+    with pytest.raises(SparsityConfigError, match=r"sparsity\.p must be a number in \[1e-06, 1\]"):
         resolve({}, {"sparsity": {"p": value}}, {})
 
 
 def test_bad_values_from_environment_name_the_variable():
-    with pytest.raises(SparsityConfigError, match=r"VLLM_SPARSITY_P must be a number in \(0, 1\]"):
+    with pytest.raises(SparsityConfigError,
+                       match=r"VLLM_SPARSITY_P must be a number in \[1e-06, 1\]"):
         resolve({}, {}, {"VLLM_SPARSITY_P": "1.5"})
     with pytest.raises(SparsityConfigError,
                        match="VLLM_SPARSITY_TARGET must be one of input, intermediate, all_inputs"):
@@ -107,3 +110,71 @@ def test_metrics_switch_reaches_additional_config(monkeypatch, env, given, on):
 def test_bad_interval_names_the_variable(raw):
     with pytest.raises(ValueError, match=config.INTERVAL_ENV):
         config.interval_s({config.INTERVAL_ENV: raw})
+
+
+@pytest.mark.parametrize("value", [5e-324, 1e-300, 9.99e-7, -0.0])
+def test_p_below_the_floor_is_refused_everywhere(value):
+    """The floor (config.P_MIN) is in parse_p, which every source goes through."""
+    with pytest.raises(SparsityConfigError, match=FLAG_P_MESSAGE):
+        resolve({"p": repr(value)}, {}, {})
+    with pytest.raises(SparsityConfigError, match=r"sparsity\.p must be a number in \[1e-06, 1\]"):
+        resolve({}, {"sparsity": {"p": value}}, {})
+    with pytest.raises(SparsityConfigError, match=r"VLLM_SPARSITY_P must be a number in \[1e-06"):
+        resolve({}, {}, {"VLLM_SPARSITY_P": repr(value)})
+    with pytest.raises(SparsityConfigError, match=r"p must be a number in \[1e-06, 1\]"):
+        SparsityConfig(p=value)
+    assert SparsityConfig(p=config.P_MIN).p == 1e-6
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_p_floor_keeps_the_largest_entry_of_the_weakest_row(dtype):
+    """At p = P_MIN the rule's float64 target p * sum|x| cannot underflow, even for a row of the
+    dtype's smallest subnormal: the torch rule and the CPU kernel keep its entries (all tied) and
+    the largest entry of an ordinary row. Below the floor (e.g. 1e-300) the CPU kernel's target
+    underflows to 0 and it zeroes the weak row whole."""
+    import torch
+
+    from vllm_sparsity.kernels import cpu_backend
+    from vllm_sparsity.rule import top_p_sparsify
+
+    dtype = getattr(torch, dtype)
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # smallest subnormal
+    x = torch.full((2, 64), tiny, dtype=dtype)
+    x[1] = torch.linspace(0.01, 3.0, 64).to(dtype)  # a strictly largest entry
+    p = torch.tensor([config.P_MIN], dtype=torch.float64)
+    rules = {"torch": top_p_sparsify}
+    if cpu_backend._load() is None:
+        rules["cpu"] = torch.ops.vllm_sparsity.cpu_top_p_sparsify
+    for name, sparsify in rules.items():
+        _, kept = sparsify(x, p)
+        assert kept.tolist() == [64, 1], name
+
+
+def test_sparsity_section_must_be_an_object_or_absent():
+    """[], false, 0 and "off" used to be taken as "sparsity off" without a word."""
+    for section in ([], False, 0, "off", [0.5]):
+        with pytest.raises(SparsityConfigError,
+                           match=r"--additional-config: 'sparsity' must be an object with keys"):
+            resolve({}, {"sparsity": section}, {})
+    assert resolve({}, {"sparsity": None}, {}) is None
+    assert resolve({}, {"sparsity": {}}, {}) is None
+
+
+def test_error_messages_quote_a_short_prefix_of_the_value():
+    with pytest.raises(SparsityConfigError) as e:
+        resolve({}, {"sparsity": {"p": "9" * 100_000}}, {})
+    assert len(str(e.value)) < 200 and "(100002 characters)" in str(e.value)
+    with pytest.raises(SparsityConfigError) as e:
+        resolve({"p": "0.5", "target": "x" * 5000}, {}, {})
+    assert len(str(e.value)) < 200
+
+
+@pytest.mark.parametrize("raw, value", [("", 60.0), ("0.5", 0.5), ("600", 600.0)])
+def test_drain_timeout_from_the_environment(raw, value):
+    assert config.drain_timeout_s({config.DRAIN_TIMEOUT_ENV: raw}) == value
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "soon", "nan", "inf", "1e9"])
+def test_bad_drain_timeout_names_the_variable(raw):
+    with pytest.raises(SparsityConfigError, match=config.DRAIN_TIMEOUT_ENV + r" must be a number"):
+        config.drain_timeout_s({config.DRAIN_TIMEOUT_ENV: raw})

@@ -41,9 +41,9 @@ def test_control_route_needs_the_api_key(sparse_server):
 
 
 @pytest.mark.parametrize("body, message", [
-    ({"p": 0}, r"p must be a number in (0, 1]"),
-    ({"p": 1.5}, r"p must be a number in (0, 1]"),
-    ({"p": "0.5"}, r"p must be a number in (0, 1]"),
+    ({"p": 0}, r"p must be a number in [1e-06, 1]"),
+    ({"p": 1.5}, r"p must be a number in [1e-06, 1]"),
+    ({"p": "0.5"}, r"p must be a number in [1e-06, 1]"),
     ({"target": "output"}, "target must be one of input, intermediate, all_inputs"),
     ({"top_p": 0.5}, "body must be a JSON object"),
 ])
@@ -77,10 +77,10 @@ def test_control_route_changes_p_for_the_next_request(sparse_server):
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--sparsity-p", "0", "--sparsity-p must be a number in (0, 1], got '0'"),
-    ("--sparsity-p", "1.5", "--sparsity-p must be a number in (0, 1], got '1.5'"),
-    ("--sparsity-p", "nan", "--sparsity-p must be a number in (0, 1], got 'nan'"),
-    ("--sparsity-p", "ninety", "--sparsity-p must be a number in (0, 1], got 'ninety'"),
+    ("--sparsity-p", "0", "--sparsity-p must be a number in [1e-06, 1], got '0'"),
+    ("--sparsity-p", "1.5", "--sparsity-p must be a number in [1e-06, 1], got '1.5'"),
+    ("--sparsity-p", "nan", "--sparsity-p must be a number in [1e-06, 1], got 'nan'"),
+    ("--sparsity-p", "ninety", "--sparsity-p must be a number in [1e-06, 1], got 'ninety'"),
     ("--sparsity-target", "output",
      "--sparsity-target must be one of input, intermediate, all_inputs; got 'output'"),
 ])

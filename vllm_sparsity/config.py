@@ -33,6 +33,20 @@ FIELDS = ("p", "target", "backend")
 # The metrics switch (not a field: it is no part of the ``/v1/sparsity`` answer).
 INTERVAL_ENV = "VLLM_SPARSITY_METRICS_INTERVAL_S"
 DEFAULT_INTERVAL_S = 5.0
+# How long ``POST /v1/sparsity`` waits for the requests in flight to finish (see ``control``).
+DRAIN_TIMEOUT_ENV = "VLLM_SPARSITY_DRAIN_TIMEOUT_S"
+DEFAULT_DRAIN_TIMEOUT_S = 60.0
+
+# The floor of p. The rule's target is p * (the row's L1 mass, a float64 sum); the smallest positive
+# mass a bf16/fp16/fp32 row can have is fp32's smallest subnormal, 2^-149 (about 1.4e-45). From
+# p >= 1e-6 the target is then at least about 1.4e-51, far above float64's smallest subnormal
+# (about 4.9e-324): it never underflows to 0, which in the kernels (they do not clamp it) would
+# make every bin reach the target and the threshold +Inf, zeroing the whole row. Below 1e-6 the
+# rule keeps only each row's largest entries anyway, so nothing useful is lost.
+P_MIN = 1e-6
+P_RANGE = f"[{P_MIN:g}, 1]"
+# Error messages quote a bad value up to this many characters (a body may be long).
+QUOTE_CHARS = 60
 # additional_config key holding whether the workers instrument the graph (process 0 writes it from
 # the environment; it is part of vLLM's compile-cache hash, as the graph differs).
 METRICS_KEY = "sparsity_metrics"
@@ -48,8 +62,9 @@ class SparsityConfig:
     Sparsity in Modern LLMs", Sec. 3: the top-p rule and its input targets).
 
     Attributes:
-        p: share of each token's L1 activation mass that is kept, in (0, 1]. ``p = 1`` keeps every
-            nonzero entry (output equals the dense model). Lower ``p`` zeroes more entries.
+        p: share of each token's L1 activation mass that is kept, in [``P_MIN``, 1] (``P_MIN`` =
+            1e-6, the floor at which the rule's float64 target cannot underflow). ``p = 1`` keeps
+            every nonzero entry (output equals the dense model). Lower ``p`` zeroes more entries.
         target: which linear-layer inputs of each gated MLP the rule applies to: ``"input"`` (the
             MLP input feeding ``gate_up_proj``), ``"intermediate"`` (the act-and-mul output feeding
             ``down_proj``) or ``"all_inputs"`` (both).
@@ -112,11 +127,13 @@ def resolve(
             an unknown key. The message names the flag, field or variable and the allowed values.
     """
     environ = os.environ if environ is None else environ
-    section = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY) or {}
-    if not isinstance(section, Mapping):
+    section = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+    if section is None:  # absent or null: unset, like any other field
+        section = {}
+    if not isinstance(section, Mapping):  # [], false, 0, "off": an error, not a silent "off"
         raise SparsityConfigError(
-            f"--additional-config: 'sparsity' must be an object with keys {list(FIELDS)}, "
-            f"got {section!r}"
+            f"--additional-config: 'sparsity' must be an object with keys {list(FIELDS)} "
+            f"(leave it out to turn sparsity off), got {quote(section)}"
         )
     unknown = sorted(set(section) - set(FIELDS))
     if unknown:
@@ -141,7 +158,7 @@ def resolve(
         extra = sorted(origin.values())
         if extra:
             raise SparsityConfigError(
-                f"{', '.join(extra)} given without p: set --sparsity-p (a number in (0, 1]) "
+                f"{', '.join(extra)} given without p: set --sparsity-p (a number in {P_RANGE}) "
                 "to turn sparsity on"
             )
         return None
@@ -153,9 +170,11 @@ def resolve(
 
 
 def parse_p(value: Any, name: str = "--sparsity-p", strings: bool = True) -> float:
-    """``value`` as a float in (0, 1]: the one check of p, for every source. Strings are parsed
-    when ``strings`` (flags, environment, additional_config), refused otherwise (JSON bodies, the
-    config object). Raises SparsityConfigError naming ``name`` and quoting the value as given."""
+    """``value`` as a float in [``P_MIN``, 1]: the one check of p, for every source (flags,
+    environment, additional_config, the config object and the ``/v1/sparsity`` route). Strings
+    are parsed when ``strings`` (flags, environment, additional_config), refused otherwise (JSON
+    bodies, the config object). Raises SparsityConfigError naming ``name``, the allowed range and
+    the value as given (``quote``: at most ``QUOTE_CHARS`` characters of it)."""
     number = value
     if isinstance(value, str) and strings:
         try:
@@ -163,14 +182,24 @@ def parse_p(value: Any, name: str = "--sparsity-p", strings: bool = True) -> flo
         except ValueError:
             number = None
     if isinstance(number, bool) or not isinstance(number, (int, float)) or math.isnan(number) \
-            or not 0.0 < number <= 1.0:
-        raise SparsityConfigError(f"{name} must be a number in (0, 1], got {value!r}")
+            or not P_MIN <= number <= 1.0:
+        raise SparsityConfigError(f"{name} must be a number in {P_RANGE}, got {quote(value)}")
     return float(number)
+
+
+def quote(value: Any) -> str:
+    """``repr(value)``, cut to ``QUOTE_CHARS`` characters (with its full length) when longer: error
+    messages never echo a long input back whole."""
+    text = repr(value)
+    if len(text) <= QUOTE_CHARS:
+        return text
+    return f"{text[:QUOTE_CHARS]}... ({len(text)} characters)"
 
 
 def _check_choice(value: Any, choices: tuple[str, ...], name: str) -> None:
     if value not in choices:
-        raise SparsityConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise SparsityConfigError(
+            f"{name} must be one of {', '.join(choices)}; got {quote(value)}")
 
 
 def interval_s(environ: Mapping[str, str] | None = None) -> float:
@@ -186,6 +215,23 @@ def interval_s(environ: Mapping[str, str] | None = None) -> float:
     if not math.isfinite(value) or value < 0:
         raise SparsityConfigError(f"{INTERVAL_ENV} must be a number of seconds >= 0 (0 turns the "
                                   f"metrics off), got {raw!r}")
+    return value
+
+
+def drain_timeout_s(environ: Mapping[str, str] | None = None) -> float:
+    """Seconds ``POST /v1/sparsity`` waits for the requests in flight to finish before it gives up
+    (HTTP 503, nothing changed), from ``VLLM_SPARSITY_DRAIN_TIMEOUT_S`` (default 60, range
+    (0, 86400]). Raises SparsityConfigError naming the variable."""
+    raw = (os.environ if environ is None else environ).get(DRAIN_TIMEOUT_ENV, "")
+    if raw == "":
+        return DEFAULT_DRAIN_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 86400:
+        raise SparsityConfigError(f"{DRAIN_TIMEOUT_ENV} must be a number of seconds in (0, 86400], "
+                                  f"got {quote(raw)}")
     return value
 
 
@@ -215,7 +261,7 @@ def with_resolved_sparsity(additional_config: Mapping[str, Any] | None,
     if not isinstance(on, bool):
         if on is not None:
             raise SparsityConfigError(
-                f"--additional-config: {METRICS_KEY} must be true or false, got {on!r}")
+                f"--additional-config: {METRICS_KEY} must be true or false, got {quote(on)}")
         on = interval_s(environ) > 0
     additional_config[METRICS_KEY] = on
     return additional_config

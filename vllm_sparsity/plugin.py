@@ -29,7 +29,7 @@ logger = logging.getLogger("vllm.vllm_sparsity")  # under vLLM's handler and for
 
 _FLAG_HELP = {
     "p": "Top-p activation sparsity: share of each token's L1 activation mass kept at the inputs "
-    "of every gated MLP's linear layers, a number in (0, 1]. Unset: sparsity off.",
+    f"of every gated MLP's linear layers, a number in {cfg.P_RANGE}. Unset: sparsity off.",
     "target": "Which inputs the top-p rule sparsifies: input (gate_up_proj input), intermediate "
     "(down_proj input) or all_inputs (both). Default: all_inputs.",
     "backend": "Sparse compute backend: auto (triton on CUDA, cpu on x86-64 CPUs with AVX2 or "
