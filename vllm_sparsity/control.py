@@ -3,29 +3,58 @@
 The model runs in worker processes; HTTP arrives at the API server. As vLLM's endpoint-plugin
 contract prescribes (``vllm/plugins/endpoint_plugins/interface.py``), the general plugin installs
 worker-side RPC methods (``WORKER_METHODS``, installed by ``plugin.py``) and the endpoint plugin
-(entry point ``vllm.endpoint_plugins: sparsity``) reaches them with ``EngineClient.collective_rpc``,
-which the engine core runs between two steps, so a change applies to every worker before the next
-step.
+(entry point ``vllm.endpoint_plugins: sparsity``) reaches them through the engine client
+(``_vllm_compat.collective_rpc``: every worker of every engine, with a deadline).
 
 Routes (opt-in: start the server with ``VLLM_PLUGINS=sparsity``; under ``/v1`` so that vLLM's
 ``--api-key`` check guards them):
 
-- ``GET /v1/sparsity``: ``{"p", "target", "backend", "targets"}`` plus ``"layers"``: per layer and
-  site, the monotonic counters ``zeroed`` and ``total`` (activations since start-up), merged over
-  the workers as ``/metrics`` merges them (``counters.merge``);
-- ``POST /v1/sparsity`` with ``{"p": 0.8, "target": "intermediate"}`` (either key may be left
-  out): sets them, clears the prefix cache (cached KV was computed under the old p) and answers as
-  GET. Bad values get HTTP 400 with a message; the server keeps serving.
+- ``GET /v1/sparsity``: ``{"p", "target", "backend", "targets", ...}`` plus ``"layers"``: per layer
+  and site, the monotonic counters ``zeroed`` and ``total`` (activations since start-up), merged
+  over the workers as ``/metrics`` merges them (``counters.merge``).
+- ``POST /v1/sparsity`` with ``Content-Type: application/json`` and a body such as
+  ``{"p": 0.8, "target": "intermediate"}`` (either key may be left out; at most ``MAX_BODY_BYTES``).
+
+Semantics of a POST: **a change applies to the requests admitted after it**. The route pauses the
+engine (``EngineClient.pause_generation(mode="wait", clear_cache=True)``, vLLM's
+``EngineCoreProc.pause_scheduler``): the requests in flight run to their end at the p they started
+with, requests arriving meanwhile wait in the queue, and once the engine is idle vLLM clears the
+KV and prefix caches (it raises if it cannot). The route then confirms the prefix cache is empty
+(``reset_prefix_cache()`` returns True on an idle engine), sets p and target on every worker,
+checks that every worker took them, and resumes generation, in that order, under one lock, so
+concurrent POSTs are applied one after the other and each reply shows its own change. No prompt is
+ever served from KV computed at another p. One exception, from vLLM's scheduler: a request that was
+preempted for lack of KV space before the change holds no KV and waits in the queue like a new one;
+it is recomputed, and finishes, at the new p.
+
+What a POST costs: it returns once the slowest request in flight has finished (new requests wait as
+long), and the prefix cache starts empty. If the requests in flight do not finish within
+``VLLM_SPARSITY_DRAIN_TIMEOUT_S`` (default 60 s), it resumes the engine, changes nothing and answers
+503. Errors: 400 bad value (the message names the field and the allowed values), 409 sparsity off
+or the engine paused by someone else, 413 body too large, 415 not ``application/json``, 500 the
+engine could not confirm an empty prefix cache or a worker did not take the change, 503 drain
+timeout. The server keeps serving after every one of them.
+
+The lock is per API server process: with ``--api-server-count`` > 1 send changes to one of them.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route handlers' annotations
 # (``request: Request``) at runtime.
+import asyncio
+import json
+import logging
 from typing import Any
 
 from vllm_sparsity import _vllm_compat, counters
+from vllm_sparsity import config as cfg
 from vllm_sparsity.clock import CLOCK
-from vllm_sparsity.config import TARGETS, SparsityConfigError, parse_p
+from vllm_sparsity.config import TARGETS, SparsityConfigError, parse_p, quote
 from vllm_sparsity.state import runtime_state
+
+logger = logging.getLogger("vllm.vllm_sparsity")
+
+MAX_BODY_BYTES = 4096  # a valid body is under 60 bytes
+BODY_KEYS = ("p", "target")
 
 # ---------------------------------------------------------------- worker side
 
@@ -40,11 +69,14 @@ def vllm_sparsity_snapshot(self) -> dict[str, Any] | None:
                              CLOCK.snapshot() if state.clock else None)
 
 
-def vllm_sparsity_set(self, p: float | None, target: str | None) -> None:
-    """Set p and/or target in this worker (values already validated by the caller)."""
+def vllm_sparsity_set(self, p: float | None, target: str | None) -> dict[str, Any] | None:
+    """Set p and/or target in this worker (values already validated by the caller); returns the
+    worker's settings after the change (``RuntimeState.settings``), None when the plugin is off."""
     state = runtime_state(_vllm_compat.worker_model(self))
-    if state is not None:
-        state.set(p=p, target=target)
+    if state is None:
+        return None
+    state.set(p=p, target=target)
+    return state.settings()
 
 
 WORKER_METHODS = {f.__name__: f for f in (vllm_sparsity_snapshot, vllm_sparsity_set)}
@@ -53,12 +85,138 @@ WORKER_METHODS = {f.__name__: f for f in (vllm_sparsity_snapshot, vllm_sparsity_
 # ---------------------------------------------------------------- API server side
 
 
-async def _state(engine) -> dict[str, Any] | None:
-    """The route's answer: the settings and per-layer counters of all workers, merged."""
-    merged = counters.merge(await engine.collective_rpc("vllm_sparsity_snapshot"))
+class RouteError(Exception):
+    """An answer other than 200: HTTP ``status`` and a one-line ``message``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+async def _state(engine) -> dict[str, Any]:
+    """The route's answer: the settings and per-layer counters of all workers, merged (plus
+    whatever ``counters.merge`` reports of disagreeing workers). RouteError 409 when off."""
+    merged = counters.merge(await _vllm_compat.collective_rpc(engine, "vllm_sparsity_snapshot"))
     if merged is None:
-        return None
-    return {**merged["settings"], "layers": counters.route_layers(merged)}
+        raise RouteError(409, "sparsity is off: start the server with --sparsity-p to enable "
+                         "runtime control")
+    extra = {k: merged[k] for k in ("disagreement",) if k in merged}
+    return {**merged["settings"], **extra, "layers": counters.route_layers(merged)}
+
+
+async def read_json_body(request) -> Any:
+    """The request's JSON body. RouteError 415 unless ``Content-Type`` is ``application/json``
+    (as vLLM's own routes demand, ``validate_json_request``: a browser cannot send that
+    cross-site without a CORS preflight, which vLLM refuses unless ``--allowed-origins`` allows
+    it), 413 past ``MAX_BODY_BYTES`` (not read further), 400 when it is not JSON (bad UTF-8,
+    syntax, nesting too deep for the parser)."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise RouteError(415, "Content-Type must be application/json, got "
+                         + quote(request.headers.get("content-type")))
+    too_large = RouteError(413, f"body must be at most {MAX_BODY_BYTES} bytes")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise too_large
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise too_large
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError included
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
+        raise RouteError(400, f"body must be a JSON object ({reason}), got {quote(raw)}") from None
+
+
+def validate(body: Any) -> tuple[float | None, str | None]:
+    """``(p, target)`` from a parsed POST body, None for a key left out. Raises
+    SparsityConfigError naming the field and the allowed values (quoting at most
+    ``config.QUOTE_CHARS`` characters of a bad value)."""
+    usage = (f'body must be a JSON object with "p" (a number in {cfg.P_RANGE}) and/or "target" '
+             f"({', '.join(TARGETS)})")
+    if not isinstance(body, dict) or not body:
+        raise SparsityConfigError(f"{usage}; got {quote(body)}")
+    unknown = sorted(set(body) - set(BODY_KEYS))
+    if unknown:
+        raise SparsityConfigError(f"{usage}; unknown key(s) {quote(unknown)}")
+    # A key given as null is an error, not "unchanged": leave the key out for that.
+    p = parse_p(body["p"], "p", strings=False) if "p" in body else None
+    target = body.get("target")
+    if "target" in body and target not in TARGETS:
+        raise SparsityConfigError(
+            f"target must be one of {', '.join(TARGETS)}; got {quote(target)}")
+    return p, target
+
+
+async def change(engine, p: float | None, target: str | None, drain_timeout_s: float
+                 ) -> dict[str, Any]:
+    """Apply a validated change with the semantics of the module doc; returns the route's answer
+    (``_state``) after it. Call it under the route's lock. Raises RouteError (nothing changed,
+    unless the message says which workers did) and resumes generation whatever happens once it
+    has paused it."""
+    before = await _state(engine)
+    if target is not None and target not in before["targets"]:
+        raise RouteError(400, f"target must be one of {', '.join(before['targets'])} on this "
+                         f"server (started with --sparsity-target {before['started_target']}; "
+                         f"start with all_inputs to switch freely); got {quote(target)}")
+    if await engine.is_paused():
+        raise RouteError(409, "the engine is paused by another caller (e.g. a weight update); "
+                         "try again once it resumes")
+    # Shielded: a timeout must not cancel the engine's pause half-way (see _resume).
+    pause = asyncio.ensure_future(engine.pause_generation(mode="wait", clear_cache=True))
+    try:
+        await asyncio.wait_for(asyncio.shield(pause), drain_timeout_s)
+    except BaseException as e:  # the drain timed out, the engine failed, or we were cancelled
+        await _resume(engine, pause)
+        if isinstance(e, asyncio.TimeoutError):
+            raise RouteError(503, f"the requests in flight did not finish within "
+                             f"{drain_timeout_s:g} s ({cfg.DRAIN_TIMEOUT_ENV}); nothing changed, "
+                             "generation resumed") from None
+        if isinstance(e, Exception):
+            raise RouteError(500, f"the engine could not pause and clear its caches ({_why(e)}); "
+                             "nothing changed, generation resumed") from None
+        raise
+    try:
+        if not await engine.reset_prefix_cache():
+            raise RouteError(500, "the engine could not confirm an empty prefix cache; nothing "
+                             "changed, generation resumed")
+        want_p = before["p"] if p is None else p
+        want_target = before["target"] if target is None else target
+        asked = f"p={want_p:g}, target={want_target}"
+        try:
+            replies = await _vllm_compat.collective_rpc(engine, "vllm_sparsity_set", (p, target))
+        except Exception as e:  # a worker timed out or died: some may have taken the change
+            raise RouteError(500, f"setting {asked} on the workers failed ({_why(e)}); GET "
+                             "/v1/sparsity shows the state, POST again to retry") from None
+        wrong = [rank for rank, r in enumerate(replies)
+                 if not r or (r["p"], r["target"]) != (want_p, want_target)]
+        if wrong or not replies:
+            raise RouteError(500, f"workers {wrong} did not take {asked}; GET /v1/sparsity shows "
+                             "the state, POST again to retry")
+        return await _state(engine)
+    finally:
+        await _resume(engine, pause)
+
+
+async def _resume(engine, pause: asyncio.Future) -> None:
+    """Resume generation. A data-parallel engine refuses while its pause is still pending
+    (``DPEngineCoreProc.resume_scheduler``): then resume as soon as the pause completes."""
+    pause.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning
+    try:
+        await engine.resume_generation()
+    except Exception as e:
+        if pause.done():
+            raise RouteError(500, f"generation could not be resumed ({_why(e)})") from None
+        logger.warning("vllm-sparsity: resume refused while the pause is pending (%s); resuming "
+                       "once it completes", e)
+        pause.add_done_callback(lambda _: asyncio.ensure_future(engine.resume_generation()))
+
+
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 class SparsityEndpoint:
@@ -67,59 +225,41 @@ class SparsityEndpoint:
     name = "sparsity"
     required_tasks = ("generate",)
 
+    def __init__(self) -> None:
+        self.engine = None
+        self.drain_timeout_s = cfg.DEFAULT_DRAIN_TIMEOUT_S
+        self.lock = asyncio.Lock()  # one change at a time (binds to the server's loop on first use)
+
     def attach_router(self, app) -> None:
         from fastapi import APIRouter, Request
         from fastapi.responses import JSONResponse
 
         router = APIRouter()
 
-        async def current(engine) -> JSONResponse:
-            state = await _state(engine)
-            if state is None:
-                return JSONResponse({"error": "sparsity is off: start the server with "
-                                     "--sparsity-p to enable runtime control"}, status_code=409)
-            return JSONResponse(state)
+        async def answer(work) -> JSONResponse:
+            try:
+                return JSONResponse(await work)
+            except RouteError as e:
+                return JSONResponse({"error": e.message}, status_code=e.status)
 
         @router.get("/v1/sparsity")
         async def get_sparsity(request: Request):
-            return await current(request.app.state.vllm_sparsity_engine)
+            return await answer(_state(self.engine))
 
         @router.post("/v1/sparsity")
         async def set_sparsity(request: Request):
-            engine = request.app.state.vllm_sparsity_engine
-            try:
-                body = await request.json()
-            except ValueError:
-                body = None
-            try:
-                p, target = _validate(body)
-            except SparsityConfigError as e:
-                return JSONResponse({"error": str(e)}, status_code=400)
-            state = await _state(engine)
-            if state is None:
-                return await current(engine)
-            if target is not None and target not in state["targets"]:
-                return JSONResponse({"error": (
-                    f"target must be one of {', '.join(state['targets'])} on this server "
-                    f"(started with --sparsity-target {state['started_target']}; start with "
-                    "all_inputs to switch freely); got " + repr(target))}, status_code=400)
-            await engine.collective_rpc("vllm_sparsity_set", args=(p, target))
-            await engine.reset_prefix_cache()
-            return await current(engine)
+            return await answer(self._post(request))
 
         app.include_router(router)
 
+    async def _post(self, request) -> dict[str, Any]:
+        try:
+            p, target = validate(await read_json_body(request))
+        except SparsityConfigError as e:
+            raise RouteError(400, str(e)) from None
+        async with self.lock:
+            return await change(self.engine, p, target, self.drain_timeout_s)
+
     async def init_state(self, engine_client, state, args) -> None:
-        state.vllm_sparsity_engine = engine_client
-
-
-def _validate(body: Any) -> tuple[float | None, str | None]:
-    if not isinstance(body, dict) or not body or set(body) - {"p", "target"}:
-        raise SparsityConfigError(
-            'body must be a JSON object with "p" (a number in (0, 1]) and/or "target" '
-            f"({', '.join(TARGETS)}); got {body!r}")
-    p = parse_p(body["p"], "p", strings=False) if body.get("p") is not None else None
-    target = body.get("target")
-    if target is not None and not isinstance(target, str):
-        raise SparsityConfigError(f"target must be a string; got {target!r}")
-    return p, target
+        self.engine = engine_client
+        self.drain_timeout_s = cfg.drain_timeout_s()
