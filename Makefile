@@ -3,7 +3,11 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
+# Loopback only: the runtime-control route has no key in the demo (HOST=0.0.0.0 to open it, and
+# then VLLM_ARGS='--api-key KEY').
+HOST ?= 127.0.0.1
 P ?= 0.9
+VLLM_ARGS ?=
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -41,7 +45,8 @@ kernels: setup
 
 demo: setup kernels
 	VLLM_PLUGINS=sparsity $(VENV)/bin/vllm serve "$$($(VENV)/bin/vllm-sparsity demo-model)" \
-		--served-model-name gemma-3-270m --max-model-len 2048 --port $(PORT) --sparsity-p $(P)
+		--served-model-name gemma-3-270m --max-model-len 2048 --host $(HOST) --port $(PORT) \
+		--sparsity-p $(P) $(VLLM_ARGS)
 
 test: setup kernels
 	$(VENV)/bin/vllm-sparsity demo-model >/dev/null
