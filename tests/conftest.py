@@ -1,8 +1,9 @@
 """Shared fixtures: the demo model, and real `vllm serve` processes shared by the whole session.
 
-vLLM start-up (Inductor compile included) takes minutes on this CPU, so the session starts exactly
+vLLM start-up (Inductor compile included) takes minutes on this CPU, so the session starts at most
 two servers, in parallel, on first use: ``sparse_server`` (plugin on, ``--sparsity-p 0.9``, the
-runtime-control route enabled, an API key set) and ``dense_server`` (plugin off). Each is stopped
+runtime-control route enabled, an API key set, ``usage.prompt_tokens_details.cached_tokens`` in
+replies) and ``dense_server`` (plugin off), each only if a selected test uses it. Each is stopped
 at the end of the session, whatever happened. Both run in float32 (``--dtype float32``), so that
 comparisons with HF transformers are not swamped by bf16 rounding (see test_fidelity.py); bf16 is
 covered by the rule and kernel tests and by ``make demo``.
@@ -113,14 +114,28 @@ def demo_model() -> Path:
     return demo_model_path()
 
 
+_NEEDED = pytest.StashKey[set]()
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+def pytest_collection_modifyitems(config, items):
+    """Note which servers the selected tests use (fixtures named in their closure)."""
+    config.stash[_NEEDED] = {name.removesuffix("_server") for item in items
+                             for name in ("sparse_server", "dense_server")
+                             if name in getattr(item, "fixturenames", ())}
+
+
 @pytest.fixture(scope="session")
-def _servers(tmp_path_factory, demo_model):
+def _servers(tmp_path_factory, demo_model, pytestconfig):
     log_dir = tmp_path_factory.mktemp("servers")
-    servers = {
-        "sparse": start_server("sparse", ["--sparsity-p", "0.9"], log_dir,
-                               env={"VLLM_PLUGINS": "sparsity"}, api_key=API_KEY),
-        "dense": start_server("dense", [], log_dir),
-    }
+    needed = pytestconfig.stash.get(_NEEDED, {"sparse", "dense"})
+    servers = {}
+    if "sparse" in needed:
+        servers["sparse"] = start_server(
+            "sparse", ["--sparsity-p", "0.9", "--enable-prompt-tokens-details"], log_dir,
+            env={"VLLM_PLUGINS": "sparsity"}, api_key=API_KEY)
+    if "dense" in needed:
+        servers["dense"] = start_server("dense", [], log_dir)
     try:
         yield servers
     finally:
