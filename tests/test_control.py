@@ -10,8 +10,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
-import requests
-from route_client import START, complete, get_state, healthy, restore, route, settings
+from route_client import START, complete, get_state, healthy, post, restore, settings
 
 from vllm_sparsity import config, control
 from vllm_sparsity.config import SparsityConfig
@@ -147,6 +146,15 @@ def test_an_engine_paused_by_someone_else_is_left_paused():
     r = post_json(app_for(engine), {"p": 0.5})
     assert r.status_code == 409 and "paused by another caller" in r.json()["error"]
     assert engine.paused and engine.log == []
+
+
+def test_get_passes_on_what_the_merge_reports_of_disagreeing_workers(monkeypatch):
+    from vllm_sparsity import counters
+
+    merge = counters.merge
+    monkeypatch.setattr(counters, "merge", lambda snaps: {**merge(snaps), "disagreement": [1]})
+    r = asyncio.run(send(app_for(FakeEngine()), ("GET", "", {})))[0]
+    assert r.status_code == 200 and r.json()["disagreement"] == [1] and r.json()["p"] == 0.9
 
 
 @pytest.mark.parametrize("headers, body, status, message", [
@@ -347,6 +355,24 @@ def test_valid_change_then_restore(sparse_server):
     try:
         assert status == 200 and settings(json.loads(reply)) == (0.75, "intermediate")
         assert settings(get_state(sparse_server)) == (0.75, "intermediate")
+    finally:
+        restore(sparse_server)
+    unchanged_and_serving(sparse_server)
+
+
+def test_concurrent_posts_each_answer_their_own_change(sparse_server):
+    """Changes sent together are applied one after the other: each reply shows the values its
+    own body asked for, and the server ends in one of them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    asked = [(0.55, "input"), (0.65, "intermediate"), (0.75, "all_inputs"), (0.85, "input")]
+    try:
+        with ThreadPoolExecutor(len(asked)) as pool:
+            replies = list(pool.map(lambda b: post(sparse_server, {"p": b[0], "target": b[1]}),
+                                    asked))
+        assert [r.status_code for r in replies] == [200] * len(asked)
+        assert [settings(r.json()) for r in replies] == asked
+        assert settings(get_state(sparse_server)) in asked
     finally:
         restore(sparse_server)
     unchanged_and_serving(sparse_server)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import requests
 from route_client import (START, cached_tokens, complete, get_state, healthy, post, restore,
@@ -55,9 +54,8 @@ def test_load_counts_every_token_once(sparse_server, demo_model):
     assert 0 < zeroed < sum(growth.values())
 
 
-def probe_prompt(k: int) -> str:
-    """A prompt of several KV blocks unique to flip ``k`` (no other request shares its start)."""
-    return f"Probe {k}: " + " ".join(f"item {k}.{i} is blue," for i in range(60))
+# A prompt of several KV blocks that no load request shares (they are all under one block).
+PROBE = "Probe: " + " ".join(f"item {i} is blue," for i in range(60))
 
 
 def test_flips_under_load_never_serve_kv_from_another_p(sparse_server):
@@ -65,46 +63,44 @@ def test_flips_under_load_never_serve_kv_from_another_p(sparse_server):
     change, the server is healthy after, and no request is served from prefix-cache blocks
     computed at another p.
 
-    Observation: before each change, a request computes (and leaves in the prefix cache) the
-    blocks of a prompt unique to that change; after the POST returns, a request sharing that
-    prompt must find nothing cached (``usage.prompt_tokens_details.cached_tokens`` == 0), and a
-    third one must hit what the second computed (proof that the cache is on and observed)."""
-    loads = []
+    Observation: after each change a probe request sends ``PROBE`` plus a new ending; the whole
+    blocks of ``PROBE`` were computed (and left in the prefix cache) by the previous probe, before
+    the change, so the probe must find nothing cached (``usage.prompt_tokens_details.
+    cached_tokens`` == 0). Once, a second request right after the probe must hit the probe's
+    blocks: proof that the cache is on and observed."""
+    loads, stale, posts = [], [], []
     loader = threading.Thread(target=lambda: loads.append(run_load(sparse_server, FLIP_LOAD_S)))
-    stale, flips = [], 0
-    t_end = time.monotonic() + FLIP_LOAD_S - 2 * FLIP_EVERY_S
+    t_end = time.monotonic() + FLIP_LOAD_S - FLIP_EVERY_S
     loader.start()
     try:
         time.sleep(FLIP_EVERY_S)  # let the streams fill the batch
-        warm = complete(sparse_server, probe_prompt(0) + " First", 1)
+        warm = complete(sparse_server, PROBE + " Start", 1)
         assert warm["usage"]["prompt_tokens"] > 2 * BLOCK_TOKENS
         while time.monotonic() < t_end:
+            p, target = FLIPS[len(posts) % len(FLIPS)]
             t0 = time.monotonic()
-            p, target = FLIPS[flips % len(FLIPS)]
             r = post(sparse_server, {"p": p, "target": target})
+            posts.append(time.monotonic() - t0)
             assert r.status_code == 200, r.text
             assert settings(r.json()) == (p, target)
-            # The probe of this change, while the next change's prompt is computed at this p.
-            with ThreadPoolExecutor(2) as pool:
-                probe = pool.submit(complete, sparse_server, probe_prompt(flips) + " Second", 1)
-                pool.submit(complete, sparse_server, probe_prompt(flips + 1) + " First", 1)
-            if cached_tokens(probe.result()):
-                stale.append(f"flip {flips} to p={p}, {target}: {cached_tokens(probe.result())} "
-                             "prompt tokens served from blocks computed before the change")
-            if flips == 0:  # the cache is on and observed: a hit on the probe's own blocks
-                again = complete(sparse_server, probe_prompt(flips) + " Third", 1)
+            probe = cached_tokens(complete(sparse_server, PROBE + f" Flip {len(posts)}", 1))
+            if probe:
+                stale.append(f"flip {len(posts)} to p={p}, {target}: {probe} prompt tokens "
+                             "served from blocks computed before the change")
+            if len(posts) == 1:  # the cache is on and observed: a hit on the probe's blocks
+                again = complete(sparse_server, PROBE + " Again", 1)
                 assert cached_tokens(again) >= 2 * BLOCK_TOKENS
-            flips += 1
             time.sleep(max(0.0, FLIP_EVERY_S - (time.monotonic() - t0)))
     finally:
         loader.join()
         restore(sparse_server)
     result = loads[0]
-    print("\n" + result.report(f"load with {flips} flips"))
+    print("\n" + result.report(f"load with {len(posts)} flips") + ", POST took "
+          + ", ".join(f"{s:.1f}" for s in posts) + " s")
     print("\n".join(stale))
     assert stale == []
     assert result.errors == []
-    assert flips >= 2
+    assert len(posts) >= 2
     assert healthy(sparse_server)
     assert settings(get_state(sparse_server)) == (START["p"], START["target"])
 
