@@ -25,7 +25,8 @@ checks that every worker took them, and resumes generation, in that order, under
 concurrent POSTs are applied one after the other and each reply shows its own change. No prompt is
 ever served from KV computed at another p. One exception, from vLLM's scheduler: a request that was
 preempted for lack of KV space before the change holds no KV and waits in the queue like a new one;
-it is recomputed, and finishes, at the new p.
+it is recomputed at the new p, so its tokens from before the preemption came from the old p and the
+rest from the new one.
 
 What a POST costs: it returns once the slowest request in flight has finished (new requests wait as
 long), and the prefix cache starts empty. If the requests in flight do not finish within
