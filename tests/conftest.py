@@ -3,7 +3,11 @@
 vLLM start-up (Inductor compile included) takes minutes on this CPU, so the session starts exactly
 two servers, in parallel, on first use: ``sparse_server`` (plugin on, ``--sparsity-p 0.9``, the
 runtime-control route enabled, an API key set) and ``dense_server`` (plugin off). Each is stopped
-at the end of the session, whatever happened. Both run in float32 (``--dtype float32``), so that
+at the end of the session, whatever happened (also after a test killed one of its processes).
+Tests marked ``kills_server`` break ``sparse_server`` for good: they run after every other test
+(``pytest_collection_modifyitems``), and ``sparse_server`` keeps its API server up after its engine
+dies (``VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1``) so that they can read ``/health`` and ``/metrics``
+then. Both run in float32 (``--dtype float32``), so that
 comparisons with HF transformers are not swamped by bf16 rounding (see test_fidelity.py); bf16 is
 covered by the rule and kernel tests and by ``make demo``.
 """
@@ -69,13 +73,17 @@ class Server:
         raise TimeoutError(f"{self.name} not ready after {START_TIMEOUT_S} s; log: {self.log}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        """End the server's whole process group, even when some of its processes (or the API
+        server itself) already died: orphaned engine or worker processes keep the group."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:  # no process left in the group
+                break
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                pass  # then SIGKILL; after a clean exit, SIGKILL ends any orphan of the group
 
     def completion(self, prompt, **kw) -> dict:
         body = {"model": SERVED_NAME, "prompt": prompt, "temperature": 0.0, **kw}
@@ -106,6 +114,16 @@ def start_server(name: str, args: list[str], log_dir: Path, env: dict | None = N
     return Server(name, proc, port, log, api_key)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "kills_server: kills a process of the session's shared "
+                            "sparse_server; runs after every other test")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the ``kills_server`` tests last, in their collected order."""
+    items.sort(key=lambda item: item.get_closest_marker("kills_server") is not None)
+
+
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
     from vllm_sparsity.demo_model import demo_model_path
@@ -118,7 +136,8 @@ def _servers(tmp_path_factory, demo_model):
     log_dir = tmp_path_factory.mktemp("servers")
     servers = {
         "sparse": start_server("sparse", ["--sparsity-p", "0.9"], log_dir,
-                               env={"VLLM_PLUGINS": "sparsity"}, api_key=API_KEY),
+                               env={"VLLM_PLUGINS": "sparsity",
+                                    "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"}, api_key=API_KEY),
         "dense": start_server("dense", [], log_dir),
     }
     try:
