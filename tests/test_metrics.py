@@ -200,7 +200,7 @@ def poll_until(engine, collector, done, interval=0.01):
 
 def test_poller_sums_the_counters_of_every_data_parallel_replica():
     engine = DataParallelEngine([(30, 100), (50, 200), (7, 40)])
-    collector = metrics.SparsityCollector("m", engine)
+    collector = metrics.SparsityCollector("m")
     poll_until(engine, collector, lambda: collector.snapshot is not None)
     served = {(s.name, s.labels["phase"]): s.value for s in
               scrape(collector)["vllm_sparsity_activations"].samples}
@@ -436,58 +436,77 @@ def test_prometheus_scrapes_plugin_and_vllm_metrics_with_true_values(sparse_serv
     series = len(query(prom, f'{{__name__=~"vllm_sparsity_.*", {s}}}'))
     per_site = 2 * (5 + NB + 3)  # phases x (5 counters + buckets, +Inf, _sum, _count)
     latency = 2 * (len(LATENCY_BUCKETS_S) + 3)
-    assert series == 2 + 1 + n_sites * per_site + latency
+    assert series == 2 + 1 + 2 + n_sites * per_site + latency  # p x 2, info, stamp, disagree
+    # Fresh, and every worker agrees.
+    age = value(prom, f"time() - vllm_sparsity_last_poll_timestamp_seconds{{{s}}}")
+    assert 0 <= age < 2 * config.DEFAULT_INTERVAL_S + 3 * SCRAPE_S
+    assert value(prom, f"vllm_sparsity_disagreeing_workers{{{s}}}") == 0
 
     # 3. Every query of the dashboard and the rules returns data.
     time.sleep(3 * SCRAPE_S)  # a few rule evaluations after the last traffic
     window = f"{int(time.time() - started) + 10}s"
-    exprs = dashboard_queries(server.model, window) + rule_queries()
+    instance = f"127.0.0.1:{server.port}"
+    exprs = dashboard_queries(server.model, re.escape(instance), window) + rule_queries()
     for what, expr in exprs:
         result = query(prom, expr)
+        if what.startswith("silent alert"):  # a set operation: no series while all is well
+            assert result == [], (what, result)
+            continue
         assert result, f"{what}: no data for {expr}"
         if what.startswith("dashboard"):
             assert any(math.isfinite(float(r["value"][1])) for r in result), (what, result)
+            assert {r["metric"].get("instance", instance) for r in result} == {instance}, what
+        if what in HEALTHY_QUIET:
+            assert all(float(r["value"][1]) == 0 for r in result), (what, result)
 
 
-def dashboard_queries(model, window) -> list[tuple[str, str]]:
+# Alerts that a healthy, freshly polled server must not trip.
+HEALTHY_QUIET = {"alert VllmSparsityMetricsStale", "alert VllmSparsityWorkersDisagree"}
+
+
+def dashboard_queries(model, instance, window) -> list[tuple[str, str]]:
     board = json.loads(DASHBOARD.read_text())
     return [(f"dashboard: {p['title']}",
-             t["expr"].replace("$model_name", model).replace("$__rate_interval", window))
+             t["expr"].replace("$model_name", model).replace("$instance", instance)
+             .replace("$__rate_interval", window))
             for p in board["panels"] for t in p["targets"]]
 
 
 def rule_queries() -> list[tuple[str, str]]:
     """Recording rules: their expression and the recorded series. Alerts: their expression with
-    its top-level comparison turned into `bool`, which returns 0/1 instead of filtering."""
+    its top-level comparison turned into `bool`, which returns 0/1 instead of filtering; an alert
+    without one (a set operation such as `unless`) as it is, named "silent alert"."""
     out = []
     for group in yaml.safe_load((DEPLOY / "rules.yml").read_text())["groups"]:
         for rule in group["rules"]:
             if "record" in rule:
                 out += [(f"record {rule['record']}", rule["expr"]),
                         (f"recorded {rule['record']}", rule["record"])]
+            elif (expr := with_bool(rule["expr"])) is None:
+                out.append((f"silent alert {rule['alert']}", rule["expr"]))
             else:
-                out.append((f"alert {rule['alert']}", with_bool(rule["expr"])))
+                out.append((f"alert {rule['alert']}", expr))
     return out
 
 
-def with_bool(expr: str) -> str:
+def with_bool(expr: str) -> str | None:
     depth = 0
     for i, ch in enumerate(expr):
         depth += ch in "([{"
         depth -= ch in ")]}"
         if depth == 0 and ch in "<>" and expr[i + 1] not in "=":
             return expr[:i + 1] + " bool" + expr[i + 1:]
-    raise ValueError(f"no top-level comparison in {expr!r}")
+    return None
 
 
 def test_bad_interval_stops_the_server_with_one_clear_line(demo_model):
     vllm = Path(sys.executable).with_name("vllm")
     proc = subprocess.run([str(vllm), "serve", str(demo_model), "--sparsity-p", "0.5"],
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, config.INTERVAL_ENV: "soon"})
+                          capture_output=True, text=True, timeout=300,  # vLLM's imports
+                          env={**os.environ, config.INTERVAL_ENV: "1e-9"})  # back-to-back RPCs
     assert proc.returncode == 2
-    assert (f"vllm serve: error: {config.INTERVAL_ENV} must be a number of seconds >= 0 (0 turns "
-            "the metrics off), got 'soon'") in proc.stderr.splitlines()
+    assert (f"vllm serve: error: {config.INTERVAL_ENV} must be 0 (metrics off) or a number of "
+            "seconds in [0.5, 3600], got '1e-9'") in proc.stderr.splitlines()
 
 
 def test_metrics_endpoint_needs_no_api_key_and_carries_both_prefixes(sparse_server):
@@ -501,3 +520,71 @@ def test_metrics_endpoint_needs_no_api_key_and_carries_both_prefixes(sparse_serv
 def test_plugin_off_publishes_no_sparsity_series(dense_server):
     text = requests.get(f"{dense_server.url}/metrics", timeout=30).text
     assert "vllm:generation_tokens_total" in text and "vllm_sparsity_" not in text
+
+
+# ------------------------------------------------------------------ last: a worker dies
+
+def plugin_families(server) -> dict:
+    text = requests.get(f"{server.url}/metrics", timeout=30).text
+    return {f.name: f for f in text_string_to_metric_families(text)
+            if f.name.startswith("vllm_sparsity_")}
+
+
+def poll_stamp(families) -> float:
+    (sample,) = families["vllm_sparsity_last_poll_timestamp_seconds"].samples
+    return sample.value
+
+
+@pytest.mark.kills_server
+def test_killed_worker_fails_requests_and_stops_claiming_fresh_metrics(sparse_server):
+    """SIGKILL the sparse server's model worker while a request decodes (the session's last test:
+    the server is dead after it; it keeps its API server, VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1)."""
+    import psutil
+
+    server = sparse_server
+    wait_until(lambda: "vllm_sparsity_activations_total" in plugin_families(server), 30,
+               "a poll of the workers")
+    assert time.time() - poll_stamp(plugin_families(server)) < 2 * config.DEFAULT_INTERVAL_S + 2
+
+    outcome = {}
+
+    def long_request():
+        try:
+            r = requests.post(f"{server.url}/v1/completions", headers=server.headers, timeout=300,
+                              json={"model": server.model, "prompt": unique_prompt(10),
+                                    "max_tokens": 1500, "ignore_eos": True})
+            outcome["status"] = r.status_code
+        except requests.RequestException as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    running = 'vllm:num_requests_running{'
+    wait_until(lambda: any(line.startswith(running) and float(line.split()[-1]) >= 1
+                           for line in requests.get(f"{server.url}/metrics", timeout=30)
+                           .text.splitlines()), 60, "the request is running")
+    workers = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+               if " ".join(p.cmdline()).startswith("VLLM::Worker")]
+    assert workers, [p.cmdline() for p in psutil.Process(server.proc.pid).children(True)]
+    killed_at = time.time()
+    workers[0].kill()
+
+    # The API server reports the failure: the running request fails, /health says 503, the
+    # route does not answer as if all were well.
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the running request neither failed nor finished"
+    assert outcome.get("status", 0) >= 500 or (
+        isinstance(outcome.get("error"), requests.ConnectionError)), outcome
+    wait_until(lambda: requests.get(f"{server.url}/health", timeout=10).status_code == 503, 60,
+               "/health reports the dead engine")
+    assert requests.get(f"{server.url}/v1/sparsity", headers=server.headers,
+                        timeout=30).status_code != 200
+
+    # The metrics stop claiming fresh data: only the timestamp of the last good poll is left,
+    # from before the kill, and it stays frozen past another poll interval.
+    families = plugin_families(server)
+    assert set(families) == {"vllm_sparsity_last_poll_timestamp_seconds"}, set(families)
+    frozen = poll_stamp(families)
+    assert frozen <= killed_at
+    time.sleep(config.DEFAULT_INTERVAL_S + 1)
+    assert poll_stamp(plugin_families(server)) == frozen
