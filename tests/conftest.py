@@ -4,7 +4,11 @@ vLLM start-up (Inductor compile included) takes minutes on this CPU, so the sess
 two servers, in parallel, on first use: ``sparse_server`` (plugin on, ``--sparsity-p 0.9``, the
 runtime-control route enabled, an API key set, ``usage.prompt_tokens_details.cached_tokens`` in
 replies) and ``dense_server`` (plugin off), each only if a selected test uses it. Each is stopped
-at the end of the session, whatever happened. Both run in float32 (``--dtype float32``), so that
+at the end of the session, whatever happened (also after a test killed one of its processes).
+Tests marked ``kills_server`` break ``sparse_server`` for good: they run after every other test
+(``pytest_collection_modifyitems``), and ``sparse_server`` keeps its API server up after its engine
+dies (``VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1``) so that they can read ``/health`` and ``/metrics``
+then. Both run in float32 (``--dtype float32``), so that
 comparisons with HF transformers are not swamped by bf16 rounding (see test_fidelity.py); bf16 is
 covered by the rule and kernel tests and by ``make demo``.
 """
@@ -70,13 +74,17 @@ class Server:
         raise TimeoutError(f"{self.name} not ready after {START_TIMEOUT_S} s; log: {self.log}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        """End the server's whole process group, even when some of its processes (or the API
+        server itself) already died: orphaned engine or worker processes keep the group."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:  # no process left in the group
+                break
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                pass  # then SIGKILL; after a clean exit, SIGKILL ends any orphan of the group
 
     def completion(self, prompt, **kw) -> dict:
         body = {"model": SERVED_NAME, "prompt": prompt, "temperature": 0.0, **kw}
@@ -107,6 +115,11 @@ def start_server(name: str, args: list[str], log_dir: Path, env: dict | None = N
     return Server(name, proc, port, log, api_key)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "kills_server: kills a process of the session's shared "
+                            "sparse_server; runs after every other test")
+
+
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
     from vllm_sparsity.demo_model import demo_model_path
@@ -119,7 +132,9 @@ _NEEDED = pytest.StashKey[set]()
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(config, items):
-    """Note which servers the selected tests use (fixtures named in their closure)."""
+    """Run the ``kills_server`` tests last, in their collected order, and note which servers the
+    selected tests use (fixtures named in their closure)."""
+    items.sort(key=lambda item: item.get_closest_marker("kills_server") is not None)
     config.stash[_NEEDED] = {name.removesuffix("_server") for item in items
                              for name in ("sparse_server", "dense_server")
                              if name in getattr(item, "fixturenames", ())}
@@ -133,7 +148,8 @@ def _servers(tmp_path_factory, demo_model, pytestconfig):
     if "sparse" in needed:
         servers["sparse"] = start_server(
             "sparse", ["--sparsity-p", "0.9", "--enable-prompt-tokens-details"], log_dir,
-            env={"VLLM_PLUGINS": "sparsity"}, api_key=API_KEY)
+            env={"VLLM_PLUGINS": "sparsity", "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"},
+            api_key=API_KEY)
     if "dense" in needed:
         servers["dense"] = start_server("dense", [], log_dir)
     try:

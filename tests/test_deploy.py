@@ -1,9 +1,11 @@
 """deploy/: promtool accepts the Prometheus configs and rules, the alerts fire when they should,
-and the dashboard, compose file and Kubernetes manifests name metrics and files that exist."""
+the dashboard, compose file and Kubernetes manifests name metrics and files that exist, the
+runtime route is enabled behind an API key, and the image's build context stays small."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -117,6 +119,74 @@ def test_alerts_fire_on_broken_sparsity_and_latency_and_not_otherwise(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def alerts_at(eval_time, alertname, exp_alerts):
+    return {"eval_time": eval_time, "alertname": alertname, "exp_alerts": exp_alerts}
+
+
+def fired(labels, summary, alertname, severity="warning"):
+    return {"exp_labels": {**labels, "severity": severity},
+            "exp_annotations": {"summary": summary, "description": descriptions()[alertname]}}
+
+
+def descriptions() -> dict:
+    return {r["alert"]: r["annotations"]["description"]
+            for g in yaml.safe_load((DEPLOY / "rules.yml").read_text())["groups"]
+            for r in g["rules"] if "alert" in r}
+
+
+def promtool_rule_test(tmp_path, inputs, alert_tests):
+    tests = {"rule_files": [str(DEPLOY / "rules.yml")], "evaluation_interval": "1m", "tests": [
+        {"interval": "1m", "input_series": inputs, "alert_rule_test": alert_tests}]}
+    path = tmp_path / "rules_test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    r = promtool("test", "rules", str(path))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_gpu_latency_alert_fires_on_inter_token_latency(tmp_path):
+    """vLLM's inter-token latency (published on CUDA too): 20 ms for 20 minutes, then 200 ms."""
+    job = {"job": "vllm", "instance": "a:8000", "model_name": "m"}
+    inputs = [series("vllm:inter_token_latency_seconds_bucket", {**job, "engine": "0", "le": le},
+                     f"0+{fast}x20 {20 * fast}+{slow}x20")
+              for le, fast, slow in (("0.025", 100, 0), ("0.25", 100, 100), ("+Inf", 100, 100))]
+    # histogram_quantile: linear inside the bucket (0.025, 0.25] that holds every token.
+    p99 = 0.025 + (0.25 - 0.025) * 0.99
+    promtool_rule_test(tmp_path, inputs, [
+        alerts_at("18m", "VllmSparsityInterTokenLatencyRegression", []),
+        alerts_at("39m", "VllmSparsityInterTokenLatencyRegression", [fired(
+            job, f"m on a:8000: inter-token latency p99 is {p99 * 1e3:.4g}ms, 1.5x its 1-day "
+            "average", "VllmSparsityInterTokenLatencyRegression")])])
+
+
+def test_stale_absent_and_disagreement_alerts_fire_for_the_bad_replica_only(tmp_path):
+    """Three replicas of one model, 40 one-minute steps. a: healthy. b: its plugin polled the
+    workers for 20 minutes, then stopped (engine dead, or polls failing), and from minute 10 one
+    worker disagrees. c: vLLM without any plugin series."""
+    job = {"job": "vllm", "model_name": "m"}
+    a, b, c = ({**job, "instance": f"{x}:8000"} for x in "abc")
+    inputs = [series("vllm:num_requests_running", {**r, "engine": "0"}, "1x40") for r in (a, b, c)]
+    inputs += [
+        # Unix time of the last poll: promtool's clock starts at 0, one step is 60 s.
+        series("vllm_sparsity_last_poll_timestamp_seconds", a, "0+60x40"),
+        series("vllm_sparsity_last_poll_timestamp_seconds", b, "0+60x20 1200x20"),
+        series("vllm_sparsity_disagreeing_workers", a, "0x40"),
+        series("vllm_sparsity_disagreeing_workers", b, "0x10 1x30"),
+    ]
+    promtool_rule_test(tmp_path, inputs, [
+        alerts_at("20m", "VllmSparsityMetricsStale", []),
+        alerts_at("30m", "VllmSparsityMetricsStale", [fired(
+            b, "m on b:8000: sparsity metrics are 10m 0s old", "VllmSparsityMetricsStale")]),
+        alerts_at("5m", "VllmSparsitySeriesAbsent", []),
+        alerts_at("15m", "VllmSparsitySeriesAbsent", [fired(
+            c, "m on c:8000: vLLM is up but no vllm_sparsity_* series",
+            "VllmSparsitySeriesAbsent")]),
+        alerts_at("10m", "VllmSparsityWorkersDisagree", []),
+        alerts_at("15m", "VllmSparsityWorkersDisagree", [fired(
+            b, "m on b:8000: 1 worker(s) run other sparsity settings",
+            "VllmSparsityWorkersDisagree", severity="critical")]),
+    ])
+
+
 def metric_names(expr: str) -> set[str]:
     """Metric names in a PromQL expression (vLLM's have a colon; recording rules start with
     vllm_sparsity: and are not exported names)."""
@@ -151,22 +221,31 @@ def test_every_dashboard_and_rule_metric_exists():
 
 
 def test_metric_names_follow_the_style():
+    # Units as suffixes; a count of workers is in workers (Prometheus: unit, plural).
     for name in metrics.METRIC_NAMES:
-        assert re.fullmatch(r"vllm_sparsity_[a-z_]+_(total|seconds|ratio|info)", name), name
+        assert re.fullmatch(r"vllm_sparsity_[a-z_]+_(total|seconds|ratio|info|workers)", name), name
 
 
-def test_dashboard_uses_the_datasource_and_model_name_variables():
+def test_dashboard_uses_the_datasource_model_name_and_instance_variables():
     board = json.loads(DASHBOARD.read_text())
     variables = {v["name"]: v for v in board["templating"]["list"]}
     assert variables["DS_PROMETHEUS"]["type"] == "datasource"
+    # Both from a vLLM series: they list a server whose plugin series vanished, too.
     assert variables["model_name"]["type"] == "query"
+    assert variables["model_name"]["query"]["query"] == \
+        "label_values(vllm:num_requests_running, model_name)"
+    instance = variables["instance"]
+    assert instance["query"]["query"] == \
+        'label_values(vllm:num_requests_running{model_name="$model_name"}, instance)'
+    assert instance["multi"] and instance["includeAll"] and instance["allValue"] == ".*"
     titles = [p["title"] for p in board["panels"]]
     assert len(set(titles)) == len(titles)
     assert len({p["id"] for p in board["panels"]}) == len(titles)
     for panel in board["panels"]:
         assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
         for target in panel["targets"]:
-            assert 'model_name="$model_name"' in target["expr"], panel["title"]
+            assert 'model_name="$model_name", instance=~"$instance"' in target["expr"], \
+                panel["title"]
     kinds = {p["type"] for p in board["panels"]}
     assert "heatmap" in kinds
 
@@ -183,6 +262,48 @@ def test_compose_mounts_files_that_exist():
     scrape = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["scrape_configs"][0]
     assert scrape["static_configs"][0]["targets"] == ["vllm:8000"]
     assert scrape["metrics_path"] == "/metrics"
+
+
+def test_runtime_route_is_enabled_behind_a_secret_api_key():
+    """The runbook's GET /v1/sparsity needs the route (VLLM_PLUGINS) and, to stay safe, a key."""
+    (deployment,) = k8s_docs("deployment.yaml")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert "sparsity" in env["VLLM_PLUGINS"]["value"].split(",")
+    key = env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert key["name"] and key["key"] and not key.get("optional", False)
+    assert not any(a.startswith("--api-key") for a in container["args"])  # not in the cmdline
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["vllm"]
+    assert "sparsity" in compose["environment"]["VLLM_PLUGINS"].split(",")
+    assert compose["environment"]["VLLM_API_KEY"].startswith("${VLLM_API_KEY:?")  # required
+    readme = (REPO / "README.md").read_text()
+    assert re.search(r'curl [^\n]*/v1/sparsity -H "Authorization: Bearer \$VLLM_API_KEY"',
+                     readme), "the runbook shows the key header"
+
+
+CONTEXT_LIMIT_BYTES = 5 * 2**20
+
+
+def test_docker_build_context_stays_small():
+    """The files docker sends for compose.yaml's build (context: the repository root), selected
+    as docker does from .dockerignore (docker-py's exclude_paths implements its rules)."""
+    from docker.utils.build import exclude_paths
+
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    root = (DEPLOY / compose["services"]["vllm"]["build"]["context"]).resolve()
+    assert root == REPO
+    lines = (root / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    sent = exclude_paths(str(root), patterns)
+    files = [f for f in sent if os.path.isfile(root / f) and not os.path.islink(root / f)]
+    size = sum(os.path.getsize(root / f) for f in files)
+    assert size < CONTEXT_LIMIT_BYTES, (size, sorted(files, key=lambda f: -os.path.getsize(
+        root / f))[:10])
+    assert not {f.split("/")[0] for f in sent} & {".git", ".venv", "tests", "deploy"}
+    assert not [f for f in sent if "__pycache__" in f or f.endswith(".pyc")]
+    # What `pip install` of the package reads is all there.
+    assert {"pyproject.toml", "README.md", "vllm_sparsity/plugin.py",
+            "kernels/cpu/input_sparse_gemv.cpp", "eval/__init__.py"} <= set(sent)
 
 
 def test_kubernetes_deployment_service_and_monitor_agree():

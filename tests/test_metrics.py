@@ -1,7 +1,9 @@
-"""Metrics: the exposition of a merged snapshot and the publisher; then end to end, a real
-Prometheus scraping the session's sparse server: every dashboard and rule query returns data, and
-the values match ground truth (the requests' token usage, vLLM's own counters, the /v1/sparsity
-route). The counters and their merge are tested in test_counters.py."""
+"""Metrics: the exposition of a merged snapshot and the publisher (replicas summed, ranks that
+disagree reported, stale and dead engines); then end to end, a real Prometheus scraping the
+session's sparse server: every dashboard and rule query returns data, and the values match ground
+truth (the requests' token usage, vLLM's own counters, the /v1/sparsity route). Last of the
+session, a worker of that server is killed. The counters and their merge are tested in
+test_counters.py."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_counters import site_rows, worker
 
 from conftest import free_port
-from vllm_sparsity import config, metrics
+from vllm_sparsity import config, control, metrics
 from vllm_sparsity.clock import LATENCY_BUCKETS_S
 from vllm_sparsity.counters import HIST, PREFILL, SPARSITY_BUCKETS, merge
 
@@ -48,7 +50,9 @@ def test_collector_exposition_names_labels_and_histograms():
     rows = site_rows(30, 200, 60, 100)
     rows[PREFILL][HIST:HIST + 3] = [1, 0, 1]  # 2 tokens of K = 100
     collector.snapshot = merge([worker(0, [[4, "input", 10, 0]], [rows])])
+    collector.polled_at = 1.7e9
     families = scrape(collector)
+    assert families["vllm_sparsity_last_poll_timestamp_seconds"].samples[0].value == 1.7e9
     assert {f"{n}" for n in families} | {"vllm_sparsity_config_info"} >= {
         n.removesuffix("_total") for n in metrics.METRIC_NAMES if "latency" not in n}
     assert "vllm_sparsity_mlp_latency_seconds" not in families  # no latency: not published
@@ -70,14 +74,20 @@ def test_collector_exposition_names_labels_and_histograms():
 
 
 class FakeEngine:
-    """An engine client whose workers answer the metrics poll with a growing counter."""
+    """An engine client whose workers answer the metrics poll with a growing counter; ``fail``
+    makes the RPC raise, ``hang`` never answer, ``errored`` is vLLM's dead-engine flag."""
 
     def __init__(self):
         self.polls = 0
+        self.fail = self.hang = self.errored = False
 
-    async def collective_rpc(self, method):
+    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
         assert method == "vllm_sparsity_snapshot"
         self.polls += 1
+        if self.hang:
+            await asyncio.sleep(3600)
+        if self.fail or self.errored:
+            raise RuntimeError("worker gone")
         rows = site_rows(30 * self.polls, 100 * self.polls, 0, 0)
         return [worker(0, [[0, "input", 10, 0]], [rows])]
 
@@ -91,7 +101,7 @@ def registry_samples(name) -> dict:
 
 
 def test_publisher_polls_serves_and_leaves_no_series_behind(monkeypatch):
-    monkeypatch.setenv(config.INTERVAL_ENV, "0.01")
+    monkeypatch.setattr(metrics, "interval_s", lambda: 0.01)  # below the bound, for speed
 
     def additional(sparsity=True, on=True):
         return {"sparsity": {"p": 0.9}, "sparsity_metrics": on} if sparsity else {}
@@ -115,6 +125,137 @@ def test_publisher_polls_serves_and_leaves_no_series_behind(monkeypatch):
         assert registry_samples("vllm_sparsity_activations_total") == {}
 
     asyncio.run(run())
+
+
+def with_settings(snapshot, **settings):
+    snapshot["settings"] = {**snapshot["settings"], **settings}
+    return snapshot
+
+
+def test_merge_route_and_metrics_report_workers_that_disagree():
+    """Two TP ranks at p = 0.9 and one replica left at 0.7 by a failed set: the merge lists both
+    groups with their workers (largest first), the route passes the list through, and the gauge
+    counts the worker outside the largest group."""
+    sites = [[0, "input", 10, 0]]
+    per_worker = [worker(0, sites, [site_rows(1, 10, 0, 0)]),
+                  worker(1, sites, [site_rows(1, 10, 0, 0)]),
+                  None,  # a worker without the rule (nothing to agree on)
+                  with_settings(worker(0, sites, [site_rows(1, 10, 0, 0)]), p=0.7)]
+    want = [{"p": 0.9, "target": "input", "backend": "auto", "workers": [0, 1]},
+            {"p": 0.7, "target": "input", "backend": "auto", "workers": [3]}]
+    assert merge(per_worker)["settings"]["disagreement"] == want
+
+    class Engine:
+        async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+            return per_worker
+
+    assert asyncio.run(control._state(Engine()))["disagreement"] == want
+    collector = metrics.SparsityCollector("m")
+    collector.snapshot = merge(per_worker)
+    assert scrape(collector)["vllm_sparsity_disagreeing_workers"].samples[0].value == 1
+    per_worker[3] = with_settings(per_worker[3], p=0.9, target="intermediate", backend="torch")
+    assert [g["workers"] for g in merge(per_worker)["settings"]["disagreement"]] == [[0, 1], [3]]
+    per_worker[3] = worker(0, sites, [site_rows(1, 10, 0, 0)])
+    collector.snapshot = merge(per_worker)
+    assert collector.snapshot["settings"]["disagreement"] == []
+    assert scrape(collector)["vllm_sparsity_disagreeing_workers"].samples[0].value == 0
+
+
+class DataParallelEngine(FakeEngine):
+    """vLLM's client under data parallelism (``DPLBAsyncMPClient``): ``collective_rpc`` answers
+    with engine 0's workers only; ``engine_core.call_utility_all_async`` asks every engine."""
+
+    def __init__(self, replicas):
+        super().__init__()
+        self.replicas = replicas  # per engine: (zeroed, total) of its one TP rank 0 worker
+        engine = self
+
+        class Core:
+            async def call_utility_all_async(self, utility, method, timeout, args, kwargs):
+                assert (utility, method) == ("collective_rpc", "vllm_sparsity_snapshot")
+                engine.polls += 1
+                return [[worker(0, [[0, "input", 10, 0]], [site_rows(z, t, 0, 0)])]
+                        for z, t in engine.replicas]
+
+        self.engine_core = Core()
+
+    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        return (await self.engine_core.call_utility_all_async(
+            "collective_rpc", method, timeout, args, kwargs))[0]
+
+
+def poll_until(engine, collector, done, interval=0.01):
+    """Run the poller on ``engine`` until ``done()`` (or 5 s), then stop it."""
+    async def run():
+        task = asyncio.create_task(metrics._poll(engine, collector, interval))
+        for _ in range(500):
+            if done():
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        assert done()
+
+    asyncio.run(run())
+
+
+def test_poller_sums_the_counters_of_every_data_parallel_replica():
+    engine = DataParallelEngine([(30, 100), (50, 200), (7, 40)])
+    collector = metrics.SparsityCollector("m")
+    poll_until(engine, collector, lambda: collector.snapshot is not None)
+    served = {(s.name, s.labels["phase"]): s.value for s in
+              scrape(collector)["vllm_sparsity_activations"].samples}
+    # site_rows: decode rows are twice the prefill ones.
+    assert served[("vllm_sparsity_activations_total", "prefill")] == 100 + 200 + 40
+    assert served[("vllm_sparsity_activations_total", "decode")] == 2 * (100 + 200 + 40)
+    zeroed = scrape(collector)["vllm_sparsity_activations_zeroed"].samples
+    assert {s.labels["phase"]: s.value for s in zeroed} == {"prefill": 87, "decode": 174}
+
+
+def stamp(collector):
+    families = scrape(collector)
+    (sample,) = families["vllm_sparsity_last_poll_timestamp_seconds"].samples
+    return sample.value, families
+
+
+def test_failed_polls_age_the_snapshot_and_a_dead_engine_drops_the_series(monkeypatch):
+    monkeypatch.setattr(metrics, "POLL_TIMEOUT_S", 0.05)
+    engine = FakeEngine()
+    collector = metrics.SparsityCollector("m", engine)
+    before = time.time()
+    poll_until(engine, collector, lambda: engine.polls >= 2)
+    fresh, families = stamp(collector)
+    assert before <= fresh <= time.time()
+    assert "vllm_sparsity_activations" in families
+
+    # Failing and hanging RPCs: the poller goes on (the hung one times out), the timestamp stays.
+    for mode in ("fail", "hang"):
+        setattr(engine, mode, True)
+        polls = engine.polls
+        poll_until(engine, collector, lambda: engine.polls >= polls + 2)
+        setattr(engine, mode, False)
+        assert stamp(collector)[0] == fresh
+    assert "vllm_sparsity_activations" in stamp(collector)[1]  # counters: true lower bounds
+
+    # The engine dies: every series but the frozen timestamp goes, at once and for good.
+    engine.errored = True
+    value, families = stamp(collector)
+    assert (value, set(families)) == (fresh, {"vllm_sparsity_last_poll_timestamp_seconds"})
+    collector.engine_client = None  # the poller's own finding suffices too
+    poll_until(engine, collector, lambda: collector.dead)
+    assert set(scrape(collector)) == {"vllm_sparsity_last_poll_timestamp_seconds"}
+
+
+@pytest.mark.parametrize("raw", ["1e-9", "0.01", "0.49", "3601", "inf", "-5"])
+def test_poll_interval_below_or_above_its_bounds_is_refused_with_the_range(raw):
+    with pytest.raises(config.SparsityConfigError) as e:
+        config.interval_s({config.INTERVAL_ENV: raw})
+    assert str(e.value) == (f"{config.INTERVAL_ENV} must be 0 (metrics off) or a number of "
+                            f"seconds in [0.5, 3600], got {raw!r}")
+
+
+@pytest.mark.parametrize("raw, value", [("0", 0.0), ("0.5", 0.5), ("3600", 3600.0)])
+def test_poll_interval_bounds_are_inclusive(raw, value):
+    assert config.interval_s({config.INTERVAL_ENV: raw}) == value
 
 
 # ------------------------------------------------------------------ end to end with Prometheus
@@ -295,58 +436,77 @@ def test_prometheus_scrapes_plugin_and_vllm_metrics_with_true_values(sparse_serv
     series = len(query(prom, f'{{__name__=~"vllm_sparsity_.*", {s}}}'))
     per_site = 2 * (5 + NB + 3)  # phases x (5 counters + buckets, +Inf, _sum, _count)
     latency = 2 * (len(LATENCY_BUCKETS_S) + 3)
-    assert series == 2 + 1 + n_sites * per_site + latency
+    assert series == 2 + 1 + 2 + n_sites * per_site + latency  # p x 2, info, stamp, disagree
+    # Fresh, and every worker agrees.
+    age = value(prom, f"time() - vllm_sparsity_last_poll_timestamp_seconds{{{s}}}")
+    assert 0 <= age < 2 * config.DEFAULT_INTERVAL_S + 3 * SCRAPE_S
+    assert value(prom, f"vllm_sparsity_disagreeing_workers{{{s}}}") == 0
 
     # 3. Every query of the dashboard and the rules returns data.
     time.sleep(3 * SCRAPE_S)  # a few rule evaluations after the last traffic
     window = f"{int(time.time() - started) + 10}s"
-    exprs = dashboard_queries(server.model, window) + rule_queries()
+    instance = f"127.0.0.1:{server.port}"
+    exprs = dashboard_queries(server.model, re.escape(instance), window) + rule_queries()
     for what, expr in exprs:
         result = query(prom, expr)
+        if what.startswith("silent alert"):  # a set operation: no series while all is well
+            assert result == [], (what, result)
+            continue
         assert result, f"{what}: no data for {expr}"
         if what.startswith("dashboard"):
             assert any(math.isfinite(float(r["value"][1])) for r in result), (what, result)
+            assert {r["metric"].get("instance", instance) for r in result} == {instance}, what
+        if what in HEALTHY_QUIET:
+            assert all(float(r["value"][1]) == 0 for r in result), (what, result)
 
 
-def dashboard_queries(model, window) -> list[tuple[str, str]]:
+# Alerts that a healthy, freshly polled server must not trip.
+HEALTHY_QUIET = {"alert VllmSparsityMetricsStale", "alert VllmSparsityWorkersDisagree"}
+
+
+def dashboard_queries(model, instance, window) -> list[tuple[str, str]]:
     board = json.loads(DASHBOARD.read_text())
     return [(f"dashboard: {p['title']}",
-             t["expr"].replace("$model_name", model).replace("$__rate_interval", window))
+             t["expr"].replace("$model_name", model).replace("$instance", instance)
+             .replace("$__rate_interval", window))
             for p in board["panels"] for t in p["targets"]]
 
 
 def rule_queries() -> list[tuple[str, str]]:
     """Recording rules: their expression and the recorded series. Alerts: their expression with
-    its top-level comparison turned into `bool`, which returns 0/1 instead of filtering."""
+    its top-level comparison turned into `bool`, which returns 0/1 instead of filtering; an alert
+    without one (a set operation such as `unless`) as it is, named "silent alert"."""
     out = []
     for group in yaml.safe_load((DEPLOY / "rules.yml").read_text())["groups"]:
         for rule in group["rules"]:
             if "record" in rule:
                 out += [(f"record {rule['record']}", rule["expr"]),
                         (f"recorded {rule['record']}", rule["record"])]
+            elif (expr := with_bool(rule["expr"])) is None:
+                out.append((f"silent alert {rule['alert']}", rule["expr"]))
             else:
-                out.append((f"alert {rule['alert']}", with_bool(rule["expr"])))
+                out.append((f"alert {rule['alert']}", expr))
     return out
 
 
-def with_bool(expr: str) -> str:
+def with_bool(expr: str) -> str | None:
     depth = 0
     for i, ch in enumerate(expr):
         depth += ch in "([{"
         depth -= ch in ")]}"
         if depth == 0 and ch in "<>" and expr[i + 1] not in "=":
             return expr[:i + 1] + " bool" + expr[i + 1:]
-    raise ValueError(f"no top-level comparison in {expr!r}")
+    return None
 
 
 def test_bad_interval_stops_the_server_with_one_clear_line(demo_model):
     vllm = Path(sys.executable).with_name("vllm")
     proc = subprocess.run([str(vllm), "serve", str(demo_model), "--sparsity-p", "0.5"],
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, config.INTERVAL_ENV: "soon"})
+                          capture_output=True, text=True, timeout=300,  # vLLM's imports
+                          env={**os.environ, config.INTERVAL_ENV: "1e-9"})  # back-to-back RPCs
     assert proc.returncode == 2
-    assert (f"vllm serve: error: {config.INTERVAL_ENV} must be a number of seconds >= 0 (0 turns "
-            "the metrics off), got 'soon'") in proc.stderr.splitlines()
+    assert (f"vllm serve: error: {config.INTERVAL_ENV} must be 0 (metrics off) or a number of "
+            "seconds in [0.5, 3600], got '1e-9'") in proc.stderr.splitlines()
 
 
 def test_metrics_endpoint_needs_no_api_key_and_carries_both_prefixes(sparse_server):
@@ -360,3 +520,71 @@ def test_metrics_endpoint_needs_no_api_key_and_carries_both_prefixes(sparse_serv
 def test_plugin_off_publishes_no_sparsity_series(dense_server):
     text = requests.get(f"{dense_server.url}/metrics", timeout=30).text
     assert "vllm:generation_tokens_total" in text and "vllm_sparsity_" not in text
+
+
+# ------------------------------------------------------------------ last: a worker dies
+
+def plugin_families(server) -> dict:
+    text = requests.get(f"{server.url}/metrics", timeout=30).text
+    return {f.name: f for f in text_string_to_metric_families(text)
+            if f.name.startswith("vllm_sparsity_")}
+
+
+def poll_stamp(families) -> float:
+    (sample,) = families["vllm_sparsity_last_poll_timestamp_seconds"].samples
+    return sample.value
+
+
+@pytest.mark.kills_server
+def test_killed_worker_fails_requests_and_stops_claiming_fresh_metrics(sparse_server):
+    """SIGKILL the sparse server's model worker while a request decodes (the session's last test:
+    the server is dead after it; it keeps its API server, VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1)."""
+    import psutil
+
+    server = sparse_server
+    wait_until(lambda: "vllm_sparsity_activations_total" in plugin_families(server), 30,
+               "a poll of the workers")
+    assert time.time() - poll_stamp(plugin_families(server)) < 2 * config.DEFAULT_INTERVAL_S + 2
+
+    outcome = {}
+
+    def long_request():
+        try:
+            r = requests.post(f"{server.url}/v1/completions", headers=server.headers, timeout=300,
+                              json={"model": server.model, "prompt": unique_prompt(10),
+                                    "max_tokens": 1500, "ignore_eos": True})
+            outcome["status"] = r.status_code
+        except requests.RequestException as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    running = 'vllm:num_requests_running{'
+    wait_until(lambda: any(line.startswith(running) and float(line.split()[-1]) >= 1
+                           for line in requests.get(f"{server.url}/metrics", timeout=30)
+                           .text.splitlines()), 60, "the request is running")
+    workers = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+               if " ".join(p.cmdline()).startswith("VLLM::Worker")]
+    assert workers, [p.cmdline() for p in psutil.Process(server.proc.pid).children(True)]
+    killed_at = time.time()
+    workers[0].kill()
+
+    # The API server reports the failure: the running request fails, /health says 503, the
+    # route does not answer as if all were well.
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the running request neither failed nor finished"
+    assert outcome.get("status", 0) >= 500 or (
+        isinstance(outcome.get("error"), requests.ConnectionError)), outcome
+    wait_until(lambda: requests.get(f"{server.url}/health", timeout=10).status_code == 503, 60,
+               "/health reports the dead engine")
+    assert requests.get(f"{server.url}/v1/sparsity", headers=server.headers,
+                        timeout=30).status_code != 200
+
+    # The metrics stop claiming fresh data: only the timestamp of the last good poll is left,
+    # from before the kill, and it stays frozen past another poll interval.
+    families = plugin_families(server)
+    assert set(families) == {"vllm_sparsity_last_poll_timestamp_seconds"}, set(families)
+    frozen = poll_stamp(families)
+    assert frozen <= killed_at
+    time.sleep(config.DEFAULT_INTERVAL_S + 1)
+    assert poll_stamp(plugin_families(server)) == frozen

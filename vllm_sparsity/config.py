@@ -47,6 +47,9 @@ P_MIN = 1e-6
 P_RANGE = f"[{P_MIN:g}, 1]"
 # Error messages quote a bad value up to this many characters (a body may be long).
 QUOTE_CHARS = 60
+# Bounds of a nonzero interval: each poll is one RPC through the engine core to every worker, so a
+# tiny interval means back-to-back RPCs between steps; past an hour the series are useless.
+MIN_INTERVAL_S, MAX_INTERVAL_S = 0.5, 3600.0
 # additional_config key holding whether the workers instrument the graph (process 0 writes it from
 # the environment; it is part of vLLM's compile-cache hash, as the graph differs).
 METRICS_KEY = "sparsity_metrics"
@@ -203,19 +206,21 @@ def _check_choice(value: Any, choices: tuple[str, ...], name: str) -> None:
 
 
 def interval_s(environ: Mapping[str, str] | None = None) -> float:
-    """Seconds between two polls of the workers' metrics, from ``VLLM_SPARSITY_METRICS_INTERVAL_S``
-    (default 5; 0 turns the metrics off). Raises SparsityConfigError naming the variable."""
+    """Seconds between two polls of the workers' metrics, from ``VLLM_SPARSITY_METRICS_INTERVAL_S``:
+    0 (metrics off) or in [MIN_INTERVAL_S, MAX_INTERVAL_S] = [0.5, 3600]; default 5. Raises
+    SparsityConfigError naming the variable and the allowed range."""
     raw = (os.environ if environ is None else environ).get(INTERVAL_ENV, "")
     if raw == "":
         return DEFAULT_INTERVAL_S
     try:
         value = float(raw)
     except ValueError:
-        value = -1.0
-    if not math.isfinite(value) or value < 0:
-        raise SparsityConfigError(f"{INTERVAL_ENV} must be a number of seconds >= 0 (0 turns the "
-                                  f"metrics off), got {raw!r}")
-    return value
+        value = math.nan
+    if value != 0 and not MIN_INTERVAL_S <= value <= MAX_INTERVAL_S:  # NaN fails both
+        raise SparsityConfigError(
+            f"{INTERVAL_ENV} must be 0 (metrics off) or a number of seconds in "
+            f"[{MIN_INTERVAL_S:g}, {MAX_INTERVAL_S:g}], got {raw!r}")
+    return value or 0.0  # -0 is 0
 
 
 def drain_timeout_s(environ: Mapping[str, str] | None = None) -> float:

@@ -17,7 +17,15 @@ Tensor parallelism (``merge``): TP ranks see the same tokens. A replicated input
 counts the same on every rank, so TP rank 0 speaks for it; a split one (down_proj's under TP, a
 shard of K per rank) has its activation and weight-column counts summed over the ranks, which is
 exact, while its per-token histogram stays rank 0's shard. Pipeline stages hold different layers
-and data-parallel replicas different tokens: their TP rank 0 counts are summed.
+and data-parallel replicas different tokens: their TP rank 0 counts are summed. The sum covers
+every replica only when the reply holds every engine's workers: ``_vllm_compat.collective_rpc``
+asks each engine (vLLM's own ``collective_rpc`` answers with engine 0's workers alone under data
+parallelism).
+
+Agreement (``merge``): every worker should run the same p, target and backend; a failed or partial
+``vllm_sparsity_set`` could leave them apart. The merged ``settings`` are the first worker's, and
+``settings["disagreement"]`` lists the distinct settings with the workers holding each (empty when
+all agree), so that neither reader hides a split.
 """
 
 from __future__ import annotations
@@ -156,16 +164,35 @@ def snapshot(state, tp_rank: int, latency: dict | None) -> dict[str, Any]:
 # ---------------------------------------------------------------- API server: merge
 
 
+AGREED = ("p", "target", "backend")  # settings every worker must share
+
+
+def disagreement(per_worker: list[dict | None]) -> list[dict[str, Any]]:
+    """The distinct ``AGREED`` settings among the workers' snapshots, each with ``"workers"``: the
+    positions in ``per_worker`` that hold it (engines in order, each engine's workers in rank
+    order), largest group first; [] when every worker agrees (None snapshots are skipped)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, snap in enumerate(per_worker):
+        if snap:
+            groups.setdefault(tuple(snap["settings"][k] for k in AGREED), []).append(i)
+    if len(groups) < 2:
+        return []
+    return [{**dict(zip(AGREED, key)), "workers": workers}
+            for key, workers in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[1][0]))]
+
+
 def merge(per_worker: list[dict | None]) -> dict[str, Any] | None:
     """One view of all workers' snapshots (see the module doc for the rank rules): the first's
-    ``settings`` and ``p_by_site``, ``sites`` {(layer, site): {"name", "split", "rows": per phase
-    [WIDTH], "skipped_bytes": per phase}} and ``latency`` (summed over TP rank 0 workers, or None). Bytes
+    ``settings`` (plus ``"disagreement"``, see ``disagreement``) and ``p_by_site``, ``sites``
+    {(layer, site): {"name", "split", "rows": per phase [WIDTH], "skipped_bytes": per phase}},
+    ``latency`` (summed over TP rank 0 workers, or None) and ``workers`` (snapshots merged). Bytes
     skipped are summed over every rank (each skips its own shard of the weight). None when no
     worker runs the rule."""
     snaps = [s for s in per_worker if s]
     if not snaps:
         return None
-    merged = {"settings": snaps[0]["settings"], "p_by_site": snaps[0]["p_by_site"]}
+    merged = {"settings": {**snaps[0]["settings"], "disagreement": disagreement(per_worker)},
+              "p_by_site": snaps[0]["p_by_site"], "workers": len(snaps)}
     sites: dict[tuple[int, str], dict] = {}
     latency = None
     for snap in snaps:

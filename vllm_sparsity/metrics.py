@@ -12,7 +12,11 @@ Series (every one labelled ``model_name``, vLLM's served model name; no request 
   {layer, site, phase}: weight columns the GEMM loaded, and all it would load dense;
 - ``vllm_sparsity_weight_skipped_bytes_total`` counter {layer, site, phase}: bytes not loaded;
 - ``vllm_sparsity_mlp_latency_seconds`` histogram {phase}: one MLP forward (CPU only; the first
-  decoder layer's MLP, once per step).
+  decoder layer's MLP, once per step);
+- ``vllm_sparsity_last_poll_timestamp_seconds`` gauge: Unix time of the last successful poll of
+  the workers (the age of every other series);
+- ``vllm_sparsity_disagreeing_workers`` gauge: workers whose p, target or backend differ from the
+  largest group's (0 when all agree; ``counters.disagreement``).
 
 ``layer`` is the decoder layer index, ``site`` is ``input`` (gate_up_proj's input) or
 ``intermediate`` (down_proj's input), ``phase`` is ``prefill`` or ``decode``: a token is a decode
@@ -31,11 +35,17 @@ Data flow, with no host synchronisation on the forward path:
    counts into its own int64 [3, WIDTH] device buffer with one ``index_add_`` (``counters``). On
    CPU, opaque ``mlp_clock`` ops around each MLP feed a host-side histogram (``clock``).
 3. API server (this module): ``start_publisher`` (started when vLLM builds its ``AsyncLLM``) asks
-   every worker for its snapshot every ``VLLM_SPARSITY_METRICS_INTERVAL_S`` seconds through
-   ``collective_rpc`` (the one the ``/v1/sparsity`` route reads), merges the ranks
-   (``counters.merge``), and a custom collector in prometheus-client's default registry serves the
-   latest merge. It lives in the API server's memory: a restart starts from nothing, and no
-   series outlives the server.
+   every worker of every engine (data-parallel replicas included) for its snapshot every
+   ``VLLM_SPARSITY_METRICS_INTERVAL_S`` seconds through ``_vllm_compat.collective_rpc``, with a
+   deadline of ``POLL_TIMEOUT_S``, merges the ranks and replicas (``counters.merge``), and a custom
+   collector in prometheus-client's default registry serves the latest merge. It lives in the API
+   server's memory: a restart starts from nothing, and no series outlives the server.
+
+Freshness: a failed poll (timeout, worker error) keeps the last merge, whose counters remain true
+lower bounds, and ``vllm_sparsity_last_poll_timestamp_seconds`` stops advancing, so its age shows.
+Once the engine is dead (``EngineClient.errored``: vLLM then refuses every request and ``/health``
+answers 503), every series but that timestamp is dropped: nothing claims to describe a model that
+no longer runs, and the frozen timestamp says since when.
 """
 
 from __future__ import annotations
@@ -43,9 +53,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
+from vllm_sparsity import _vllm_compat
 from vllm_sparsity.clock import LATENCY_BUCKETS_S
 from vllm_sparsity.config import DEFAULT_INTERVAL_S, SparsityConfig, interval_s, metrics_enabled
 from vllm_sparsity.counters import (COLS_READ, COLS_TOTAL, HIST, PHASES, SPARSITY_BUCKETS, TOTAL,
@@ -71,19 +83,33 @@ METRICS = {
     "shards); phase = the batch's.",
     "vllm_sparsity_mlp_latency_seconds": "Host time of one MLP forward (CPU only); phase = the "
     "batch's.",
+    "vllm_sparsity_last_poll_timestamp_seconds": "Unix time of the last successful poll of the "
+    "workers: the other vllm_sparsity_* series are that old (only this one remains once the "
+    "engine is dead).",
+    "vllm_sparsity_disagreeing_workers": "Workers whose p, target or backend differ from the "
+    "largest group's (0 = all agree; GET /v1/sparsity lists them).",
 }
 METRIC_NAMES = tuple(METRICS)
+# Deadline of one poll's RPC: a stuck worker or engine core fails the poll instead of hanging it.
+POLL_TIMEOUT_S = 10.0
 
 
 # ---------------------------------------------------------------- API server: collector
 
 
 class SparsityCollector:
-    """prometheus-client collector of the latest merged snapshot (nothing before the first)."""
+    """prometheus-client collector of the latest merged snapshot (nothing before the first poll;
+    only the poll timestamp once ``engine_client.errored`` or ``dead``)."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, engine_client=None) -> None:
         self.model_name = model_name
+        self.engine_client = engine_client
         self.snapshot: dict | None = None
+        self.polled_at: float | None = None  # Unix time of the last successful poll
+        self.dead = False  # set by the poller when a poll finds the engine dead
+
+    def engine_dead(self) -> bool:
+        return self.dead or bool(getattr(self.engine_client, "errored", False))
 
     def describe(self):
         return []  # names vary with the snapshot; skips the registry's trial collect()
@@ -99,8 +125,17 @@ class SparsityCollector:
             return kind(exposed.removesuffix(suffix), METRICS[exposed], labels=labels)
 
         snap, name = self.snapshot, self.model_name
-        if snap is None:
+        if self.polled_at is not None:
+            stamp = family(GaugeMetricFamily, "vllm_sparsity_last_poll_timestamp_seconds",
+                           ["model_name"])
+            stamp.add_metric([name], self.polled_at)
+            yield stamp
+        if snap is None or self.engine_dead():
             return
+        split = snap["settings"]["disagreement"]
+        disagreeing = family(GaugeMetricFamily, "vllm_sparsity_disagreeing_workers", ["model_name"])
+        disagreeing.add_metric([name], snap["workers"] - len(split[0]["workers"]) if split else 0)
+        yield disagreeing
         p = family(GaugeMetricFamily, "vllm_sparsity_p_ratio", ["model_name", "site"])
         for site, value in sorted(snap["p_by_site"].items()):
             p.add_metric([name, site], value)
@@ -161,21 +196,29 @@ async def _poll(engine_client, collector: SparsityCollector, interval: float) ->
     failures = 0
     while True:
         try:
-            merged = merge(await engine_client.collective_rpc("vllm_sparsity_snapshot"))
+            merged = merge(await _vllm_compat.collective_rpc(
+                engine_client, "vllm_sparsity_snapshot", timeout_s=POLL_TIMEOUT_S))
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # the engine is busy dying or restarting: keep the last snapshot
+        except Exception as e:  # keep the last snapshot; its timestamp shows its age
             if getattr(engine_client, "errored", False):
-                logger.info("vllm-sparsity metrics: engine stopped; no more polls")
+                collector.dead = True
+                logger.warning("vllm-sparsity metrics: engine dead; vllm_sparsity_* series "
+                               "dropped but the last poll's timestamp")
                 return
             failures += 1
             (logger.warning if failures == 1 else logger.debug)(
-                "vllm-sparsity metrics: poll failed (%s: %s); retrying", type(e).__name__, e)
+                "vllm-sparsity metrics: poll failed (%s: %s); retrying",
+                type(e).__name__, e or "timed out")
         else:
             if merged is None:
                 logger.info("vllm-sparsity metrics: no worker runs the sparsity rule; not polling")
                 return
-            collector.snapshot = merged
+            split = merged["settings"]["disagreement"]
+            last = collector.snapshot["settings"]["disagreement"] if collector.snapshot else []
+            if split and split != last:  # once per change, not every poll
+                logger.warning("vllm-sparsity: workers disagree on p/target/backend: %s", split)
+            collector.snapshot, collector.polled_at, failures = merged, time.time(), 0
         await asyncio.sleep(interval)
 
 
@@ -201,7 +244,7 @@ def start_publisher(engine_client, additional_config: Mapping[str, Any] | None,
                        "--api-server-count > 1), so /metrics serves only multiprocess files; the "
                        "vllm_sparsity_* series are not exported (GET /v1/sparsity still works)")
     stop_publisher()
-    collector = SparsityCollector(model_name)
+    collector = SparsityCollector(model_name, engine_client)
     REGISTRY.register(collector)
     interval = interval_s() or DEFAULT_INTERVAL_S
     task = loop.create_task(_poll(engine_client, collector, interval))
