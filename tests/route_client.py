@@ -72,8 +72,10 @@ class LoadResult:
                 f"{self.completion_tokens} completion tokens, {self.cached_tokens} cached")
 
 
-def run_load(server, seconds: float, streams: int = 32, max_tokens: int = 8) -> LoadResult:
-    """``streams`` threads, each sending short greedy completions back to back for ``seconds``.
+def run_load(server, seconds: float, streams: int = 32, max_tokens: int = 8,
+             until: threading.Event | None = None) -> LoadResult:
+    """``streams`` threads, each sending short greedy completions back to back for ``seconds``
+    (or, given ``until``, until that event is set).
 
     Every prompt starts with a unique tag and is shorter than one KV block (128 tokens on CPU), so
     no prompt can hit the prefix cache; ``ignore_eos`` makes every request produce exactly
@@ -86,7 +88,7 @@ def run_load(server, seconds: float, streams: int = 32, max_tokens: int = 8) -> 
     def stream(i: int) -> None:
         session = requests.Session()
         n = 0
-        while time.monotonic() < deadline:
+        while not until.is_set() if until is not None else time.monotonic() < deadline:
             prompt = f"[{i}-{n}] Write one sentence about the number {n * streams + i}:"
             n += 1
             t0 = time.monotonic()
@@ -112,7 +114,7 @@ def run_load(server, seconds: float, streams: int = 32, max_tokens: int = 8) -> 
     for t in threads:
         t.start()
     for t in threads:
-        t.join(seconds + 600)
+        t.join()
     return result
 
 
