@@ -118,7 +118,11 @@ def replace_mlp(model: torch.nn.Module, config: SparsityConfig, max_num_tokens: 
 
 def _mark_phases_before_forward(model: torch.nn.Module, state: RuntimeState) -> None:
     """Wrap the eager top-level ``model.forward`` (an instance attribute: the class stays
-    untouched) to fill the phase buffers before each forward, from vLLM's forward context."""
+    untouched) to fill the phase buffers before each forward, from vLLM's forward context.
+
+    Under a full CUDA graph (vLLM's default ``FULL_AND_PIECEWISE`` for decode batches) this
+    wrapper runs once, inside the capture, and only the device ops it issued are replayed: what
+    it does must be capture-safe (``RuntimeState.mark_phases``)."""
     if _vllm_compat.is_compiled(model):  # its forward is traced: no eager point before the graph
         logger.warning("vllm-sparsity: %s is compiled as a whole; every token counts as prefill "
                        "(padding and warm-up runs included)", type(model).__name__)
@@ -129,9 +133,9 @@ def _mark_phases_before_forward(model: torch.nn.Module, state: RuntimeState) -> 
     def forward_marking_phases(*args, **kwargs):
         # Outside a vLLM step (a model run by hand) the buffers keep "every token is prefill".
         num_tokens = _vllm_compat.forward_num_tokens(args, kwargs)
-        if num_tokens is not None and _vllm_compat.in_forward_context():
-            state.mark_phases(num_tokens,
-                              _vllm_compat.query_start_loc(num_tokens, state.phase.device))
+        step = _vllm_compat.step_kind()
+        if num_tokens is not None and step is not None:
+            state.mark_phases(num_tokens, step)
         return forward(*args, **kwargs)
 
     model.forward = forward_marking_phases
