@@ -1,5 +1,7 @@
 """replace_mlp on models built from vLLM's own layer classes, in gloo processes that set up vLLM's
-parallel state (no server): discovery, idempotence and the dense fallback on one rank; under tensor
+parallel state (no server). On one rank: discovery by structure, limited to a multimodal model's
+language model (a tiny Qwen2.5-VL built by vLLM from its config: its gated vision MLPs stay dense),
+idempotence and the dense fallback. Under tensor
 parallelism (TP = 2), the ``intermediate`` site must keep, on each rank, its slice of the whole
 rows' top-p set (the paper's rule on the unsharded down_proj input), eager and under
 torch.compile."""
@@ -56,10 +58,11 @@ class _Records(logging.Handler):
         self.lines.append((record.levelname, record.getMessage()))
 
 
-def _replace_on_one_rank(rank, world_size, ident):
-    """One rank of TP = 1: replace_mlp on (a) a model of two gated MLPs, an MLP-like module whose
-    down_proj is a plain torch Linear and a vision-tower-like gated MLP nested deeper, converted
-    twice; (b) a model without any gated MLP. Returns what each call returned and logged."""
+def _replace_on_one_rank(rank, world_size, ident, tmp):
+    """One rank of TP = 1: replace_mlp on (a) a multimodal-like model whose language model holds
+    two gated MLPs and an MLP-like module whose down_proj is a plain torch Linear, beside a
+    vision-tower-like gated MLP, converted twice; (b) a model without any gated MLP; then the
+    cases below. Returns what each call returned and logged."""
     os.environ["VLLM_DIST_IDENT"] = ident
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.distributed import parallel_state
@@ -86,9 +89,19 @@ def _replace_on_one_rank(rank, world_size, ident):
                     self.up_proj = torch.nn.Linear(HIDDEN, INTER)
                     self.down_proj = torch.nn.Linear(INTER, HIDDEN)
 
-            model = torch.nn.Module()
-            model.layers = torch.nn.ModuleList([GatedMLP(), GatedMLP()])
-            model.projector = PlainMLP()
+            class LanguageModel(torch.nn.Module):
+                pass
+
+            class Multimodal(torch.nn.Module):  # vLLM's SupportsMultiModal, as the plugin reads it
+                supports_multimodal = True
+
+                def get_language_model(self):
+                    return self.language_model
+
+            model = Multimodal()
+            model.language_model = LanguageModel()
+            model.language_model.layers = torch.nn.ModuleList([GatedMLP(), GatedMLP()])
+            model.language_model.projector = PlainMLP()
             model.tower = torch.nn.Module()
             model.tower.blocks = torch.nn.ModuleList([torch.nn.Module()])
             model.tower.blocks[0].mlp = GatedMLP()
@@ -115,21 +128,73 @@ def _replace_on_one_rank(rank, world_size, ident):
             y_before = dense.projector.down_proj(dense.projector.up_proj(x))
             dense_replaced = replace_mlp(dense, config, max_num_tokens=64)
             y_after = dense.projector.down_proj(dense.projector.up_proj(x))
+            dense_log = list(records.lines)
+            records.lines.clear()
             return {"first": first, "methods": methods, "first_log": first_log,
                     "second": second, "unchanged": all(before[n] is after[n] for n in before),
                     "p": float(state.p["intermediate"]), "target": state.config.target,
                     "layer_indices": layer_indices, "wrapped_twice": wrapped,
-                    "dense": dense_replaced, "dense_log": list(records.lines),
+                    "dense": dense_replaced, "dense_log": dense_log,
                     "dense_state": runtime_state(dense) is None,
-                    "dense_same": torch.equal(y_before, y_after)}
+                    "dense_same": torch.equal(y_before, y_after),
+                    "qwen2_5_vl": _qwen2_5_vl_case(records, tmp)}
         finally:
             parallel_state.destroy_model_parallel()
 
 
+def _qwen2_5_vl_case(records, tmp):
+    """A tiny Qwen2.5-VL (vLLM's ``Qwen2_5_VLForConditionalGeneration``, random weights, built
+    from a config on CPU): its vision blocks hold gated MLPs of vLLM's classes too. This
+    environment has no torchvision, which transformers' Qwen2-VL image processor module imports
+    (only its annotations use it; no image is processed here): a stub stands in for it, and the
+    class is registered in-process so that vLLM does not inspect it in a subprocess without the
+    stub."""
+    import sys
+    import types
+
+    from transformers import Qwen2_5_VLConfig
+    from vllm import ModelRegistry
+    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.model_executor.model_loader.utils import initialize_model
+
+    from vllm_sparsity.config import SparsityConfig
+    from vllm_sparsity.replace import replace_mlp
+
+    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.v2",
+                 "torchvision.transforms.v2.functional"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+
+    ModelRegistry.register_model("Qwen2_5_VLForConditionalGeneration",
+                                 Qwen2_5_VLForConditionalGeneration)
+    Qwen2_5_VLConfig(
+        text_config={"hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
+                     "max_position_embeddings": 256,
+                     "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 4]}},
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
+                       "out_hidden_size": HIDDEN, "fullatt_block_indexes": [1]},
+        architectures=["Qwen2_5_VLForConditionalGeneration"]).save_pretrained(tmp)
+    vllm_config = VllmConfig(model_config=ModelConfig(
+        model=tmp, tokenizer=tmp, skip_tokenizer_init=True, dtype="float32", max_model_len=128))
+    with set_current_vllm_config(vllm_config):
+        model = initialize_model(vllm_config=vllm_config)
+    gated_in_vision = [n for n, m in model.named_modules()
+                       if n.startswith("visual.") and hasattr(m, "gate_up_proj")]
+    replaced = replace_mlp(model, SparsityConfig(p=P, backend="torch"), max_num_tokens=64)
+    log = list(records.lines)
+    records.lines.clear()
+    return {"replaced": replaced, "gated_in_vision": gated_in_vision, "log": log,
+            "vision_methods": sorted({type(m.quant_method).__name__ for n, m in
+                                      model.named_modules()
+                                      if n.startswith("visual.") and hasattr(m, "quant_method")})}
+
+
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory):
-    return run_ranks(_replace_on_one_rank, 1, tmp_path_factory.mktemp("replace"),
-                     f"vllm-sparsity-test-replace-{os.getpid()}")[0]
+    out = tmp_path_factory.mktemp("replace")
+    return run_ranks(_replace_on_one_rank, 1, out, f"vllm-sparsity-test-replace-{os.getpid()}",
+                     str(tmp_path_factory.mktemp("qwen2_5_vl")))[0]
 
 
 def cpu_kernels_expected() -> bool:
@@ -141,15 +206,29 @@ def cpu_kernels_expected() -> bool:
 
 
 def test_replace_finds_gated_mlps_by_structure(one_rank):
-    assert one_rank["first"] == ["layers.0.down_proj", "layers.1.down_proj",
-                                 "tower.blocks.0.mlp.down_proj"]  # target intermediate only
+    # Only the language model's gated MLPs: the tower's stays dense (target intermediate only).
+    assert one_rank["first"] == ["language_model.layers.0.down_proj",
+                                 "language_model.layers.1.down_proj"]
     sparse = {n for n, kind in one_rank["methods"].items() if kind == "InputSparseLinearMethod"}
     assert sparse == set(one_rank["first"])
-    assert one_rank["methods"]["layers.0.gate_up_proj"] == "UnquantizedLinearMethod"
-    assert one_rank["layer_indices"] == [0, 1, 0]  # the decoder layer's index in the name
+    assert one_rank["methods"]["language_model.layers.0.gate_up_proj"] == "UnquantizedLinearMethod"
+    assert one_rank["methods"]["tower.blocks.0.mlp.down_proj"] == "UnquantizedLinearMethod"
+    assert one_rank["layer_indices"] == [0, 1]  # the decoder layer's index in the name
     resolved = "cpu" if cpu_kernels_expected() else "torch"
-    assert ("INFO", "vllm-sparsity: Module: sparsified 3 of 4 MLPs (target=intermediate, "
-            f"p=0.6, backend=auto -> {resolved})") in one_rank["first_log"]
+    assert ("INFO", "vllm-sparsity: Multimodal: sparsified 2 of 3 MLPs of its language model "
+            "(LanguageModel); 1 gated MLPs outside it (vision/audio towers) left dense "
+            f"(target=intermediate, p=0.6, backend=auto -> {resolved})") in one_rank["first_log"]
+
+
+def test_multimodal_model_sparsifies_only_its_language_model(one_rank):
+    vl = one_rank["qwen2_5_vl"]
+    assert vl["gated_in_vision"] == ["visual.blocks.0.mlp", "visual.blocks.1.mlp"]
+    assert vl["replaced"] == [f"language_model.model.layers.{i}.mlp.{proj}"
+                              for i in (0, 1) for proj in ("gate_up_proj", "down_proj")]
+    assert vl["vision_methods"] == ["UnquantizedLinearMethod"]
+    assert ("INFO", "vllm-sparsity: Qwen2_5_VLForConditionalGeneration: sparsified 2 of 2 MLPs "
+            "of its language model (Qwen2ForCausalLM); 2 gated MLPs outside it (vision/audio "
+            "towers) left dense (target=all_inputs, p=0.6, backend=torch -> torch)") in vl["log"]
 
 
 def test_replace_is_idempotent(one_rank):

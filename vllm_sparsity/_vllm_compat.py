@@ -232,6 +232,21 @@ def gated_mlp_types():
     return MergedColumnParallelLinear, RowParallelLinear, act_and_mul
 
 
+def language_model_name(model) -> str | None:
+    """Qualified name in ``model`` of its language model: "" for a text model (the model itself);
+    for a multimodal one (``SupportsMultiModal``), the module its ``get_language_model()``
+    returns (``vllm/model_executor/models/interfaces.py``); None when vLLM cannot name it."""
+    from vllm.model_executor.models.interfaces import supports_multimodal
+
+    if not supports_multimodal(model):
+        return ""
+    try:
+        lm = model.get_language_model()
+    except NotImplementedError:
+        return None
+    return next((name for name, module in model.named_modules() if module is lm and name), None)
+
+
 def max_num_tokens(vllm_config) -> int:
     """Most tokens one forward can hold: vLLM sizes its input buffers by max_num_batched_tokens
     (``GPUModelRunner.max_num_tokens``); CUDA graph capture sizes never exceed it."""
