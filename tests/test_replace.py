@@ -1,9 +1,9 @@
 """replace_mlp on models built from vLLM's own layer classes, in gloo processes that set up vLLM's
 parallel state (no server). On one rank: discovery by structure, limited to a multimodal model's
 language model (a tiny Qwen2.5-VL built by vLLM from its config: its gated vision MLPs stay dense),
-idempotence, the dense fallback, and a real quantized linear method (compressed-tensors W8A8
-int8, vLLM's CPU kernel) under the torch backend with a Llama MLP whose down_proj advertises a
-pre-quantized input. Under tensor
+idempotence, the dense fallback, a real quantized linear method (compressed-tensors W8A8 int8, vLLM's
+CPU kernel) under the torch backend with a Llama MLP whose down_proj advertises a pre-quantized
+input, and the refusal of a model that a loader built without ``create_model``. Under tensor
 parallelism (TP = 2), the ``intermediate`` site must keep, on each rank, its slice of the whole
 rows' top-p set (the paper's rule on the unsharded down_proj input), eager and under
 torch.compile."""
@@ -122,6 +122,8 @@ def _replace_on_one_rank(rank, world_size, ident, tmp):
             wrapped = sum(isinstance(m.quant_method, InputSparseLinearMethod)
                           and isinstance(m.quant_method.inner, InputSparseLinearMethod)
                           for m in model.modules() if hasattr(m, "quant_method"))
+            pre_processed = {m.quant_method.backend: m.quant_method.supports_pre_processed_weights
+                             for _, m in state.layers}
             records.lines.clear()
 
             dense = torch.nn.Module()
@@ -136,11 +138,13 @@ def _replace_on_one_rank(rank, world_size, ident, tmp):
                     "second": second, "unchanged": all(before[n] is after[n] for n in before),
                     "p": float(state.p["intermediate"]), "target": state.config.target,
                     "layer_indices": layer_indices, "wrapped_twice": wrapped,
+                    "pre_processed": pre_processed,
                     "dense": dense_replaced, "dense_log": dense_log,
                     "dense_state": runtime_state(dense) is None,
                     "dense_same": torch.equal(y_before, y_after),
                     "qwen2_5_vl": _qwen2_5_vl_case(records, tmp),
-                    "quantized": _quantized_case(records)}
+                    "quantized": _quantized_case(records),
+                    "bypass": _loader_bypass_case(GatedMLP)}
         finally:
             parallel_state.destroy_model_parallel()
 
@@ -284,6 +288,8 @@ def _quantized_case(records):
             "produced_for_sparse": any(layer is sparse.down_proj for layer in produced),
             "plain_input": type(plain_input).__name__,
             "inner": {k: type(v).__name__ for k, v in inner.items()},
+            "pre_processed": [sparse.down_proj.quant_method.supports_pre_processed_weights,
+                              inner["down_proj"].supports_pre_processed_weights],
             # The reference: the paper's rule, then the same quantized methods (unswapped).
             "y_ref": _paper_mlp_through(inner, sparse, x)}
 
@@ -297,6 +303,27 @@ def _paper_mlp_through(inner, mlp, x):
     h = SiluAndMul().forward_native(inner["gate_up_proj"].apply(mlp.gate_up_proj, xs))
     hs = torch.where(paper_top_p_mask(h, P), h, 0)
     return inner["down_proj"].apply(mlp.down_proj, hs)
+
+
+def _loader_bypass_case(GatedMLP):
+    """The worker's bind RPC on a model that a loader built without ``create_model``
+    (tensorizer, the weight-cache IPC loader): sparsity configured, gated MLPs, no plugin state."""
+    from types import SimpleNamespace
+
+    from vllm_sparsity import plugin
+
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([GatedMLP()])
+    worker = SimpleNamespace(worker=SimpleNamespace(
+        model_runner=SimpleNamespace(get_model=lambda: model),
+        vllm_config=SimpleNamespace(
+            additional_config={"sparsity": {"p": P, "target": "all_inputs", "backend": "auto"}},
+            load_config=SimpleNamespace(load_format="tensorizer"))))
+    try:
+        plugin.vllm_sparsity_bind_step(worker)
+    except RuntimeError as e:
+        return str(e)
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -327,6 +354,9 @@ def test_replace_finds_gated_mlps_by_structure(one_rank):
     assert ("INFO", "vllm-sparsity: Multimodal: sparsified 2 of 3 MLPs of its language model "
             "(LanguageModel); 1 gated MLPs outside it (vision/audio towers) left dense "
             f"(target=intermediate, p=0.6, backend=auto -> {resolved})") in one_rank["first_log"]
+    # Pre-processed weights (weight-cache IPC loader): only the torch backend keeps the wrapped
+    # method's layout, and so its answer (UnquantizedLinearMethod: True).
+    assert one_rank["pre_processed"] == {resolved: resolved == "torch"}
 
 
 def test_multimodal_model_sparsifies_only_its_language_model(one_rank):
@@ -354,11 +384,18 @@ def test_quantized_method_runs_under_the_torch_backend(one_rank):
                for level, line in q["log"]), q["log"]
     # down_proj advertises a pre-quantized input: the plain MLP gets one, the sparse one does not.
     assert q["plain_input"] == "QuantizedActivation" and not q["produced_for_sparse"]
+    assert q["pre_processed"][0] == q["pre_processed"][1]  # the wrapped method's answer
     # The paper's rule on both inputs, then the same int8 methods: the same output. (Against a
     # float GEMM on the dequantized weights no tight bound holds: vLLM-CPU's int8 GEMM deviates by
     # about 8% in norm on this AVX2 machine, sparsity or not.)
     assert q["y"].abs().max() > 0
     torch.testing.assert_close(q["y"], q["y_ref"], rtol=1e-6, atol=1e-6)
+
+
+def test_model_built_without_create_model_is_refused(one_rank):
+    message = one_rank["bypass"]
+    assert message is not None and "--load-format tensorizer built Module without " \
+        "BaseModelLoader.create_model" in message, message
 
 
 def test_replace_is_idempotent(one_rank):

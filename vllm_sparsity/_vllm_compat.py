@@ -185,6 +185,14 @@ def worker_model(worker_wrapper):
     return model.unwrap() if hasattr(model, "unwrap") else model
 
 
+def worker_vllm_config(worker_wrapper):
+    return worker_wrapper.worker.vllm_config
+
+
+def load_format(vllm_config) -> str:
+    return str(vllm_config.load_config.load_format)
+
+
 def served_model_name(vllm_config) -> str:
     return vllm_config.model_config.served_model_name
 

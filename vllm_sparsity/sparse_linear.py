@@ -72,8 +72,14 @@ class InputSparseLinearMethod(LinearMethodBase):
         return self.inner.create_weights(*args, **kwargs)
 
     # How vLLM's loaders treat the layer's weights: as the wrapped method says (it created them
-    # and, on the torch backend, processes them; online quantization creates them on the meta
-    # device).
+    # and, on the torch backend, processes them). ``supports_pre_processed_weights``: whether
+    # ``process_weights_after_loading`` may run on weights already processed elsewhere (the
+    # weight-cache IPC loader): a kernel backend re-lays the weight out, so only the torch backend
+    # can pass the wrapped method's answer on.
+    @property
+    def supports_pre_processed_weights(self) -> bool:
+        return self.backend == "torch" and self.inner.supports_pre_processed_weights
+
     @property
     def uses_meta_device(self) -> bool:
         return self.inner.uses_meta_device
