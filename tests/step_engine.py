@@ -64,7 +64,6 @@ def _counts(model) -> list[dict]:
 
 def main(out_path: str) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
     from vllm.v1.worker.cpu_worker import CPUWorker
 
@@ -81,8 +80,10 @@ def main(out_path: str) -> None:
         return times
 
     CPUWorker.compile_or_warm_up_model = warm_up_with_fake_requests
-    llm = LLM(str(demo_model_path()), enforce_eager=True, dtype="float32", max_model_len=256,
-              max_num_seqs=2, max_num_batched_tokens=256, skip_tokenizer_init=True,
+    # Small on purpose (start-up time): 64 MiB of KV cache, 64-token forwards at most.
+    llm = LLM(str(demo_model_path()), enforce_eager=True, dtype="float32", max_model_len=64,
+              max_num_seqs=2, max_num_batched_tokens=64, kv_cache_memory_bytes=64 << 20,
+              skip_tokenizer_init=True,
               additional_config={"sparsity": {"p": 0.9, "backend": "torch"},
                                  "sparsity_metrics": True})
     worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker

@@ -159,6 +159,7 @@ def test_token_phases_do_not_depend_on_the_attention_backend():
     n = 9
     want, want_batch = naive_phases(QSL, n)
     qsl = torch.tensor(QSL, dtype=torch.int32)
+    vllm_config = VllmConfig()
     got = {}
     for name, fields in metadata_classes.items():
         # The class rebuilt from its fields; tensors where the step's boundaries would be.
@@ -166,7 +167,7 @@ def test_token_phases_do_not_depend_on_the_attention_backend():
         metadata = cls(**{f: qsl[:4] if f == "query_start_loc" else None for f in fields})
         state = _state()
         state.bind_query_start_loc(qsl, "GPUModelRunner")
-        with set_forward_context({"model.layers.0.self_attn.attn": metadata}, VllmConfig(),
+        with set_forward_context({"model.layers.0.self_attn.attn": metadata}, vllm_config,
                                  num_tokens=n):
             state.mark_phases(n, _vllm_compat.step_kind())
         got[name] = (state.phase[:n].tolist(), state.batch_phase.tolist())
