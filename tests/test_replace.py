@@ -1,11 +1,12 @@
-"""replace_mlp on models built from vLLM's own layer classes, in gloo processes that set up vLLM's
-parallel state (no server). On one rank: discovery by structure, limited to a multimodal model's
-language model (a tiny Qwen2.5-VL built by vLLM from its config: its gated vision MLPs stay dense),
-idempotence, the dense fallback, a real quantized linear method (compressed-tensors W8A8 int8, vLLM's
-CPU kernel) under the torch backend with a Llama MLP whose down_proj advertises a pre-quantized
-input, and the refusal of a model that a loader built without ``create_model``. Under tensor
-parallelism (TP = 2), the ``intermediate`` site must keep, on each rank, its slice of the whole
-rows' top-p set (the paper's rule on the unsharded down_proj input), eager and under
+"""replace_mlp on models built from vLLM's own layer classes, in processes that set up vLLM's
+parallel state (no server). At TP = 1, in the session's shared vLLM process (``replace_cases``,
+run by ``vllm_process.py``): discovery by structure, limited to a multimodal model's language model
+(a tiny Qwen2.5-VL built by vLLM from its config: its gated vision MLPs stay dense), idempotence,
+the dense fallback, a real quantized linear method (compressed-tensors W8A8 int8, vLLM's CPU
+kernel) under the torch backend with a Llama MLP whose down_proj advertises a pre-quantized input,
+and the refusal of a model that a loader built without ``create_model``. Under tensor parallelism
+(TP = 2, two gloo processes), the ``intermediate`` site must keep, on each rank, its slice of the
+whole rows' top-p set (the paper's rule on the unsharded down_proj input), eager and under
 torch.compile."""
 
 import logging
@@ -60,14 +61,13 @@ class _Records(logging.Handler):
         self.lines.append((record.levelname, record.getMessage()))
 
 
-def _replace_on_one_rank(rank, world_size, ident, tmp):
-    """One rank of TP = 1: replace_mlp on (a) a multimodal-like model whose language model holds
-    two gated MLPs and an MLP-like module whose down_proj is a plain torch Linear, beside a
-    vision-tower-like gated MLP, converted twice; (b) a model without any gated MLP; then the
-    cases below. Returns what each call returned and logged."""
-    os.environ["VLLM_DIST_IDENT"] = ident
+def replace_cases(tmp: str) -> dict:
+    """Run in ``vllm_process.py`` once its engine is up (vLLM's parallel state set, TP = 1):
+    replace_mlp on (a) a multimodal-like model whose language model holds two gated MLPs and an
+    MLP-like module whose down_proj is a plain torch Linear, beside a vision-tower-like gated MLP,
+    converted twice; (b) a model without any gated MLP; then the cases below. Returns what each
+    call returned and logged."""
     from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import parallel_state
 
     from vllm_sparsity.config import SparsityConfig
     from vllm_sparsity.replace import replace_mlp
@@ -79,74 +79,68 @@ def _replace_on_one_rank(rank, world_size, ident, tmp):
     logger.addHandler(records)
     logger.setLevel(logging.INFO)
     with set_current_vllm_config(VllmConfig()):
-        parallel_state.init_distributed_environment(world_size, rank, local_rank=rank,
-                                                    backend="gloo")
-        parallel_state.initialize_model_parallel(backend="gloo")
-        try:
-            GatedMLP = _gated_mlp_class()
+        GatedMLP = _gated_mlp_class()
 
-            class PlainMLP(torch.nn.Module):  # has down_proj, but no gate_up_proj / act-and-mul
-                def __init__(self):
-                    super().__init__()
-                    self.up_proj = torch.nn.Linear(HIDDEN, INTER)
-                    self.down_proj = torch.nn.Linear(INTER, HIDDEN)
+        class PlainMLP(torch.nn.Module):  # has down_proj, but no gate_up_proj / act-and-mul
+            def __init__(self):
+                super().__init__()
+                self.up_proj = torch.nn.Linear(HIDDEN, INTER)
+                self.down_proj = torch.nn.Linear(INTER, HIDDEN)
 
-            class LanguageModel(torch.nn.Module):
-                pass
+        class LanguageModel(torch.nn.Module):
+            pass
 
-            class Multimodal(torch.nn.Module):  # vLLM's SupportsMultiModal, as the plugin reads it
-                supports_multimodal = True
+        class Multimodal(torch.nn.Module):  # vLLM's SupportsMultiModal, as the plugin reads it
+            supports_multimodal = True
 
-                def get_language_model(self):
-                    return self.language_model
+            def get_language_model(self):
+                return self.language_model
 
-            model = Multimodal()
-            model.language_model = LanguageModel()
-            model.language_model.layers = torch.nn.ModuleList([GatedMLP(), GatedMLP()])
-            model.language_model.projector = PlainMLP()
-            model.tower = torch.nn.Module()
-            model.tower.blocks = torch.nn.ModuleList([torch.nn.Module()])
-            model.tower.blocks[0].mlp = GatedMLP()
-            config = SparsityConfig(p=P, target="intermediate", backend="auto")
-            first = replace_mlp(model, config, max_num_tokens=64)
-            methods = {n: type(m.quant_method).__name__ for n, m in model.named_modules()
-                       if hasattr(m, "quant_method")}
-            before = {n: m.quant_method for n, m in model.named_modules()
-                      if hasattr(m, "quant_method")}
-            first_log = list(records.lines)
-            second = replace_mlp(model, SparsityConfig(p=0.5), max_num_tokens=64)
-            after = {n: m.quant_method for n, m in model.named_modules()
-                     if hasattr(m, "quant_method")}
-            state = runtime_state(model)
-            layer_indices = [m.quant_method.layer_index for _, m in state.layers]
-            wrapped = sum(isinstance(m.quant_method, InputSparseLinearMethod)
-                          and isinstance(m.quant_method.inner, InputSparseLinearMethod)
-                          for m in model.modules() if hasattr(m, "quant_method"))
-            pre_processed = {m.quant_method.backend: m.quant_method.supports_pre_processed_weights
-                             for _, m in state.layers}
-            records.lines.clear()
+        model = Multimodal()
+        model.language_model = LanguageModel()
+        model.language_model.layers = torch.nn.ModuleList([GatedMLP(), GatedMLP()])
+        model.language_model.projector = PlainMLP()
+        model.tower = torch.nn.Module()
+        model.tower.blocks = torch.nn.ModuleList([torch.nn.Module()])
+        model.tower.blocks[0].mlp = GatedMLP()
+        config = SparsityConfig(p=P, target="intermediate", backend="auto")
+        first = replace_mlp(model, config, max_num_tokens=64)
+        methods = {n: type(m.quant_method).__name__ for n, m in model.named_modules()
+                   if hasattr(m, "quant_method")}
+        before = {n: m.quant_method for n, m in model.named_modules()
+                  if hasattr(m, "quant_method")}
+        first_log = list(records.lines)
+        second = replace_mlp(model, SparsityConfig(p=0.5), max_num_tokens=64)
+        after = {n: m.quant_method for n, m in model.named_modules()
+                 if hasattr(m, "quant_method")}
+        state = runtime_state(model)
+        layer_indices = [m.quant_method.layer_index for _, m in state.layers]
+        wrapped = sum(isinstance(m.quant_method, InputSparseLinearMethod)
+                      and isinstance(m.quant_method.inner, InputSparseLinearMethod)
+                      for m in model.modules() if hasattr(m, "quant_method"))
+        pre_processed = {m.quant_method.backend: m.quant_method.supports_pre_processed_weights
+                         for _, m in state.layers}
+        records.lines.clear()
 
-            dense = torch.nn.Module()
-            dense.projector = PlainMLP()
-            x = torch.randn(3, HIDDEN)
-            y_before = dense.projector.down_proj(dense.projector.up_proj(x))
-            dense_replaced = replace_mlp(dense, config, max_num_tokens=64)
-            y_after = dense.projector.down_proj(dense.projector.up_proj(x))
-            dense_log = list(records.lines)
-            records.lines.clear()
-            return {"first": first, "methods": methods, "first_log": first_log,
-                    "second": second, "unchanged": all(before[n] is after[n] for n in before),
-                    "p": float(state.p["intermediate"]), "target": state.config.target,
-                    "layer_indices": layer_indices, "wrapped_twice": wrapped,
-                    "pre_processed": pre_processed,
-                    "dense": dense_replaced, "dense_log": dense_log,
-                    "dense_state": runtime_state(dense) is None,
-                    "dense_same": torch.equal(y_before, y_after),
-                    "qwen2_5_vl": _qwen2_5_vl_case(records, tmp),
-                    "quantized": _quantized_case(records),
-                    "bypass": _loader_bypass_case(GatedMLP)}
-        finally:
-            parallel_state.destroy_model_parallel()
+        dense = torch.nn.Module()
+        dense.projector = PlainMLP()
+        x = torch.randn(3, HIDDEN)
+        y_before = dense.projector.down_proj(dense.projector.up_proj(x))
+        dense_replaced = replace_mlp(dense, config, max_num_tokens=64)
+        y_after = dense.projector.down_proj(dense.projector.up_proj(x))
+        dense_log = list(records.lines)
+        records.lines.clear()
+        return {"first": first, "methods": methods, "first_log": first_log,
+                "second": second, "unchanged": all(before[n] is after[n] for n in before),
+                "p": float(state.p["intermediate"]), "target": state.config.target,
+                "layer_indices": layer_indices, "wrapped_twice": wrapped,
+                "pre_processed": pre_processed,
+                "dense": dense_replaced, "dense_log": dense_log,
+                "dense_state": runtime_state(dense) is None,
+                "dense_same": torch.equal(y_before, y_after),
+                "qwen2_5_vl": _qwen2_5_vl_case(records, tmp),
+                "quantized": _quantized_case(records),
+                "bypass": _loader_bypass_case(GatedMLP)}
 
 
 def _qwen2_5_vl_case(records, tmp):
@@ -327,10 +321,8 @@ def _loader_bypass_case(GatedMLP):
 
 
 @pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    out = tmp_path_factory.mktemp("replace")
-    return run_ranks(_replace_on_one_rank, 1, out, f"vllm-sparsity-test-replace-{os.getpid()}",
-                     str(tmp_path_factory.mktemp("qwen2_5_vl")))[0]
+def one_rank(vllm_process):
+    return vllm_process["replace"]
 
 
 def cpu_kernels_expected() -> bool:

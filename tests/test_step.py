@@ -5,7 +5,7 @@ CUDA defaults run it, checked without a GPU.
   replayed without Python. ``capture_guard.CaptureGuard`` fails on the ops that break or freeze a
   capture, by op (on CPU a host-to-device copy is a CPU copy): first on its own, then on every
   branch of ``RuntimeState.mark_phases``, then over one whole decode step of the demo model in a
-  real vLLM engine (the model's forward, wrapper and sparse layers included).
+  real vLLM engine (the model's forward, wrapper and sparse layers included; ``vllm_process.py``).
 - Token phases whatever the attention backend: every backend's metadata class in the installed
   vLLM (FlashInfer's has no ``query_start_loc``), rebuilt from its dataclass fields.
 - In the real engine: the counters hold nothing after start-up even when warm-up pushes fake
@@ -18,9 +18,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import itertools
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -175,20 +172,8 @@ def test_token_phases_do_not_depend_on_the_attention_backend():
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory, demo_model):
-    """``step_engine.py``'s results (one in-process vLLM engine on the demo model)."""
-    out = tmp_path_factory.mktemp("step") / "engine.json"
-    log = out.with_suffix(".log")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SPARSITY_")}
-    with log.open("w") as f:
-        proc = subprocess.run([sys.executable, str(HERE.parent / "step_engine.py"), str(out)],
-                              stdout=f, stderr=subprocess.STDOUT, env=env, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"step_engine.py exited with {proc.returncode}:\n"
-                           + log.read_text()[-4000:])
-    import json
-
-    return json.loads(out.read_text())
+def engine(vllm_process):
+    return vllm_process["engine"]
 
 
 def test_a_whole_decode_step_is_capture_safe(engine):
@@ -196,7 +181,7 @@ def test_a_whole_decode_step_is_capture_safe(engine):
 
 
 def test_warm_up_requests_are_not_counted(engine):
-    from step_engine import FAKE_PROMPT
+    from vllm_process import FAKE_PROMPT
 
     # The fake requests went through the sparse layers: prefill and decode tokens counted...
     for layer in engine["after_fake_requests"]:
@@ -206,7 +191,7 @@ def test_warm_up_requests_are_not_counted(engine):
 
 
 def test_a_request_is_counted_in_its_phases(engine):
-    from step_engine import MAX_TOKENS, PROMPT
+    from vllm_process import MAX_TOKENS, PROMPT
 
     assert engine["generated"] == MAX_TOKENS
     assert len(engine["after_request"]) == 2 * 18  # gate_up_proj and down_proj of 18 layers

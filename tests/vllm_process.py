@@ -1,6 +1,11 @@
-"""One real vLLM engine on the demo model, in this process (``python step_engine.py OUT.json``),
-for ``test_step.py``: what the plugin counts through warm-up and one request, and one decode step
-run under ``capture_guard.CaptureGuard``.
+"""One process holding a real vLLM engine on the demo model (``python vllm_process.py OUT TMP``),
+shared by the tests that need vLLM's worker-side state (one vLLM import for all of them; the
+``vllm_process`` fixture of ``conftest.py`` runs it once per session and reads ``OUT``):
+
+- ``engine``, for ``test_step.py``: what the plugin counts through warm-up and one request, and one
+  decode step run under ``capture_guard.CaptureGuard``;
+- ``replace``, for ``test_replace.py``: ``test_replace.replace_cases`` run once the engine is up
+  (they need vLLM's parallel state, which the engine set up).
 
 The engine core and its worker run in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the V1 CPU
 runner, eager), so that the worker's model can be reached. Warm-up is made to do what Model
@@ -13,7 +18,6 @@ after one request (``PROMPT``, ``MAX_TOKENS`` tokens generated: one prefill step
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -62,7 +66,8 @@ def _counts(model) -> list[dict]:
             for name, layer in runtime_state(model).layers]
 
 
-def main(out_path: str) -> None:
+def engine() -> dict:
+    """The engine scenario of the module doc; the engine stays up (its parallel state too)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
     from vllm.v1.worker.cpu_worker import CPUWorker
@@ -105,9 +110,21 @@ def main(out_path: str) -> None:
                        SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
     result["generated"] = len(out[0].outputs[0].token_ids)
     result["after_request"] = _counts(model)
-    with open(out_path, "w") as f:
-        json.dump(result, f)
+    result["llm"] = llm  # kept alive by the caller
+    return result
+
+
+def main(out_path: str, tmp: str) -> None:
+    import torch
+
+    from test_replace import replace_cases
+
+    results = {"engine": engine()}
+    llm = results["engine"].pop("llm")  # kept up (and its parallel state) for the cases below
+    results["replace"] = replace_cases(tmp)
+    torch.save(results, out_path)
+    del llm
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])
