@@ -141,6 +141,25 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def vllm_process(tmp_path_factory, demo_model) -> dict:
+    """What ``vllm_process.py`` found in one process holding a vLLM engine on the demo model (see
+    there); read by test_step.py and test_replace.py."""
+    import torch
+
+    tmp = tmp_path_factory.mktemp("vllm_process")
+    out, log = tmp / "results.pt", tmp / "vllm_process.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SPARSITY_")}
+    with log.open("w") as f:
+        proc = subprocess.run([sys.executable, str(REPO / "tests" / "vllm_process.py"), str(out),
+                               str(tmp)], stdout=f, stderr=subprocess.STDOUT, env=env,
+                              timeout=START_TIMEOUT_S, cwd=tmp)
+    if proc.returncode != 0:
+        raise RuntimeError(f"vllm_process.py exited with {proc.returncode}:\n"
+                           + log.read_text()[-4000:])
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="session")
 def _servers(tmp_path_factory, demo_model, pytestconfig):
     log_dir = tmp_path_factory.mktemp("servers")
     needed = pytestconfig.stash.get(_NEEDED, {"sparse", "dense"})

@@ -152,9 +152,16 @@ def test_get_passes_on_what_the_merge_reports_of_disagreeing_workers(monkeypatch
     from vllm_sparsity import counters
 
     merge = counters.merge
-    monkeypatch.setattr(counters, "merge", lambda snaps: {**merge(snaps), "disagreement": [1]})
+
+    def disagreeing(snaps):
+        merged = merge(snaps)
+        return {**merged, "settings": {**merged["settings"], "disagreement": [1]},
+                "unknown_phase_tokens": 3}
+
+    monkeypatch.setattr(counters, "merge", disagreeing)
     r = asyncio.run(send(app_for(FakeEngine()), ("GET", "", {})))[0]
-    assert r.status_code == 200 and r.json()["disagreement"] == [1] and r.json()["p"] == 0.9
+    assert r.status_code == 200 and r.json()["p"] == 0.9
+    assert (r.json()["disagreement"], r.json()["unknown_phase_tokens"]) == ([1], 3)
 
 
 @pytest.mark.parametrize("headers, body, status, message", [

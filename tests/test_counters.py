@@ -71,18 +71,29 @@ def test_seam_counts_survive_torch_compile_with_a_dynamic_batch():
     assert torch.equal(layer.sparsity_stats, want)
 
 
-@pytest.mark.parametrize("qsl, n, phases, batch", [
-    ([0, 5, 6, 7], 9, [PREFILL] * 5 + [DECODE] * 2 + [PAD] * 2, PREFILL),  # mixed, padded
-    ([0, 1, 2, 3, 3, 3], 4, [DECODE] * 3 + [PAD], DECODE),  # decode batch, padded requests
-    ([0, 4], 4, [PREFILL] * 4, PREFILL),
-    ([0, 1, 5], 5, [DECODE] + [PREFILL] * 4, PREFILL),
-    (None, 3, [PAD] * 3, PAD),  # dummy run: no attention metadata
-    ([0, 0], 0, [], PAD),  # an empty step
+def naive_phases(qsl: list[int], n: int) -> tuple[list[int], int]:
+    """Phases by a loop over the requests: decode if its query length is 1, prefill otherwise,
+    padding past the last request; the batch's is the least (PREFILL < DECODE < PAD)."""
+    phases = [PAD] * n
+    for start, end in zip(qsl, qsl[1:]):
+        for t in range(start, min(end, n)):
+            phases[t] = DECODE if end - start == 1 else PREFILL
+    return phases, min(phases + [PAD])
+
+
+# vLLM's runner buffer [max_num_reqs + 1]: the step's boundaries, then its token count repeated.
+@pytest.mark.parametrize("qsl, n", [
+    ([0, 5, 6, 7, 7, 7, 7], 9),  # mixed, padded tokens
+    ([0, 1, 2, 3, 3, 3], 4),  # decode batch, padded requests
+    ([0, 4, 4], 4),
+    ([0, 1, 5, 5], 5),
+    ([0, 3, 3], 0),  # an empty forward
 ])
-def test_token_phases_from_query_start_loc(qsl, n, phases, batch):
-    got, got_batch = counters.token_phases(
-        None if qsl is None else torch.tensor(qsl, dtype=torch.int32), n)
-    assert got.tolist() == phases and int(got_batch) == batch
+def test_token_phases_from_query_start_loc(qsl, n):
+    want, want_batch = naive_phases(qsl, n)
+    index = torch.arange(16, dtype=torch.int32)
+    got, got_batch = counters.token_phases(torch.tensor(qsl, dtype=torch.int32), index[:n])
+    assert got.tolist() == want and got_batch.tolist() == [want_batch]
 
 
 def site_rows(zeroed, total, read, columns):

@@ -161,7 +161,8 @@ def test_gpu_latency_alert_fires_on_inter_token_latency(tmp_path):
 def test_stale_absent_and_disagreement_alerts_fire_for_the_bad_replica_only(tmp_path):
     """Three replicas of one model, 40 one-minute steps. a: healthy. b: its plugin polled the
     workers for 20 minutes, then stopped (engine dead, or polls failing), and from minute 10 one
-    worker disagrees. c: vLLM without any plugin series."""
+    worker disagrees, and from minute 26 its workers count tokens of unknown phase. c: vLLM without
+    any plugin series."""
     job = {"job": "vllm", "model_name": "m"}
     a, b, c = ({**job, "instance": f"{x}:8000"} for x in "abc")
     inputs = [series("vllm:num_requests_running", {**r, "engine": "0"}, "1x40") for r in (a, b, c)]
@@ -171,6 +172,8 @@ def test_stale_absent_and_disagreement_alerts_fire_for_the_bad_replica_only(tmp_
         series("vllm_sparsity_last_poll_timestamp_seconds", b, "0+60x20 1200x20"),
         series("vllm_sparsity_disagreeing_workers", a, "0x40"),
         series("vllm_sparsity_disagreeing_workers", b, "0x10 1x30"),
+        series("vllm_sparsity_unknown_phase_tokens_total", a, "0x40"),
+        series("vllm_sparsity_unknown_phase_tokens_total", b, "0x25 0+3x15"),
     ]
     promtool_rule_test(tmp_path, inputs, [
         alerts_at("20m", "VllmSparsityMetricsStale", []),
@@ -184,6 +187,10 @@ def test_stale_absent_and_disagreement_alerts_fire_for_the_bad_replica_only(tmp_
         alerts_at("15m", "VllmSparsityWorkersDisagree", [fired(
             b, "m on b:8000: 1 worker(s) run other sparsity settings",
             "VllmSparsityWorkersDisagree", severity="critical")]),
+        alerts_at("25m", "VllmSparsityUnknownPhaseTokens", []),
+        alerts_at("27m", "VllmSparsityUnknownPhaseTokens", [fired(
+            b, "m on b:8000: token phases unknown, counted as prefill",
+            "VllmSparsityUnknownPhaseTokens")]),
     ])
 
 

@@ -161,6 +161,27 @@ def test_merge_route_and_metrics_report_workers_that_disagree():
     assert scrape(collector)["vllm_sparsity_disagreeing_workers"].samples[0].value == 0
 
 
+def test_unknown_phase_tokens_are_summed_over_replicas_not_tp_ranks_and_exposed():
+    """Tokens a worker could not tell the phase of: every TP rank of an engine sees the same
+    tokens, so the merge takes TP rank 0 of each replica; the route and the counter carry it."""
+    sites = [[0, "input", 10, 0]]
+    per_worker = [{**worker(0, sites, [site_rows(1, 10, 0, 0)]), "unknown_phase_tokens": 7},
+                  {**worker(1, sites, [site_rows(1, 10, 0, 0)]), "unknown_phase_tokens": 7},
+                  {**worker(0, sites, [site_rows(1, 10, 0, 0)]), "unknown_phase_tokens": 5}]
+    assert merge(per_worker)["unknown_phase_tokens"] == 12
+
+    class Engine:
+        async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+            return per_worker
+
+    assert asyncio.run(control._state(Engine()))["unknown_phase_tokens"] == 12
+    collector = metrics.SparsityCollector("m")
+    collector.snapshot = merge(per_worker)
+    (sample,) = scrape(collector)["vllm_sparsity_unknown_phase_tokens"].samples
+    assert (sample.name, sample.labels, sample.value) == (
+        "vllm_sparsity_unknown_phase_tokens_total", {"model_name": "m"}, 12)
+
+
 class DataParallelEngine(FakeEngine):
     """vLLM's client under data parallelism (``DPLBAsyncMPClient``): ``collective_rpc`` answers
     with engine 0's workers only; ``engine_core.call_utility_all_async`` asks every engine."""
@@ -438,7 +459,8 @@ def test_prometheus_scrapes_plugin_and_vllm_metrics_with_true_values(sparse_serv
     series = len(query(prom, f'{{__name__=~"vllm_sparsity_.*", {s}}}'))
     per_site = 2 * (5 + NB + 3)  # phases x (5 counters + buckets, +Inf, _sum, _count)
     latency = 2 * (len(LATENCY_BUCKETS_S) + 3)
-    assert series == 2 + 1 + 2 + n_sites * per_site + latency  # p x 2, info, stamp, disagree
+    # p x 2, info, stamp, disagreeing, unknown phase
+    assert series == 2 + 1 + 3 + n_sites * per_site + latency
     # Fresh, and every worker agrees.
     age = value(prom, f"time() - vllm_sparsity_last_poll_timestamp_seconds{{{s}}}")
     assert 0 <= age < FRESH_S
@@ -463,7 +485,8 @@ def test_prometheus_scrapes_plugin_and_vllm_metrics_with_true_values(sparse_serv
 
 
 # Alerts that a healthy, freshly polled server must not trip.
-HEALTHY_QUIET = {"alert VllmSparsityMetricsStale", "alert VllmSparsityWorkersDisagree"}
+HEALTHY_QUIET = {"alert VllmSparsityMetricsStale", "alert VllmSparsityWorkersDisagree",
+                 "alert VllmSparsityUnknownPhaseTokens"}
 
 
 def dashboard_queries(model, instance, window) -> list[tuple[str, str]]:

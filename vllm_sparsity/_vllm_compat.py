@@ -17,10 +17,13 @@ single vLLM method, calls the original unchanged and then the plugin's callback:
 - ``WorkerWrapperBase`` (``add_worker_methods``): worker-side RPC methods (vLLM resolves a
   ``collective_rpc`` method name with getattr on the worker wrapper; the endpoint-plugin contract
   asks general plugins to install such methods);
-- ``AsyncLLM.__init__`` (``on_async_llm``): once the API server's engine client exists.
+- ``AsyncLLM.__init__`` (``on_async_llm``): once the API server's engine client exists;
+- ``Executor.compile_or_warm_up_model`` (``around_warm_up``): before and after every worker's
+  warm-up and CUDA-graph capture.
 
-Read-only helpers below also reach into vLLM: the forward context's attention metadata
-(``query_start_loc``), the compile wrapper class, the tensor-parallel rank, the worker's model.
+Read-only helpers below also reach into vLLM: what the forward context says about a forward
+(``step_kind``), the model runner's ``query_start_loc`` buffer, the compile wrapper class, the
+tensor-parallel rank, the worker's model.
 For tensor parallelism, ``k_shards`` tells a layer whose input is split over K, and
 ``tp_all_reduce`` sums the rule's histograms over the TP group.
 """
@@ -28,6 +31,11 @@ For tensor parallelism, ``k_shards`` tells a layer whose input is split over K, 
 from __future__ import annotations
 
 import functools
+
+# What a forward is (``step_kind``): a step with attention metadata (requests, or a dummy batch
+# shaped like them); a dummy run without attention metadata (memory profiling); one micro-batch of
+# a split step (dual-batch overlap).
+STEP, NO_REQUESTS, MICRO_BATCH = "step", "no_requests", "micro_batch"
 
 
 def first_install() -> bool:
@@ -100,6 +108,32 @@ def on_create_model(callback) -> None:
     BaseModelLoader.create_model = _create_model
 
 
+def around_warm_up(before, after) -> None:
+    """Around ``Executor.compile_or_warm_up_model`` (engine core process; every executor inherits
+    it from ``vllm/v1/executor/abstract.py``): ``before(executor)``, the original, then
+    ``after(executor)``. The original runs each worker's warm-up: V1's compile runs, CUDA-graph
+    capture and dummy sampler run; V2's ``warmup_kernels`` (``vllm/v1/worker/gpu/warmup.py``),
+    which pushes fake requests through ``Worker.execute_model``, then capture. After it the
+    engine serves real requests only (the scheduler starts after ``_initialize_kv_caches``)."""
+    from vllm.v1.executor.abstract import Executor
+
+    warm_up = Executor.compile_or_warm_up_model
+
+    @functools.wraps(warm_up)
+    def _warm_up(self, *args, **kwargs):
+        before(self)
+        result = warm_up(self, *args, **kwargs)
+        after(self)
+        return result
+
+    Executor.compile_or_warm_up_model = _warm_up
+
+
+def executor_rpc(executor, method: str) -> list:
+    """``method`` (a name installed by ``add_worker_methods``) on every worker of ``executor``."""
+    return executor.collective_rpc(method)
+
+
 def add_worker_methods(methods: dict) -> None:
     """Install ``methods`` (name -> function of the worker wrapper) on ``WorkerWrapperBase``."""
     from vllm.v1.worker.worker_base import WorkerWrapperBase
@@ -151,6 +185,14 @@ def worker_model(worker_wrapper):
     return model.unwrap() if hasattr(model, "unwrap") else model
 
 
+def worker_vllm_config(worker_wrapper):
+    return worker_wrapper.worker.vllm_config
+
+
+def load_format(vllm_config) -> str:
+    return str(vllm_config.load_config.load_format)
+
+
 def served_model_name(vllm_config) -> str:
     return vllm_config.model_config.served_model_name
 
@@ -198,6 +240,37 @@ def gated_mlp_types():
     return MergedColumnParallelLinear, RowParallelLinear, act_and_mul
 
 
+def is_unquantized(method) -> bool:
+    """Whether a linear layer's ``quant_method`` is vLLM's plain one (a weight [N, K] in the
+    model's dtype, read by ``F.linear`` or oneDNN), not a quantized one (fp8, int8, AWQ, ...)."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    return isinstance(method, UnquantizedLinearMethod)
+
+
+def require_unquantized_input(layer) -> None:
+    """Make vLLM hand ``layer`` a plain input tensor, never a pre-quantized ``QuantizedActivation``
+    (``LinearBase.requires_unquantized_input``, read on the layer by
+    ``vllm/model_executor/layers/fusion/quant_activation.py::get_input_quant_key``; LoRA layers
+    set it for the same reason)."""
+    layer.requires_unquantized_input = True
+
+
+def language_model_name(model) -> str | None:
+    """Qualified name in ``model`` of its language model: "" for a text model (the model itself);
+    for a multimodal one (``SupportsMultiModal``), the module its ``get_language_model()``
+    returns (``vllm/model_executor/models/interfaces.py``); None when vLLM cannot name it."""
+    from vllm.model_executor.models.interfaces import supports_multimodal
+
+    if not supports_multimodal(model):
+        return ""
+    try:
+        lm = model.get_language_model()
+    except NotImplementedError:
+        return None
+    return next((name for name, module in model.named_modules() if module is lm and name), None)
+
+
 def max_num_tokens(vllm_config) -> int:
     """Most tokens one forward can hold: vLLM sizes its input buffers by max_num_batched_tokens
     (``GPUModelRunner.max_num_tokens``); CUDA graph capture sizes never exceed it."""
@@ -218,29 +291,42 @@ def forward_num_tokens(args: tuple, kwargs: dict) -> int | None:
     return positions.shape[-1] if positions is not None else None
 
 
-def in_forward_context() -> bool:
-    """Whether a vLLM model runner step (or dummy run) is under way."""
-    from vllm.forward_context import is_forward_context_available
+def step_kind() -> str | None:
+    """What the forward about to run is, from vLLM's forward context: None outside a model-runner
+    step (a model run by hand); ``MICRO_BATCH`` inside a micro-batch of a split step (dual-batch
+    overlap: ``vllm.v1.worker.ubatching``, or a list of per-micro-batch metadata);
+    ``NO_REQUESTS`` for a dummy run without attention metadata (memory profiling, V1's piecewise
+    capture); ``STEP`` otherwise. Which attention backend built the metadata does
+    not matter: phases come from the runner's buffer (``runner_query_start_loc``)."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+    from vllm.v1.worker.ubatching import dbo_enabled
 
-    return is_forward_context_available()
-
-
-def query_start_loc(num_tokens: int, device):
-    """The step's ``query_start_loc`` [R + 1] from the forward context's attention metadata (the
-    same tensor for every layer; on CUDA a slice of the runner's persistent buffer), or None in a
-    dummy run without attention metadata. With micro-batching (a list of metadata, one per
-    micro-batch) the step counts as one pseudo-request: no per-token split."""
-    import torch
-    from vllm.forward_context import get_forward_context
-
+    if not is_forward_context_available():
+        return None
     metadata = get_forward_context().attn_metadata
-    if isinstance(metadata, list):
-        return torch.tensor([0, num_tokens], dtype=torch.int32, device=device)
-    for layer_metadata in (metadata or {}).values():
-        qsl = getattr(layer_metadata, "query_start_loc", None)
-        if qsl is not None:
-            return qsl
-    return None
+    if dbo_enabled() or isinstance(metadata, list):
+        return MICRO_BATCH
+    return STEP if metadata else NO_REQUESTS
+
+
+def runner_query_start_loc(worker_wrapper):
+    """The model runner's persistent ``query_start_loc`` device buffer, int32 [max_num_reqs + 1]
+    (None if the runner has none the plugin knows). Both runners write each step's cumulative
+    query lengths into it before the forward and pad its tail with the step's token count; every
+    attention backend's metadata is built from it (FlashInfer's keeps no copy). Model Runner V2
+    (``vllm/v1/worker/gpu/model_runner.py``): ``input_buffers.query_start_loc``; V1
+    (``gpu_model_runner.py``, and the CPU runner built on it): ``query_start_loc.gpu``."""
+    import torch
+
+    runner = worker_wrapper.worker.model_runner
+    qsl = getattr(getattr(runner, "input_buffers", None), "query_start_loc", None)  # V2
+    if qsl is None:
+        qsl = getattr(getattr(runner, "query_start_loc", None), "gpu", None)  # V1
+    return qsl if isinstance(qsl, torch.Tensor) else None
+
+
+def runner_name(worker_wrapper) -> str:
+    return type(worker_wrapper.worker.model_runner).__name__
 
 
 def tp_rank() -> int:

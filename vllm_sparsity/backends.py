@@ -18,6 +18,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from vllm_sparsity import _vllm_compat
+
 # name -> module implementing the interface above.
 BACKENDS = {
     "triton": "vllm_sparsity.kernels.backend",
@@ -26,12 +28,17 @@ BACKENDS = {
 }
 
 
+def _device_type(layer) -> str:
+    # Any parameter: a quantized layer may have no ``weight`` (AWQ's is ``qweight``).
+    return next(layer.parameters()).device.type
+
+
 def _on_cuda(layer) -> bool:
-    return layer.weight.device.type == "cuda"
+    return _device_type(layer) == "cuda"
 
 
 def _on_cpu(layer) -> bool:
-    return layer.weight.device.type == "cpu"
+    return _device_type(layer) == "cpu"
 
 
 # ``auto``, in order of preference: (backend, whether auto tries it for this layer). The first tried
@@ -42,6 +49,12 @@ AUTO = (
     ("cpu", _on_cpu),  # x86-64 with AVX2/AVX-512 and a C++ compiler; else it says why
     ("torch", lambda layer: True),
 )
+
+
+# Backends that run their own GEMM on the layer's plain [N, K] weight: a quantized linear method's
+# weights (fp8, int8, packed int4 ...) are not that, and its GEMM would be bypassed. The torch
+# backend runs the layer's own method, quantized or not, on the sparsified input.
+OWN_GEMM = ("triton", "cpu")
 
 
 def load(name: str) -> ModuleType:
@@ -60,15 +73,24 @@ def choose(layer, requested: str) -> tuple[str, dict[str, str]]:
         ValueError: ``requested`` is a backend that cannot serve ``layer`` (the reason says why).
     """
     if requested != "auto":
-        reason = load(requested).unsupported_reason(layer)
+        reason = _unsupported_reason(requested, layer)
         if reason is not None:
             raise ValueError(f"--sparsity-backend {requested} cannot serve this model: {reason}")
         return requested, {}
     refused = {}
     for name, tried in AUTO:
         if tried(layer):
-            reason = load(name).unsupported_reason(layer)
+            reason = _unsupported_reason(name, layer)
             if reason is None:
                 return name, refused
             refused[name] = reason
     raise AssertionError("AUTO must end with a backend that serves every layer")
+
+
+def _unsupported_reason(name: str, layer) -> str | None:
+    """Why backend ``name`` cannot serve ``layer`` (its linear method not yet swapped), or None."""
+    method = getattr(layer, "quant_method", None)
+    if name in OWN_GEMM and not _vllm_compat.is_unquantized(method):
+        return (f"quantized weights ({type(method).__name__}) are not supported by its kernels, "
+                "which read a plain bf16/fp16/fp32 weight; the torch backend serves them")
+    return load(name).unsupported_reason(layer)

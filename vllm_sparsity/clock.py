@@ -32,8 +32,14 @@ class MlpClock:
     """Host-time histogram of MLP forwards per batch phase, fed by the ``mlp_clock`` op."""
 
     def __init__(self) -> None:
-        self.phase = PAD  # the current step's batch phase, set by RuntimeState.mark_phases
+        # The step's batch phase: RuntimeState's int64 [1] CPU buffer, written by mark_phases
+        # and read here, inside the op, so that the step path itself never reads a tensor on the
+        # host. None (nothing timed) until a RuntimeState with the clock on sets it.
+        self.batch_phase: torch.Tensor | None = None
         self.start = 0.0
+        self.reset()
+
+    def reset(self) -> None:
         self.counts = [[0] * (len(LATENCY_BUCKETS_S) + 1) for _ in PHASES]  # last: +Inf
         self.sums = [0.0 for _ in PHASES]
 
@@ -41,10 +47,12 @@ class MlpClock:
         now = time.perf_counter()
         if start:
             self.start = now
-        elif self.phase != PAD:
+            return
+        phase = PAD if self.batch_phase is None else int(self.batch_phase[0])
+        if phase != PAD:
             dt = now - self.start
-            self.counts[self.phase][bisect.bisect_left(LATENCY_BUCKETS_S, dt)] += 1  # dt <= le
-            self.sums[self.phase] += dt
+            self.counts[phase][bisect.bisect_left(LATENCY_BUCKETS_S, dt)] += 1  # dt <= le
+            self.sums[phase] += dt
 
     def snapshot(self) -> dict:
         return {"counts": [list(c) for c in self.counts], "sums": list(self.sums)}

@@ -102,8 +102,8 @@ async def _state(engine) -> dict[str, Any]:
     if merged is None:
         raise RouteError(409, "sparsity is off: start the server with --sparsity-p to enable "
                          "runtime control")
-    extra = {k: merged[k] for k in ("disagreement",) if k in merged}
-    return {**merged["settings"], **extra, "layers": counters.route_layers(merged)}
+    return {**merged["settings"], "unknown_phase_tokens": merged["unknown_phase_tokens"],
+            "layers": counters.route_layers(merged)}
 
 
 async def read_json_body(request) -> Any:

@@ -50,34 +50,35 @@ WIDTH = COLS_TOTAL + 1
 # ---------------------------------------------------------------- worker: inside the graph
 
 
-def token_phases(query_start_loc: torch.Tensor | None, num_tokens: int,
-                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Phase of each of the step's ``num_tokens`` tokens, and of the batch, on the device.
+def token_phases(query_start_loc: torch.Tensor, token_index: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase of each of the step's tokens, and of the batch, from the requests' boundaries.
+
+    Capture-safe (a CUDA graph may record it): device ops on the given tensors only, no tensor
+    built from Python data, no host sync, shapes fixed by the inputs' shapes. On replay the graph
+    recomputes the phases from whatever vLLM wrote into its persistent buffer for that step.
 
     Args:
-        query_start_loc: int32/int64 [R + 1], cumulative query lengths of the step's requests
-            (vLLM's attention metadata; padded entries repeat the last value); None for a dummy
-            run (no requests).
-        num_tokens: tokens in the forward, padding included.
-        device: where to build the result when there is no ``query_start_loc`` (else on its
-            device).
+        query_start_loc: int32/int64 [R + 1], cumulative query lengths of the step's requests:
+            vLLM's runner buffer, whose entries past the step's last request repeat its token
+            count (``GPUModelRunner`` V1 and V2 both pad it so), so R may exceed the step's
+            requests.
+        token_index: [T] ``0, 1, ..., T - 1`` (a slice of a preallocated ``arange``), T the
+            tokens in the forward, padding included.
 
     Returns:
-        ``(phase, batch_phase)``: int64 [num_tokens], PREFILL, DECODE (the token's request has
-        query length 1) or PAD (past the last request); int64 [] PREFILL if any token is prefill,
-        else DECODE if any is decode, else PAD. Device ops only (no host sync), so that a CUDA
-        graph that records them recomputes them from vLLM's persistent buffer on replay.
+        ``(phase, batch_phase)``: int64 [T], PREFILL, DECODE (the token's request has query
+        length 1) or PAD (past the last request); int64 [1], PREFILL if any token is prefill,
+        else DECODE if any is decode, else PAD.
     """
-    if query_start_loc is None or query_start_loc.numel() < 2 or num_tokens == 0:
-        return (torch.full((num_tokens,), PAD, dtype=torch.int64, device=device),
-                torch.tensor(PAD, device=device))
     qsl = query_start_loc
-    t = torch.arange(num_tokens, dtype=qsl.dtype, device=qsl.device)
     ends = qsl[1:]
-    r = torch.searchsorted(ends, t, right=True).clamp_(max=ends.numel() - 1)  # token's request
+    r = torch.searchsorted(ends, token_index, right=True).clamp_(max=ends.numel() - 1)
     phase = ((ends - qsl[:-1])[r] == 1).to(torch.int64)  # DECODE (1) if query length 1, else 0
-    phase.masked_fill_(t >= qsl[-1], PAD)
-    return phase, phase.min()  # PREFILL < DECODE < PAD: the batch's phase is the least
+    phase.masked_fill_(token_index >= qsl[-1], PAD)
+    # PREFILL < DECODE < PAD: the batch's phase is the least (PAD for an empty forward).
+    batch = torch.cat([phase, phase.new_full((1,), PAD)]).min().view(1)
+    return phase, batch
 
 
 def new_stats(device: torch.device) -> torch.Tensor:
@@ -137,8 +138,9 @@ def snapshot(state, tp_rank: int, latency: dict | None) -> dict[str, Any]:
     Returns:
         ``settings`` (``state.settings()``), ``p_by_site``, ``tp_rank``, ``latency``, ``sites``
         (rows ``[layer, site, name, bytes per weight column on this rank, split]``, split: the
-        input is split over K across TP ranks) and ``stats`` (the matching int64 [3, WIDTH]
-        buffers as lists).
+        input is split over K across TP ranks), ``stats`` (the matching int64 [3, WIDTH]
+        buffers as lists) and ``unknown_phase_tokens`` (tokens counted as prefill because their
+        phase could not be told, ``state.RuntimeState``).
     """
     layers = [layer for _, layer in state.layers]
     stats = torch.stack([layer.sparsity_stats for layer in layers]).tolist() if layers else []
@@ -158,7 +160,8 @@ def snapshot(state, tp_rank: int, latency: dict | None) -> dict[str, Any]:
         sites.append([method.layer_index, method.site, name, per_column,
                       method.all_reduce is not None])
     return {"settings": state.settings(), "p_by_site": state.p_by_site(), "tp_rank": tp_rank,
-            "sites": sites, "stats": stats, "latency": latency}
+            "sites": sites, "stats": stats, "latency": latency,
+            "unknown_phase_tokens": int(state.unknown_phase_tokens.sum())}
 
 
 # ---------------------------------------------------------------- API server: merge
@@ -185,7 +188,8 @@ def merge(per_worker: list[dict | None]) -> dict[str, Any] | None:
     """One view of all workers' snapshots (see the module doc for the rank rules): the first's
     ``settings`` (plus ``"disagreement"``, see ``disagreement``) and ``p_by_site``, ``sites``
     {(layer, site): {"name", "split", "rows": per phase [WIDTH], "skipped_bytes": per phase}},
-    ``latency`` (summed over TP rank 0 workers, or None) and ``workers`` (snapshots merged). Bytes
+    ``latency`` (summed over TP rank 0 workers, or None), ``unknown_phase_tokens`` (summed over TP
+    rank 0 workers: every rank sees the same tokens) and ``workers`` (snapshots merged). Bytes
     skipped are summed over every rank (each skips its own shard of the weight). None when no
     worker runs the rule."""
     snaps = [s for s in per_worker if s]
@@ -195,6 +199,8 @@ def merge(per_worker: list[dict | None]) -> dict[str, Any] | None:
               "p_by_site": snaps[0]["p_by_site"], "workers": len(snaps)}
     sites: dict[tuple[int, str], dict] = {}
     latency = None
+    merged["unknown_phase_tokens"] = sum(s.get("unknown_phase_tokens", 0) for s in snaps
+                                         if s["tp_rank"] == 0)
     for snap in snaps:
         lead = snap["tp_rank"] == 0
         for (layer, site, name, per_column, split), rows in zip(snap["sites"], snap["stats"]):

@@ -16,7 +16,10 @@ Series (every one labelled ``model_name``, vLLM's served model name; no request 
 - ``vllm_sparsity_last_poll_timestamp_seconds`` gauge: Unix time of the last successful poll of
   the workers (the age of every other series);
 - ``vllm_sparsity_disagreeing_workers`` gauge: workers whose p, target or backend differ from the
-  largest group's (0 when all agree; ``counters.disagreement``).
+  largest group's (0 when all agree; ``counters.disagreement``);
+- ``vllm_sparsity_unknown_phase_tokens_total`` counter: tokens whose phase the worker could not
+  tell (no request boundaries from the model runner, see ``state.RuntimeState``); they are counted
+  as prefill. Nonzero means the phase split of every other series is wrong.
 
 ``layer`` is the decoder layer index, ``site`` is ``input`` (gate_up_proj's input) or
 ``intermediate`` (down_proj's input), ``phase`` is ``prefill`` or ``decode``: a token is a decode
@@ -88,6 +91,8 @@ METRICS = {
     "engine is dead).",
     "vllm_sparsity_disagreeing_workers": "Workers whose p, target or backend differ from the "
     "largest group's (0 = all agree; GET /v1/sparsity lists them).",
+    "vllm_sparsity_unknown_phase_tokens_total": "Tokens whose phase could not be told (no request "
+    "boundaries from the model runner), counted as prefill; nonzero = the phase split is wrong.",
 }
 METRIC_NAMES = tuple(METRICS)
 # Deadline of one poll's RPC: a stuck worker or engine core fails the poll instead of hanging it.
@@ -136,6 +141,10 @@ class SparsityCollector:
         disagreeing = family(GaugeMetricFamily, "vllm_sparsity_disagreeing_workers", ["model_name"])
         disagreeing.add_metric([name], snap["workers"] - len(split[0]["workers"]) if split else 0)
         yield disagreeing
+        unknown = family(CounterMetricFamily, "vllm_sparsity_unknown_phase_tokens_total",
+                         ["model_name"])
+        unknown.add_metric([name], snap.get("unknown_phase_tokens", 0))
+        yield unknown
         p = family(GaugeMetricFamily, "vllm_sparsity_p_ratio", ["model_name", "site"])
         for site, value in sorted(snap["p_by_site"].items()):
             p.add_metric([name, site], value)

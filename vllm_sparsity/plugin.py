@@ -13,6 +13,12 @@ cheap. See ``vllm/plugins/__init__.py::load_general_plugins``. What it installs:
 - the swap of the gated MLPs' linear methods once the model is built (``replace.replace_mlp``);
 - the worker-side RPC methods of ``control.py`` (read by the ``/v1/sparsity`` route, an endpoint
   plugin, and by the metrics publisher);
+- around vLLM's warm-up (``Executor.compile_or_warm_up_model``), two worker RPCs: before it,
+  ``vllm_sparsity_bind_step`` points the token phases at the model runner's ``query_start_loc``
+  buffer (so that CUDA graphs captured during warm-up read it on replay) and refuses a model that
+  a loader built without ``create_model``; after it, ``vllm_sparsity_start_counting`` zeroes the
+  counters, so that warm-up traffic (V2 pushes fake requests through ``execute_model``) is never
+  counted;
 - the metrics publisher in the API server (``metrics.start_publisher``), so that the
   ``vllm_sparsity_*`` series reach ``/metrics`` whenever sparsity is on.
 """
@@ -49,7 +55,10 @@ def register() -> None:
     _vllm_compat.on_from_cli_args(_resolve_flags)
     _vllm_compat.on_create_engine_config(_resolve_offline)
     _vllm_compat.on_create_model(_sparsify_model)
-    _vllm_compat.add_worker_methods(control.WORKER_METHODS)
+    _vllm_compat.add_worker_methods({**control.WORKER_METHODS, **WARM_UP_METHODS})
+    _vllm_compat.around_warm_up(
+        lambda executor: _vllm_compat.executor_rpc(executor, "vllm_sparsity_bind_step"),
+        lambda executor: _vllm_compat.executor_rpc(executor, "vllm_sparsity_start_counting"))
     _vllm_compat.on_async_llm(_start_metrics)
 
 
@@ -81,6 +90,45 @@ def _sparsify_model(model, vllm_config) -> None:
 
         replace_mlp(model, sparsity, _vllm_compat.max_num_tokens(vllm_config),
                     cfg.metrics_enabled(vllm_config.additional_config))
+
+
+def vllm_sparsity_bind_step(self) -> None:
+    """Worker RPC, before warm-up: take token phases from this worker's model-runner buffer.
+
+    Raises:
+        RuntimeError: sparsity is configured and the model has gated MLPs, but none was sparsified:
+            its loader built it without ``BaseModelLoader.create_model`` (``--load-format
+            tensorizer``, the weight-cache IPC loader ``ipc_cache``), which would serve it dense.
+    """
+    from vllm_sparsity.replace import find_gated_mlps
+    from vllm_sparsity.state import runtime_state
+
+    model = _vllm_compat.worker_model(self)
+    state = runtime_state(model)
+    if state is not None:
+        state.bind_query_start_loc(_vllm_compat.runner_query_start_loc(self),
+                                   _vllm_compat.runner_name(self))
+        return
+    vllm_config = _vllm_compat.worker_vllm_config(self)
+    if (cfg.SparsityConfig.from_additional_config(vllm_config.additional_config) is not None
+            and find_gated_mlps(model)[0]):
+        raise RuntimeError(
+            f"vllm-sparsity: --load-format {_vllm_compat.load_format(vllm_config)} built "
+            f"{type(model).__name__} without BaseModelLoader.create_model, where the plugin "
+            "installs sparsity, so it would be served dense: load it with another --load-format "
+            "(e.g. auto or safetensors), or unset --sparsity-p")
+
+
+def vllm_sparsity_start_counting(self) -> None:
+    """Worker RPC, after warm-up: zero the counters (warm-up and capture runs are no traffic)."""
+    from vllm_sparsity.state import runtime_state
+
+    state = runtime_state(_vllm_compat.worker_model(self))
+    if state is not None:
+        state.reset_counters()
+
+
+WARM_UP_METHODS = {f.__name__: f for f in (vllm_sparsity_bind_step, vllm_sparsity_start_counting)}
 
 
 def _start_metrics(engine_client, vllm_config) -> None:

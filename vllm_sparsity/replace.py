@@ -1,9 +1,13 @@
-"""Find every gated MLP of a loaded vLLM model by its structure and make its inputs sparse.
+"""Find every gated MLP of a loaded vLLM model's language model by its structure and make its
+inputs sparse.
 
 A gated MLP is any module with a merged column-parallel ``gate_up_proj``, an act-and-mul ``act_fn``
-and a row-parallel ``down_proj`` (vLLM's Gemma 3, Llama 3.x, Mistral, Qwen 2.5/3 MLPs, and the
-language model inside multimodal wrappers such as ``Gemma3ForConditionalGeneration``). No model is
-named anywhere: new architectures with that structure work as they are.
+and a row-parallel ``down_proj`` (vLLM's Gemma 3, Llama 3.x, Mistral, Qwen 2.5/3 MLPs). No model
+is named anywhere: new architectures with that structure work as they are. In a multimodal model
+only the language model's decoder MLPs are sparsified (vLLM's ``SupportsMultiModal
+.get_language_model``): encoder towers (e.g. Qwen2.5-VL's ``Qwen2_5_VisionMLP``, also gated) run
+outside the wrapped forward, on tokens the phase buffers do not describe, and their layer indices
+would collide with the decoder's.
 """
 
 from __future__ import annotations
@@ -25,30 +29,49 @@ logger = logging.getLogger("vllm.vllm_sparsity")  # under vLLM's handler and for
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
-def find_gated_mlps(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Module]], int]:
-    """Gated MLPs of ``model`` as ``(qualified name, module)``, and how many MLP-like modules
-    (any module with ``down_proj``) it has in all."""
-    merged, row, act_and_mul = _vllm_compat.gated_mlp_types()
-    found, candidates = [], 0
+def _is_gated_mlp(module: torch.nn.Module, types) -> bool:
+    merged, row, act_and_mul = types
+    return (isinstance(getattr(module, "gate_up_proj", None), merged)
+            and isinstance(getattr(module, "act_fn", None), act_and_mul)
+            and isinstance(getattr(module, "down_proj", None), row))
+
+
+def find_gated_mlps(model: torch.nn.Module
+                    ) -> tuple[list[tuple[str, torch.nn.Module]], int, int]:
+    """The gated MLPs to sparsify.
+
+    Returns:
+        ``(found, candidates, outside)``: the language model's gated MLPs as ``(qualified name
+        in model, module)``; how many MLP-like modules (any module with ``down_proj``) the
+        language model has; how many gated MLPs lie outside it (towers of a multimodal model,
+        left dense). The language model is ``model`` itself for a text model. A multimodal model
+        whose language model vLLM cannot name yields no MLP at all (``found`` empty).
+    """
+    types = _vllm_compat.gated_mlp_types()
+    lm = _vllm_compat.language_model_name(model)
+    found, candidates, outside = [], 0, 0
     for name, module in model.named_modules():
-        if not hasattr(module, "down_proj"):
+        inside = lm is not None and (lm == "" or name == lm or name.startswith(lm + "."))
+        gated = _is_gated_mlp(module, types)
+        if not inside:
+            outside += gated
             continue
-        candidates += 1
-        if (isinstance(getattr(module, "gate_up_proj", None), merged)
-                and isinstance(getattr(module, "act_fn", None), act_and_mul)
-                and isinstance(module.down_proj, row)):
+        candidates += hasattr(module, "down_proj")
+        if gated:
             found.append((name, module))
-    return found, candidates
+    return found, candidates, outside
 
 
 def replace_mlp(model: torch.nn.Module, config: SparsityConfig, max_num_tokens: int,
                 metrics_on: bool = False) -> list[str]:
-    """Install the rule on the target sites of every gated MLP of ``model``.
+    """Install the rule on the target sites of every gated MLP of ``model``'s language model
+    (``find_gated_mlps``).
 
     Idempotent: a model already converted is left alone. Logs one INFO line (model class, MLPs
-    sparsified of all, target, p), or a warning when the model has no gated MLP (it is then served
-    dense). Also wraps ``model.forward`` (the eager top level, outside vLLM's compiled graph) to
-    mark each token's phase before the forward.
+    sparsified of all, for a multimodal model the language model's class and the tower MLPs left
+    dense, target, p), or a warning when there is no gated MLP to sparsify (the model is then
+    served dense). Also wraps ``model.forward`` (the eager top level, outside vLLM's compiled
+    graph) to mark each token's phase before the forward.
 
     Args:
         model: a vLLM model, built (its linear layers have their ``quant_method``); weights may
@@ -68,11 +91,16 @@ def replace_mlp(model: torch.nn.Module, config: SparsityConfig, max_num_tokens: 
     Raises:
         ValueError: an explicit backend that cannot serve a layer (the reason says why).
     """
-    mlps, candidates = find_gated_mlps(model)
+    mlps, candidates, outside = find_gated_mlps(model)
     if not mlps:
-        logger.warning(
-            "vllm-sparsity: %s has no gated MLP (gate_up_proj -> act-and-mul -> down_proj); "
-            "serving it dense", type(model).__name__)
+        if _vllm_compat.language_model_name(model) is None:
+            logger.warning("vllm-sparsity: %s is multimodal and vLLM names no language model in "
+                           "it (get_language_model); serving it dense", type(model).__name__)
+        else:
+            logger.warning(
+                "vllm-sparsity: %s has no gated MLP (gate_up_proj -> act-and-mul -> down_proj)"
+                "%s; serving it dense", type(model).__name__,
+                " in its language model" if outside else "")
         return []
     if runtime_state(model) is not None:
         return []
@@ -109,16 +137,23 @@ def replace_mlp(model: torch.nn.Module, config: SparsityConfig, max_num_tokens: 
         logger.warning("vllm-sparsity: %d layers use the %s backend instead of %s: %s",
                        len(reasons), backend, other, sorted(set(reasons.values())))
     state.backend = "+".join(sorted(chosen))
+    lm = _vllm_compat.language_model_name(model)
+    scope = (f" of its language model ({type(model.get_submodule(lm)).__name__}); {outside} gated "
+             "MLPs outside it (vision/audio towers) left dense") if lm else ""
     logger.info(
-        "vllm-sparsity: %s: sparsified %d of %d MLPs (target=%s, p=%g, backend=%s -> %s)",
-        type(model).__name__, len(mlps), candidates, config.target, config.p, config.backend,
-        state.backend)
+        "vllm-sparsity: %s: sparsified %d of %d MLPs%s (target=%s, p=%g, backend=%s -> %s)",
+        type(model).__name__, len(mlps), candidates, scope, config.target, config.p,
+        config.backend, state.backend)
     return [name for name, _ in state.layers]
 
 
 def _mark_phases_before_forward(model: torch.nn.Module, state: RuntimeState) -> None:
     """Wrap the eager top-level ``model.forward`` (an instance attribute: the class stays
-    untouched) to fill the phase buffers before each forward, from vLLM's forward context."""
+    untouched) to fill the phase buffers before each forward, from vLLM's forward context.
+
+    Under a full CUDA graph (vLLM's default ``FULL_AND_PIECEWISE`` for decode batches) this
+    wrapper runs once, inside the capture, and only the device ops it issued are replayed: what
+    it does must be capture-safe (``RuntimeState.mark_phases``)."""
     if _vllm_compat.is_compiled(model):  # its forward is traced: no eager point before the graph
         logger.warning("vllm-sparsity: %s is compiled as a whole; every token counts as prefill "
                        "(padding and warm-up runs included)", type(model).__name__)
@@ -129,9 +164,9 @@ def _mark_phases_before_forward(model: torch.nn.Module, state: RuntimeState) -> 
     def forward_marking_phases(*args, **kwargs):
         # Outside a vLLM step (a model run by hand) the buffers keep "every token is prefill".
         num_tokens = _vllm_compat.forward_num_tokens(args, kwargs)
-        if num_tokens is not None and _vllm_compat.in_forward_context():
-            state.mark_phases(num_tokens,
-                              _vllm_compat.query_start_loc(num_tokens, state.phase.device))
+        step = _vllm_compat.step_kind()
+        if num_tokens is not None and step is not None:
+            state.mark_phases(num_tokens, step)
         return forward(*args, **kwargs)
 
     model.forward = forward_marking_phases

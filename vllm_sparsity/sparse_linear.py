@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase
 
-from vllm_sparsity import backends, counters
+from vllm_sparsity import _vllm_compat, backends, counters
 
 
 class InputSparseLinearMethod(LinearMethodBase):
@@ -71,6 +71,23 @@ class InputSparseLinearMethod(LinearMethodBase):
     def create_weights(self, *args, **kwargs):  # weights exist before the swap; kept for the ABC
         return self.inner.create_weights(*args, **kwargs)
 
+    # How vLLM's loaders treat the layer's weights: as the wrapped method says (it created them
+    # and, on the torch backend, processes them). ``supports_pre_processed_weights``: whether
+    # ``process_weights_after_loading`` may run on weights already processed elsewhere (the
+    # weight-cache IPC loader): a kernel backend re-lays the weight out, so only the torch backend
+    # can pass the wrapped method's answer on.
+    @property
+    def supports_pre_processed_weights(self) -> bool:
+        return self.backend == "torch" and self.inner.supports_pre_processed_weights
+
+    @property
+    def uses_meta_device(self) -> bool:
+        return self.inner.uses_meta_device
+
+    @property
+    def requires_device_loading(self) -> bool:
+        return self.inner.requires_device_loading
+
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         # The backend's step instead of the inner one: a kernel backend runs every GEMM of the
         # layer itself, and the inner step on CPU packs the weight for oneDNN and deletes
@@ -90,12 +107,17 @@ class InputSparseLinearMethod(LinearMethodBase):
 def install(layer: torch.nn.Module, name: str, site: str, layer_index: int, state,
             backend: str = "torch",
             all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
-    """Swap ``layer.quant_method`` for an ``InputSparseLinearMethod``, add its buffers (p of
-    ``site`` and the phase buffers of ``state``, a ``state.RuntimeState``; fresh counters) and
-    append ``(name, layer)`` to ``state.layers``. ``all_reduce``: for an input split over K across
-    TP ranks (see ``InputSparseLinearMethod``)."""
+    """Swap ``layer.quant_method`` for an ``InputSparseLinearMethod``, mark the layer as needing
+    an unquantized input, add its buffers (p of ``site`` and the phase buffers of ``state``, a
+    ``state.RuntimeState``; fresh counters) and append ``(name, layer)`` to ``state.layers``.
+    ``all_reduce``: for an input split over K across TP ranks (see ``InputSparseLinearMethod``).
+    """
     layer.quant_method = InputSparseLinearMethod(layer.quant_method, site, layer_index, backend,
                                                  all_reduce, state.metrics)
+    # The rule reads the input's values: producers must not hand this layer a pre-quantized
+    # activation (fp8/nvfp4 methods advertise one, and Llama-style MLPs then fuse act-and-mul with
+    # the quantization; vLLM's ``fusion.quant_activation.get_input_quant_key``).
+    _vllm_compat.require_unquantized_input(layer)
     layer.register_buffer("sparsity_p", state.p[site], persistent=False)
     layer.register_buffer("sparsity_phase", state.phase, persistent=False)
     layer.register_buffer("sparsity_batch_phase", state.batch_phase, persistent=False)
