@@ -12,9 +12,9 @@ largest j whose mass reaches the target fixes the next 4 bits of the threshold. 
 passes, fp32 8 (a bisection would take 15 / 31); the first pass's candidate 0 is the row's whole
 mass, so no pass of its own computes the target. One more pass counts (and writes) the kept
 entries. Masses are float64 and never subtracted, so Inf rows give Inf >= Inf and no Inf - Inf
-NaN. The float64 sums are exact for bf16/fp16 rows (see
-rule.py), so the result equals the torch rule bit for bit although it sums in another order; for
-fp32 rows it can differ only when a candidate's mass ties the target within float64 rounding.
+NaN. The float64 sums are exact for bf16/fp16 rows (see rule.py), so the result equals the torch
+rule bit for bit although it sums in another order; for fp32 rows it can differ only when a
+candidate's mass ties the target within float64 rounding.
 
 No host synchronisation, no data-dependent shapes: p is read from a device tensor, and every
 output has a shape fixed by x.
@@ -59,8 +59,8 @@ FANOUT = 16  # candidates per pass: 4 bits of the threshold per pass
 
 @triton.jit
 def _masses_at_candidates(x_row, K, lo, shift, CODE_BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """[16] float64: mass of the row at or above code ``lo + j << shift``, j < 16 (int64: for fp32
-    rows the candidates pass 2^31). Candidates past the largest code hold no mass."""
+    """[16] float64: mass of the row at or above code ``lo + j << shift``, j < 16; candidates past
+    the largest code hold no mass. Digits are int64: for fp32 rows, lo + j << shift passes 2^31."""
     j = tl.arange(0, 16)
     acc = tl.zeros([16, BLOCK], dtype=tl.float64)
     for k0 in range(0, K, BLOCK):

@@ -47,7 +47,8 @@ def _register_twice(version: str | None) -> str:
     """stdout + stderr of a process that loads the plugin twice (as vLLM may) under vLLM
     reporting ``version`` (None: the installed one's)."""
     fake = f"vllm.__version__ = {version!r}; " if version else ""
-    code = f"import vllm; {fake}from vllm_sparsity import plugin; plugin.register(); plugin.register()"
+    code = (f"import vllm; {fake}from vllm_sparsity import plugin; "
+            "plugin.register(); plugin.register()")
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SPARSITY")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, timeout=300)

@@ -42,8 +42,8 @@ def test_every_config_compiles_for_sm80_and_sm90_without_spills():
 def triton_releases() -> list[str]:
     releases = version_matrix.available()
     if releases is None:
-        pytest.skip("PyPI unreachable: `pip index versions triton` failed, so the oldest and newest "
-                    "Triton releases cannot be listed or installed")
+        pytest.skip("PyPI unreachable: `pip index versions triton` failed, so the oldest and "
+                    "newest Triton releases cannot be listed or installed")
     return releases
 
 
