@@ -59,16 +59,21 @@ FANOUT = 16  # candidates per pass: 4 bits of the threshold per pass
 
 @triton.jit
 def _masses_at_candidates(x_row, K, lo, shift, CODE_BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """[16] float64: mass of the row at or above code ``lo + j << shift``, j < 16; candidates past
-    the largest code hold no mass. Digits are int64: for fp32 rows, lo + j << shift passes 2^31."""
+    """[16] float64: mass of the row at or above code ``lo + j << shift`` (lo int64), j < 16;
+    candidates past the largest code hold no mass."""
     j = tl.arange(0, 16)
     acc = tl.zeros([16, BLOCK], dtype=tl.float64)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_row + offs, mask=offs < K, other=0.0)
         # code >= lo + j << shift  <=>  (code - lo) >> shift >= j: one digit per element, compared
-        # with the 16 candidates, instead of 16 candidate codes held per thread.
-        digit = (magnitude_code(x, CODE_BITS).to(tl.int64) - lo) >> shift
+        # with the 16 candidates, instead of 16 candidate codes held per thread. int32: codes and
+        # lo < 2^16 for bf16/fp16; for fp32, lo passes 2^31 only when no code reaches it.
+        code = magnitude_code(x, CODE_BITS)
+        if CODE_BITS == 15:
+            digit = (code - lo.to(tl.int32)) >> shift
+        else:
+            digit = tl.where(code.to(tl.int64) >= lo, (code - lo.to(tl.int32)) >> shift, -1)
         a = tl.abs(x.to(tl.float32).to(tl.float64))
         acc += tl.where(digit[None, :] >= j[:, None], a[None, :], 0.0)
     return tl.sum(acc, axis=1)
@@ -84,7 +89,8 @@ def _top_p_threshold_kernel(
     p = tl.load(p_ptr)  # float64
     # Pass 0 searches the top 4 bits from lo = 0: its candidate 0 (code >= 0) is the row's mass.
     FIRST_SHIFT: tl.constexpr = CODE_BITS + 1 - 4
-    masses = _masses_at_candidates(x_row, K, 0, FIRST_SHIFT, CODE_BITS, BLOCK)
+    masses = _masses_at_candidates(x_row, K, tl.zeros([], dtype=tl.int64), FIRST_SHIFT, CODE_BITS,
+                                   BLOCK)
     total = tl.sum(tl.where(tl.arange(0, 16) == 0, masses, 0.0), axis=0)
     target = total * p
     # Masses fall as j grows: the count reaching the target, minus one, is the largest such j
@@ -96,8 +102,9 @@ def _top_p_threshold_kernel(
     if (p < 1.0) & (total == total):
         for i in range(1, (CODE_BITS + 1) // 4):
             shift = FIRST_SHIFT - 4 * i
-            masses = _masses_at_candidates(x_row, K, lo, shift, CODE_BITS, BLOCK)
-            j = tl.maximum(tl.sum((masses >= target).to(tl.int32), axis=0) - 1, 0)
+            # A new name: reassigning ``masses`` would carry its 16 float64 through the loop.
+            pass_masses = _masses_at_candidates(x_row, K, lo, shift, CODE_BITS, BLOCK)
+            j = tl.maximum(tl.sum((pass_masses >= target).to(tl.int32), axis=0) - 1, 0)
             lo += j.to(tl.int64) << shift
     # A zero target (all-zero row) finds the code space's top, past every code: +Inf's code keeps
     # nothing there, like the torch rule; every other row's threshold is already below.
