@@ -43,8 +43,8 @@ from vllm_sparsity.kernels.common import (CODE_BITS, INF_CODE, check_p, check_x,
 # accumulator in registers (16 candidates x BLOCK elements: 16 * BLOCK / (32 * NUM_WARPS) float64
 # per thread, 16 here: one element per thread per chunk) and reduces it once after the row, where a
 # per-chunk reduction of a [BLOCK, 16] tile spilled registers on Triton 3.6 and 3.8. No spills for
-# sm_80 and sm_90a on Triton 3.6 to 3.9 (compile_check); two elements per thread (BLOCK = 1024)
-# also compile without spills, at about 1.5x the registers. Untimed: to be tuned on a GPU
+# sm_80 and sm_90a on Triton 3.6 to 3.9 (compile_check, kernels/version_matrix.py). More elements
+# per thread multiply the accumulator's registers. Untimed: to be tuned on a GPU
 # (kernels/bench/gpu_check.py sweeps both constants).
 BLOCK = 512
 NUM_WARPS = 16
