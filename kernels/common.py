@@ -16,6 +16,36 @@ from vllm_sparsity.codes import CODE_BITS, INF_CODE  # noqa: F401  (the kernels'
 GPU_CONFIG_UNDER_INTERPRETER = False
 
 
+def _fix_triton_36_interpreter_loop_bounds() -> None:
+    """Make Triton 3.6's interpreter accept runtime loop bounds under numpy >= 2.4.
+
+    The interpreter holds every runtime scalar (an argument, a program id) as a one-element numpy
+    array, and 3.6 turns a ``range`` bound into an int with ``int(array)``, which numpy 2.4 refuses
+    ("only 0-dimensional arrays can be converted to Python scalars"): every launch of a kernel with
+    a runtime loop bound fails. No kernel code can avoid it (every scalar is such an array, and a
+    constexpr bound would recompile per shape on the GPU). Triton 3.7 squeezes the array first
+    (runtime/interpreter.py, ``_patch_lang_tensor``, ``__index__``); this applies the same change
+    to 3.6, whose interpreter calls ``_patch_lang_tensor`` at every launch. Compiled kernels never
+    use it.
+    """
+    if not triton.__version__.startswith("3.6."):
+        return
+    from triton.runtime import interpreter
+
+    patch_lang_tensor = interpreter._patch_lang_tensor
+
+    def patch_with_squeezed_index(tensor, scope):
+        patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    if not getattr(patch_lang_tensor, "vllm_sparsity_fix", False):
+        patch_with_squeezed_index.vllm_sparsity_fix = True
+        interpreter._patch_lang_tensor = patch_with_squeezed_index
+
+
+_fix_triton_36_interpreter_loop_bounds()
+
+
 @triton.jit
 def magnitude_code(x, CODE_BITS: tl.constexpr):
     """|x| as a non-negative int32 ordered like |x|: the bit pattern with the sign bit cleared."""

@@ -3,20 +3,26 @@
 ``python -m vllm_sparsity.kernels.compile_check`` prints registers and spill bytes per kernel,
 configuration and architecture, and exits 1 if anything spills. ``triton.compile`` builds the
 cubin with no device present; its metadata has no register counts (those come from the driver at
-load time), so the PTX is run through Triton's own ptxas again with ``-v`` and the same flags.
+load time), so each build runs in a fresh Triton cache (a cached cubin skips ptxas) with Triton's
+``dump_ptxas_log`` knob on: the counts are those of the ptxas command this Triton version itself
+runs (flags and ptxas differ between versions: 3.7 added ``--regAllocOptLevel=2``; 3.9 builds
+sm_90 with CUDA 13's ptxas).
 
 Must run with TRITON_INTERPRET unset: under it ``@triton.jit`` builds interpreter functions, which
 cannot be compiled (the tests run this module in a subprocess for that reason).
+``kernels/version_matrix.py`` runs it under other Triton versions.
 """
 
+import argparse
+import hashlib
 import itertools
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 from vllm_sparsity.codes import CODE_BITS, INF_CODE, SHORT_NAMES
 
@@ -84,7 +90,9 @@ def _attrs(sig: dict, aligned: bool) -> dict:
 
 def _compile(job) -> dict:
     label, kernel_name, sig, constexprs, num_warps, num_stages, arch, aligned = job
+    import contextlib
     import importlib
+    import io
 
     import triton
     from triton.backends.compiler import GPUTarget
@@ -94,43 +102,94 @@ def _compile(job) -> dict:
     module, name = kernel_name.split(".")
     fn = getattr(importlib.import_module(f"vllm_sparsity.kernels.{module}"), name)
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=_attrs(sig, aligned))
-    compiled = triton.compile(src,
-                              target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
-    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        # The ptxas and flags Triton 3.9 uses (backends/nvidia/compiler.py), plus -v.
-        log = subprocess.run([get_ptxas(arch).path, "-lineinfo", "-v",
-                              "--regAllocOptLevel=2", f"--gpu-name={gpu}", ptx, "-o",
-                              os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True, check=True).stderr
-    regs = re.search(r"Used (\d+) registers", log)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    log = io.StringIO()
+    with tempfile.TemporaryDirectory() as cache, contextlib.redirect_stdout(log):
+        triton.knobs.cache.dir = cache
+        triton.knobs.nvidia.dump_ptxas_log = True  # make_cubin prints ptxas -v's report
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": num_warps, "num_stages": num_stages})
+    report = log.getvalue()
+    regs = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    if regs is None or spills is None:
+        raise RuntimeError(f"no ptxas report for {name} {label} sm_{arch}: {report[-2000:]!r}")
     return {"kernel": name, "config": label + (" aligned" if aligned else " unaligned"),
-            "arch": gpu, "num_warps": num_warps,
+            "arch": f"sm_{arch}a" if arch >= 90 else f"sm_{arch}", "num_warps": num_warps,
             "n_regs": int(regs.group(1)), "n_spills": int(spills.group(1)) + int(spills.group(2)),
-            "shared_bytes": compiled.metadata.shared}
+            "shared_bytes": compiled.metadata.shared, "triton": triton.__version__,
+            "ptxas": get_ptxas(arch).version}
 
 
-def check(archs=ARCHS, workers: int = 2) -> list[dict]:
-    """Compile every ``configs()`` entry for each arch; one dict per (config, arch)."""
+def _key(job) -> str:
+    """What decides a build's registers: the kernel source and its callees, signature, constexprs
+    and hints (``ASTSource.hash``), target, options, this Triton and its ptxas."""
+    label, kernel_name, sig, constexprs, num_warps, num_stages, arch, aligned = job
+    import importlib
+
+    import triton
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    module, name = kernel_name.split(".")
+    fn = getattr(importlib.import_module(f"vllm_sparsity.kernels.{module}"), name)
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=_attrs(sig, aligned))
+    parts = [src.hash(), arch, num_warps, num_stages, triton.__version__, get_ptxas(arch).path,
+             os.environ.get("TRITON_DEFAULT_FP_FUSION", "")]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _cache_file() -> Path:
+    import triton
+
+    from vllm_sparsity.demo_model import cache_dir
+
+    return cache_dir() / "compile-check" / f"triton-{triton.__version__}.json"
+
+
+def check(archs=ARCHS, workers: int = 2, use_cache: bool = True) -> list[dict]:
+    """Compile every ``configs()`` entry for each arch; one dict per (config, arch).
+
+    Results are cached per Triton version under ``demo_model.cache_dir() / "compile-check"``,
+    keyed by everything that decides the build (``_key``): a changed kernel is compiled again,
+    an unchanged one is not (``use_cache=False`` compiles everything).
+    """
     jobs = [(*c, arch, aligned) for c in configs() for arch in archs for aligned in (True, False)]
-    with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(_compile, jobs))
+    keys = [_key(job) for job in jobs]
+    cache_file = _cache_file()
+    cached = json.loads(cache_file.read_text()) if use_cache and cache_file.exists() else {}
+    todo = [(key, job) for key, job in zip(keys, jobs) if key not in cached]
+    if todo:
+        with ProcessPoolExecutor(workers) as pool:
+            cached.update(zip([k for k, _ in todo], pool.map(_compile, [j for _, j in todo])))
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({k: cached[k] for k in keys}))
+        tmp.replace(cache_file)
+    return [cached[k] for k in keys]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vllm_sparsity.kernels.compile_check",
+        description="Compile every kernel configuration for sm_80 and sm_90 (no GPU needed); "
+                    "exit 1 if any spills registers.")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="compile everything, ignoring cached results of unchanged builds")
+    args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)",
               file=sys.stderr)
         return 2
-    results = check()
-    if "--json" in sys.argv:
+    # The launchers leave FP fusion at Triton's default (on); 3.9 warns once per process unless set.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    results = check(use_cache=not args.no_cache)
+    if args.json:
         print(json.dumps(results))
     else:
+        import triton
+
+        print(f"triton {triton.__version__}")
         for r in results:
             print(f"{r['kernel']:<28} {r['config']:<26} {r['arch']:<6} warps={r['num_warps']} "
                   f"regs={r['n_regs']:<4} spills={r['n_spills']} smem={r['shared_bytes']}")

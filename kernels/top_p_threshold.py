@@ -9,10 +9,12 @@ sort rule restated), with the same edge cases: zeros never kept, ``p >= 1`` keep
 How: a 16-ary search over the code space (16 bits for bf16/fp16, 32 for fp32). Each pass reads the
 row once and sums, in float64, the mass at or above 16 candidate codes ``lo + j << shift``; the
 largest j whose mass reaches the target fixes the next 4 bits of the threshold. bf16/fp16 take 4
-passes, fp32 8 (a bisection would take 15 / 31). Masses are float64 and never subtracted, so Inf
-rows give Inf >= Inf and no Inf - Inf NaN. The float64 sums are exact for bf16/fp16 rows (see
-rule.py), so the result equals the torch rule bit for bit although it sums in another order; for
-fp32 rows it can differ only when a candidate's mass ties the target within float64 rounding.
+passes, fp32 8 (a bisection would take 15 / 31); the first pass's candidate 0 is the row's whole
+mass, so no pass of its own computes the target. One more pass counts (and writes) the kept
+entries. Masses are float64 and never subtracted, so Inf rows give Inf >= Inf and no Inf - Inf
+NaN. The float64 sums are exact for bf16/fp16 rows (see rule.py), so the result equals the torch
+rule bit for bit although it sums in another order; for fp32 rows it can differ only when a
+candidate's mass ties the target within float64 rounding.
 
 No host synchronisation, no data-dependent shapes: p is read from a device tensor, and every
 output has a shape fixed by x.
@@ -37,14 +39,16 @@ from vllm_sparsity.kernels._registry import custom_op
 from vllm_sparsity.kernels.common import (CODE_BITS, INF_CODE, check_p, check_x, interpreter_config,
                                           magnitude_code)
 
-# Elements per chunk and warps of the threshold program. A chunk builds a [BLOCK, 16] float64
-# select-and-sum tile (2 elements x 16 candidates per thread). 1024 x 16 warps: the most threads
-# for a program that, at decode (M = 1), is alone on its SM; it compiles without spills for
-# sm_80/sm_90 under the ptxas flags Triton uses (256 x 8 and 512 x 16 spill there: see
-# compile_check). Untimed: to be tuned on a GPU.
-BLOCK = 1024
+# Elements per chunk and warps of the threshold program. Each pass keeps a [16, BLOCK] float64
+# accumulator in registers (16 candidates x BLOCK elements: 16 * BLOCK / (32 * NUM_WARPS) float64
+# per thread, 16 here: one element per thread per chunk) and reduces it once after the row, where a
+# per-chunk reduction of a [BLOCK, 16] tile spilled registers on Triton 3.6 and 3.8. No spills for
+# sm_80 and sm_90a on Triton 3.6 to 3.9 (compile_check, kernels/version_matrix.py). More elements
+# per thread multiply the accumulator's registers. Untimed: to be tuned on a GPU
+# (kernels/bench/gpu_check.py sweeps both constants).
+BLOCK = 512
 NUM_WARPS = 16
-# Under Triton's interpreter: one chunk per pass for rows up to INTERP_BLOCK (a [BLOCK, 16] float64
+# Under Triton's interpreter: one chunk per pass for rows up to INTERP_BLOCK (a [16, BLOCK] float64
 # tile: 2 MiB at most), for the reasons of sparse_gemv's INTERP_TILE comment. bf16/fp16 rows give
 # the same bits with any BLOCK (their float64 sums are exact, see above); fp32 rows as the module
 # doc says. Tests set common.GPU_CONFIG_UNDER_INTERPRETER to run the GPU's BLOCK under the
@@ -55,19 +59,24 @@ FANOUT = 16  # candidates per pass: 4 bits of the threshold per pass
 
 @triton.jit
 def _masses_at_candidates(x_row, K, lo, shift, CODE_BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """[16] float64: mass of the row at or above codes min(lo + j << shift, max code), j < 16."""
-    j = tl.arange(0, 16).to(tl.int64)
-    # Candidates past the largest code are clamped to it (only NaN patterns lie there); the search
-    # then ends on the largest code exactly when the target is zero.
-    cand = tl.minimum(lo + (j << shift), (1 << CODE_BITS) - 1).to(tl.int32)
-    acc = tl.zeros([16], dtype=tl.float64)
+    """[16] float64: mass of the row at or above code ``lo + j << shift`` (lo int64), j < 16;
+    candidates past the largest code hold no mass."""
+    j = tl.arange(0, 16)
+    acc = tl.zeros([16, BLOCK], dtype=tl.float64)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_row + offs, mask=offs < K, other=0.0)
+        # code >= lo + j << shift  <=>  (code - lo) >> shift >= j: one digit per element, compared
+        # with the 16 candidates, instead of 16 candidate codes held per thread. int32: codes and
+        # lo < 2^16 for bf16/fp16; for fp32, lo passes 2^31 only when no code reaches it.
         code = magnitude_code(x, CODE_BITS)
+        if CODE_BITS == 15:
+            digit = (code - lo.to(tl.int32)) >> shift
+        else:
+            digit = tl.where(code.to(tl.int64) >= lo, (code - lo.to(tl.int32)) >> shift, -1)
         a = tl.abs(x.to(tl.float32).to(tl.float64))
-        acc += tl.sum(tl.where(code[:, None] >= cand[None, :], a[:, None], 0.0), axis=0)
-    return acc
+        acc += tl.where(digit[None, :] >= j[:, None], a[None, :], 0.0)
+    return tl.sum(acc, axis=1)
 
 
 @triton.jit
@@ -78,39 +87,41 @@ def _top_p_threshold_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     p = tl.load(p_ptr)  # float64
-    total = tl.zeros([], dtype=tl.float64)
-    for k0 in range(0, K, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
-        x = tl.load(x_row + offs, mask=offs < K, other=0.0)
-        total += tl.sum(tl.abs(x.to(tl.float32).to(tl.float64)), axis=0)
+    # Pass 0 searches the top 4 bits from lo = 0: its candidate 0 (code >= 0) is the row's mass.
+    FIRST_SHIFT: tl.constexpr = CODE_BITS + 1 - 4
+    masses = _masses_at_candidates(x_row, K, tl.zeros([], dtype=tl.int64), FIRST_SHIFT, CODE_BITS,
+                                   BLOCK)
+    total = tl.sum(tl.where(tl.arange(0, 16) == 0, masses, 0.0), axis=0)
     target = total * p
-    lo = tl.zeros([], dtype=tl.int64)
+    # Masses fall as j grows: the count reaching the target, minus one, is the largest such j
+    # (clamped like the torch rule when rounding leaves none).
+    lo = (tl.maximum(tl.sum((masses >= target).to(tl.int32), axis=0) - 1, 0).to(tl.int64)
+          << FIRST_SHIFT)
     # p >= 1 and NaN rows have fixed thresholds below: skip the search (p = 1 is common: it is
     # how a site outside the current target is switched off).
     if (p < 1.0) & (total == total):
-        for i in tl.static_range((CODE_BITS + 1) // 4):
-            shift = CODE_BITS + 1 - 4 * (i + 1)
-            masses = _masses_at_candidates(x_row, K, lo, shift, CODE_BITS, BLOCK)
-            # Masses fall as j grows: the count reaching the target, minus one, is the largest
-            # such j (clamped like the torch rule when rounding leaves none).
-            j = tl.maximum(tl.sum((masses >= target).to(tl.int32), axis=0) - 1, 0)
+        for i in range(1, (CODE_BITS + 1) // 4):
+            shift = FIRST_SHIFT - 4 * i
+            # A new name: reassigning ``masses`` would carry its 16 float64 through the loop.
+            pass_masses = _masses_at_candidates(x_row, K, lo, shift, CODE_BITS, BLOCK)
+            j = tl.maximum(tl.sum((pass_masses >= target).to(tl.int32), axis=0) - 1, 0)
             lo += j.to(tl.int64) << shift
-    # A zero target (all-zero row) finds the largest code, a NaN pattern: +Inf's code keeps
-    # nothing there instead, like the torch rule; every other row's threshold is already below.
+    # A zero target (all-zero row) finds the code space's top, past every code: +Inf's code keeps
+    # nothing there, like the torch rule; every other row's threshold is already below.
     thr = tl.maximum(tl.minimum(lo, INF_CODE), 1).to(tl.int32)
     thr = tl.where(p >= 1.0, 1, thr)  # code 1 is the smallest positive magnitude: keep nonzeros
     thr = tl.where(total != total, 0, thr)  # NaN row: code 0 keeps it whole
     tl.store(thr_ptr + row, thr)
-    kept = tl.zeros([], dtype=tl.int32)
+    kept = tl.zeros([BLOCK], dtype=tl.int32)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_row + offs, mask=offs < K, other=0.0)
         keep = (magnitude_code(x, CODE_BITS) >= thr) & (offs < K)
-        kept += tl.sum(keep.to(tl.int32), axis=0)
+        kept += keep.to(tl.int32)
         if WRITE_Y:
             tl.store(y_ptr + row * stride_ym + offs, tl.where(keep, x, tl.zeros_like(x)),
                      mask=offs < K)
-    tl.store(kept_ptr + row, kept.to(tl.int64))
+    tl.store(kept_ptr + row, tl.sum(kept, axis=0).to(tl.int64))
 
 
 @triton.jit
@@ -200,7 +211,7 @@ def _partial_mass_fake(x, lo, shift):
 def top_p_partial_mass(x: torch.Tensor, lo: torch.Tensor, shift: int) -> torch.Tensor:
     """Candidate masses of one search pass (``torch.ops.vllm_sparsity.top_p_partial_mass``).
 
-    ``out[m, j] = sum(|x[m, k]| for code(x[m, k]) >= min(lo[m] + j << shift, max code))``, float64.
+    ``out[m, j] = sum(|x[m, k]| for code(x[m, k]) >= lo[m] + j << shift)``, float64.
     Summing ``out`` over shards of K (an all-reduce) gives the masses of the whole row.
 
     Args:

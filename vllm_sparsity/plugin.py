@@ -49,7 +49,9 @@ def register() -> None:
     """Install the plugin's hooks into vLLM (idempotent)."""
     if not _vllm_compat.first_install():
         return
-    from vllm_sparsity import control
+    from vllm_sparsity import control, versions
+
+    versions.warn_if_unchecked_vllm()
 
     _vllm_compat.on_add_cli_args(_add_flags)
     _vllm_compat.on_from_cli_args(_resolve_flags)
