@@ -7,8 +7,15 @@ Runs one configuration per process (run it once per configuration, one after ano
 minus the first, divided by ``--steps``: the ms one decode step spends in each op. Also the wall
 time per decode step of ``--timed`` unprofiled runs, and the dense GEMMs' share.
 
+Threads: ``--threads`` (default 1) through ``OMP_NUM_THREADS``. In-process, vLLM binds no threads;
+served (multiprocess executor), vLLM-CPU reserves one core per worker for the engine core and gives
+the worker the rest, which is one thread on a 2-core machine. With more threads than free cores,
+every parallel region waits for a descheduled thread, and small kernels look expensive.
+Inductor's C++ kernels appear by name (``TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE=1``, set here;
+``VLLM_DISABLE_COMPILE_CACHE=1`` too, so that the graph is compiled with it).
+
 Usage: python kernels/bench/profile_decode_step.py --model PATH [--p 0.7 --backend torch]
-[--target all_inputs] [--eager] [--steps 16]
+[--target all_inputs] [--eager] [--steps 16] [--threads 1]
 """
 
 from __future__ import annotations
@@ -30,10 +37,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16, help="decode steps profiled")
     ap.add_argument("--timed", type=int, default=5, help="unprofiled timing runs")
     ap.add_argument("--rows", type=int, default=25, help="ops printed")
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the model")
     args = ap.parse_args()
-    if args.steps < 1:
-        ap.error(f"--steps must be >= 1, got {args.steps}")
+    for flag in ("steps", "timed", "threads"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    os.environ["TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE"] = "1"
+    os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import torch
     from vllm import LLM, SamplingParams
@@ -72,7 +84,8 @@ def main() -> None:
     print(f"\n{config}{', eager' if args.eager else ''}: decode step wall "
           f"{statistics.median(per_step) * 1e3:.2f} ms (median of {args.timed}, range "
           f"{min(per_step) * 1e3:.2f}-{max(per_step) * 1e3:.2f}); profiled self CPU per step "
-          f"{total:.2f} ms; load average {os.getloadavg()[0]:.2f}")
+          f"{total:.2f} ms; {torch.get_num_threads()} thread(s); load average "
+          f"{os.getloadavg()[0]:.2f}")
     print(f"{'op':60} {'ms/step':>8} {'calls/step':>10}")
     for key, ms in sorted(diff.items(), key=lambda kv: -kv[1])[:args.rows]:
         print(f"{key[:60]:60} {ms:8.3f} {calls[key]:10.1f}")
