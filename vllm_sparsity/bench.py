@@ -109,12 +109,15 @@ def _serve_measurements(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps({"tok_s": tok_s, "counts": counts}), flush=True)
 
 
-def _tree_memory_gib(pid: int) -> tuple[float, float]:
-    """(RSS, PSS) in GiB summed over process ``pid`` and its descendants."""
+def _tree_memory_gib(pid: int) -> dict[str, float]:
+    """Resident memory in GiB of process ``pid`` and its descendants (the LLM process, its engine
+    core, the workers, Inductor's compile workers): ``rss`` and ``pss`` summed over them (PSS splits
+    shared pages, so its sum counts them once), and ``worker_rss`` of the largest process (the
+    worker holding the weights and the KV cache)."""
     import psutil
 
     root = psutil.Process(pid)
-    rss = pss = 0
+    rss = pss = largest = 0
     for proc in [root, *root.children(recursive=True)]:
         try:
             info = proc.memory_full_info()
@@ -122,7 +125,8 @@ def _tree_memory_gib(pid: int) -> tuple[float, float]:
             continue
         rss += info.rss
         pss += info.pss
-    return rss / 2**30, pss / 2**30
+        largest = max(largest, info.rss)
+    return {"rss": rss / 2**30, "pss": pss / 2**30, "worker_rss": largest / 2**30}
 
 
 class _Child:
@@ -145,7 +149,7 @@ class _Child:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, env=env)
         self.startup_s = self._read("READY ")["startup_s"]
-        self.rss_gib, self.pss_gib = _tree_memory_gib(self.proc.pid)
+        self.memory_gib = _tree_memory_gib(self.proc.pid)
 
     def _read(self, prefix: str) -> dict:
         for line in self.proc.stdout:
@@ -255,9 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for key, (p, metrics_on) in engines.items():  # one at a time: start-up compiles
             children[key] = _Child(args, p, metrics_on)
+            mem = children[key].memory_gib
             print(f"engine {key:>11}: start-up {children[key].startup_s:6.1f} s, resident "
-                  f"{children[key].rss_gib:.2f} GiB RSS, {children[key].pss_gib:.2f} GiB PSS",
-                  flush=True)
+                  f"{mem['rss']:.2f} GiB RSS, {mem['pss']:.2f} GiB PSS, largest process "
+                  f"{mem['worker_rss']:.2f} GiB RSS", flush=True)
         runs = {label: {"prefill": [], "decode": [], "counts": []} for label, _, _ in configs}
         for i in range(args.rounds):
             order = configs if i % 2 == 0 else configs[::-1]
@@ -280,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, key, _ in configs:
         r = runs[label]
         results[label] = {"engine": key, "startup_s": children[key].startup_s,
-                          "rss_gib": children[key].rss_gib, "pss_gib": children[key].pss_gib,
+                          "memory_gib": children[key].memory_gib,
                           "decode_sparsity": _sparsity(r["counts"])}
         for kind in ("prefill", "decode"):
             ratios = [a / b for a, b in zip(r[kind], runs[base][kind])]
@@ -303,9 +308,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['decode_ratio_range'][1]:.3f})")
         print(f"| {label} | {r['prefill_tok_s']:.1f} | {ratio} | {r['decode_tok_s']:.2f} | "
               f"{dratio} | {sp} |")
-    print("\n| engine | start-up s | RSS GiB | PSS GiB |\n|---|---|---|---|")
+    print("\n| engine | start-up s | RSS GiB (all processes) | PSS GiB | largest process RSS GiB |"
+          "\n|---|---|---|---|---|")
     for key, child in children.items():
-        print(f"| {key} | {child.startup_s:.0f} | {child.rss_gib:.2f} | {child.pss_gib:.2f} |")
+        mem = child.memory_gib
+        print(f"| {key} | {child.startup_s:.0f} | {mem['rss']:.2f} | {mem['pss']:.2f} | "
+              f"{mem['worker_rss']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "results": results, "runs": runs}, f, indent=2)
