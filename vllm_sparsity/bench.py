@@ -23,6 +23,10 @@ drift. A benchmark, not a test.
 The engines are created with small ``max_num_batched_tokens`` / ``max_model_len`` /
 ``max_num_seqs``: vLLM-CPU warms up (compiles) every batch size up to them at start-up.
 
+``--no-off`` leaves out the plugin-off engine (half the memory, for a large model on a small
+machine): the ratios are then to the first ``--p`` on the plugin engine, e.g. ``--p 1.0 0.85``
+(p = 1 runs the rule, which keeps every nonzero, then vLLM's own dense GEMM).
+
 ``vllm-sparsity bench --metrics-overhead --p 0.9`` instead compares p = 0.9 with the metrics
 counters off and on (``additional_config["sparsity_metrics"]``; two plugin engines).
 
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -68,6 +73,8 @@ def _serve_measurements(args: argparse.Namespace) -> None:
     on stdout (counts: ``_decode_counts`` differences over a decode run)."""
     from vllm import LLM, SamplingParams
 
+    # SIGTERM from the parent: exit through Python, so that LLM shuts its engine core down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     kwargs = dict(model=args.model, max_model_len=args.prefill_tokens + args.decode_tokens + 16,
                   max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=4,
                   dtype="bfloat16", enable_prefix_caching=False, seed=0)
@@ -148,7 +155,12 @@ class _Child:
         self.log = tempfile.TemporaryFile(mode="w+")  # vLLM's log, shown if the child fails
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, env=env)
-        self.startup_s = self._read("READY ")["startup_s"]
+        try:
+            self.startup_s = self._read("READY ")["startup_s"]
+        except BaseException:  # interrupted while it starts: end it (its handler shuts vLLM down)
+            self.proc.terminate()
+            self.proc.wait()
+            raise
         self.memory_gib = _tree_memory_gib(self.proc.pid)
 
     def _read(self, prefix: str) -> dict:
@@ -165,8 +177,14 @@ class _Child:
         return self._read("RESULT ")
 
     def close(self) -> None:
+        """End the engine: EOF on its stdin ends the child's loop and ``LLM`` shuts its engine
+        core down; a child that does not exit in time is terminated."""
         self.proc.stdin.close()
-        self.proc.wait()
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            self.proc.wait()
 
 
 def _sparsity(counts: list[dict]) -> dict[str, float]:
@@ -210,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-overhead", action="store_true",
                         help="instead: the first --p with the metrics counters off (the "
                         "baseline) and on")
+    parser.add_argument("--no-off", action="store_true",
+                        help="no plugin-off engine: ratios to the first --p (see above)")
     parser.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--_child-p", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_child-metrics", type=int, default=1, help=argparse.SUPPRESS)
@@ -252,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         engines = {"off": (None, True), "plugin": (args.p[0], True)}
         configs = [("off", "off", None)] + [(f"p={p:g}", "plugin", p) for p in args.p]
+        if args.no_off:
+            del engines["off"]
+            configs = configs[1:]
+    # A SIGTERM (timeout, kill) unwinds through the finally below, which ends the engines.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     children = {}
     load = os.getloadavg()
     print(f"model {args.model}; backend {args.backend}, target {args.target}; load average "
