@@ -139,7 +139,8 @@ def _tree_memory_gib(pid: int) -> dict[str, float]:
 class _Child:
     """One engine's subprocess (see ``_serve_measurements``)."""
 
-    def __init__(self, args: argparse.Namespace, p: float | None, metrics_on: bool) -> None:
+    def __init__(self, args: argparse.Namespace, key: str, p: float | None,
+                 metrics_on: bool) -> None:
         cmd = [sys.executable, "-m", "vllm_sparsity.bench", "--_child", "--model", args.model,
                "--target", args.target, "--backend", args.backend,
                "--prefill-tokens", str(args.prefill_tokens),
@@ -152,7 +153,9 @@ class _Child:
         # vLLM's CPU backend otherwise reserves 92% of RAM, and two engines are alive.
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         env["VLLM_LOGGING_STREAM"] = "ext://sys.stderr"  # stdout carries the READY/RESULT lines
-        self.log = tempfile.TemporaryFile(mode="w+")  # vLLM's log, shown if the child fails
+        # vLLM's log, shown if the child fails (kept in --log-dir when given).
+        self.log = (open(os.path.join(args.log_dir, f"{key}.log"), "w+") if args.log_dir
+                    else tempfile.TemporaryFile(mode="w+"))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, env=env)
         try:
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-overhead", action="store_true",
                         help="instead: the first --p with the metrics counters off (the "
                         "baseline) and on")
+    parser.add_argument("--log-dir", help="keep each engine's vLLM log in DIR/<engine>.log")
     parser.add_argument("--no-off", action="store_true",
                         help="no plugin-off engine: ratios to the first --p (see above)")
     parser.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
@@ -283,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
     try:
         for key, (p, metrics_on) in engines.items():  # one at a time: start-up compiles
-            children[key] = _Child(args, p, metrics_on)
+            children[key] = _Child(args, key, p, metrics_on)
             mem = children[key].memory_gib
             print(f"engine {key:>11}: start-up {children[key].startup_s:6.1f} s, resident "
                   f"{mem['rss']:.2f} GiB RSS, {mem['pss']:.2f} GiB PSS, largest process "
