@@ -154,6 +154,8 @@ class _Child:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         env["VLLM_LOGGING_STREAM"] = "ext://sys.stderr"  # stdout carries the READY/RESULT lines
         # vLLM's log, shown if the child fails (kept in --log-dir when given).
+        if args.log_dir:
+            os.makedirs(args.log_dir, exist_ok=True)
         self.log = (open(os.path.join(args.log_dir, f"{key}.log"), "w+") if args.log_dir
                     else tempfile.TemporaryFile(mode="w+"))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
