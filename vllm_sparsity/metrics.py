@@ -33,7 +33,9 @@ Data flow, with no host synchronisation on the forward path:
 
 1. Worker, eagerly before each forward (``state.RuntimeState.mark_phases``): the per-token phase
    (0 prefill, 1 decode, 2 padding or dummy run, never published) goes into a persistent device
-   buffer, from the attention metadata's ``query_start_loc``.
+   buffer, from the model runner's persistent ``query_start_loc`` buffer (bound before vLLM's
+   warm-up, the same for every attention backend; tokens without one count in
+   ``unknown_phase_tokens``).
 2. Worker, inside the compiled graph (``sparse_linear``): each sparsified linear layer adds its
    counts into its own int64 [3, WIDTH] device buffer with one ``index_add_`` (``counters``). On
    CPU, opaque ``mlp_clock`` ops around each MLP feed a host-side histogram (``clock``).
