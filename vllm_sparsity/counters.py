@@ -148,7 +148,9 @@ def snapshot(state, tp_rank: int, latency: dict | None) -> dict[str, Any]:
     stats = torch.stack([layer.sparsity_stats for layer in layers]).tolist() if layers else []
     sites = []
     for name, layer in state.layers:
-        method, w = layer.quant_method, getattr(layer, "weight", None)
+        # A linear site's method carries layer_index, site and all_reduce; an analysis site
+        # (sparse_act.ActSite) carries them itself and has no weight.
+        method, w = getattr(layer, "quant_method", layer), getattr(layer, "weight", None)
         wt = getattr(layer, "sparsity_wt", None)  # the cpu backend's K-major copy [K, N]
         # Bytes of one input feature's weights: N elements of this rank's shard (0 when the
         # weight is not a plain 2-D tensor, e.g. quantized: the torch backend skips nothing). The
