@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from vllm_sparsity.config import RULES, SparsityConfigError, check_together, parse_target
 from vllm_sparsity.eval import convert
 
 
@@ -33,6 +34,13 @@ def _tasks(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"unknown task(s) {', '.join(unknown)}; known: "
                                          f"{', '.join(convert.TASKS)}")
     return tasks
+
+
+def _target(value: str) -> str:
+    try:
+        return parse_target(value, "--target")
+    except SparsityConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,8 +64,12 @@ def parser() -> argparse.ArgumentParser:
                    help="a folder of your own lm-eval task YAMLs (lm-eval's --include_path)")
     s.add_argument("--p-grid", type=_floats, default=list(PAPER_GRID),
                    help="comma-separated p values (default: the paper's grid without 0)")
-    s.add_argument("--target", default="all_inputs",
-                   choices=["input", "intermediate", "all_inputs"])
+    s.add_argument("--target", default="all_inputs", type=_target,
+                   help="input, intermediate, all_inputs (default) or a comma list of the sites "
+                   "input, gate, up, intermediate")
+    s.add_argument("--rule", default="top-p", choices=list(RULES),
+                   help="the rule the server runs (default: %(default)s); p is its parameter")
+    s.add_argument("--q", type=float, help="the exponent of the lq rule (lq only)")
     s.add_argument("--limit", type=int, help="documents per task (the first N; all if unset)")
     s.add_argument("--out", type=Path, required=True, help="sweep folder (resumable)")
     s.add_argument("--search", action="store_true", help="bisect over --p-grid for the critical "
@@ -99,8 +111,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--max-points: at least 2 (the dense and one sparse point), got "
                              f"{args.max_points}")
         include = str(args.include_path.resolve()) if args.include_path else None
+        try:
+            check_together(1.0, args.target, "auto", args.rule, args.q,
+                           lambda field: f"--{field}")
+        except SparsityConfigError as e:
+            raise SystemExit(str(e)) from None
         cfg = SweepConfig(str(args.model), args.tasks, grid, args.target, args.limit, include,
-                          args.search, args.tol, args.max_points)
+                          args.search, args.tol, args.max_points, args.rule, args.q)
         result = sweep(cfg, args.out, args.url, args.api_key)
         crit = result["critical_sparsity"]["average"]
         print(f"critical sparsity {crit['sparsity']} (p={crit['p']}), interval {crit['interval']}"

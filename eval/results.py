@@ -13,7 +13,7 @@ import numpy as np
 
 from vllm_sparsity.eval import convert, registry, stats
 from vllm_sparsity.eval.sweep import point_dir
-from vllm_sparsity.sites import TARGETS
+from vllm_sparsity.sites import sites_of
 
 
 def _one(pattern: str, folder: Path) -> Path:
@@ -194,7 +194,7 @@ def plot(result: dict, path: Path) -> None:
 
 def report(result: dict) -> str:
     tasks, crit = result["tasks"], result["critical_sparsity"]
-    sites = [*TARGETS[result["target"]], "overall"]
+    sites = [*sites_of(result["target"]), "overall"]
 
     def fmt(c):
         s = "fails at the first point" if c["sparsity"] is None else f"{c['sparsity']:.3f}"

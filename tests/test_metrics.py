@@ -70,7 +70,10 @@ def test_collector_exposition_names_labels_and_histograms():
     assert skipped == {"prefill": 400, "decode": 800}
     labels = {k for f in families.values() for s in f.samples for k in s.labels}
     assert labels <= {"model_name", "layer", "site", "phase", "le", "target", "backend",
-                      "resolved_backend"}
+                      "resolved_backend", "rule"}
+    info = next(s.labels for f in families.values() for s in f.samples
+                if s.name == "vllm_sparsity_config_info")
+    assert (info["rule"], info["target"]) == ("top-p", "input")
 
 
 class FakeEngine:

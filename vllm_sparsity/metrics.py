@@ -3,7 +3,7 @@
 Series (every one labelled ``model_name``, vLLM's served model name; no request ids, no text):
 
 - ``vllm_sparsity_p_ratio`` gauge {site}: share of each token's L1 mass kept (1 = site off);
-- ``vllm_sparsity_config_info`` info {target, backend, resolved_backend};
+- ``vllm_sparsity_config_info`` info {target, backend, resolved_backend, rule};
 - ``vllm_sparsity_activations_zeroed_total``, ``vllm_sparsity_activations_total`` counters
   {layer, site, phase}: activations zeroed, and all activations (tokens x inputs);
 - ``vllm_sparsity_token_sparsity_ratio`` histogram {layer, site, phase}: per token, the share of
@@ -73,9 +73,10 @@ logger = logging.getLogger("vllm.vllm_sparsity")  # under vLLM's handler and for
 # name -> help of every series (prometheus-client adds ``_total`` to counters and ``_info`` to
 # info families on exposition: they are named here as exposed).
 METRICS = {
-    "vllm_sparsity_p_ratio": "Top-p share of each token's L1 activation mass kept at this site "
-    "(1 = the site keeps everything).",
-    "vllm_sparsity_config_info": "Sparsity target and backend (requested, and resolved per layer).",
+    "vllm_sparsity_p_ratio": "The rule's p at this site (top-p: share of each token's L1 "
+    "activation mass kept); outside the target, the p that keeps everything (1; 0 for max-p).",
+    "vllm_sparsity_config_info": "Sparsity target, rule and backend (requested, and resolved "
+    "per layer).",
     "vllm_sparsity_activations_zeroed_total": "Activations the top-p rule zeroed (or that were "
     "already zero).",
     "vllm_sparsity_activations_total": "Activations that reached the site (tokens x inputs).",
@@ -154,7 +155,7 @@ class SparsityCollector:
         info = family(InfoMetricFamily, "vllm_sparsity_config_info", ["model_name"])
         settings = snap["settings"]
         info.add_metric([name], {k: settings[k] for k in ("target", "backend",
-                                                           "resolved_backend")})
+                                                           "resolved_backend", "rule")})
         yield info
 
         labels = ["model_name", "layer", "site", "phase"]
