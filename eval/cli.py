@@ -4,6 +4,7 @@
                            [--include-path DIR] [--p-grid 1.0,0.99,...] [--target all_inputs]
                            [--limit N] [--search [--tol 0.02] [--max-points N]] --out DIR
   vllm-sparsity eval check --results DIR/results.json --baseline FILE [--deployed-p P] [--strict]
+                           [--loglik-tol NATS]
   vllm-sparsity eval baseline --results DIR/results.json --deployed-p P --out FILE
   vllm-sparsity eval tasks [--tasks ...]      build the lm-eval tasks, print their folder
 """
@@ -85,6 +86,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--deployed-p", type=float, help="default: the baseline's deployed_p")
     c.add_argument("--strict", action="store_true", help="judge point estimates, not paired "
                    "intervals (for large samples)")
+    c.add_argument("--loglik-tol", type=float, default=0.0, help="fail when the paired 99%% "
+                   "interval of the gold log-likelihood's change at the deployed p lies below "
+                   "minus this many nats per document (default: %(default)s)")
 
     b = sub.add_parser("baseline", help="write a baseline file from a sweep's results")
     b.add_argument("--results", type=Path, required=True)
@@ -137,7 +141,14 @@ def main(argv: list[str] | None = None) -> int:
                              f"--results {args.results} ({'; '.join(diff)}): check against a "
                              "baseline made from a sweep with the same --tasks, --limit and "
                              "--target")
-        failures, warnings = check(results, baseline, args.deployed_p, args.strict)
+        if args.loglik_tol < 0:
+            raise SystemExit(f"--loglik-tol: nats per document, >= 0, got {args.loglik_tol}")
+        try:
+            failures, warnings = check(results, baseline, args.deployed_p, args.strict,
+                                       loglik_tol=args.loglik_tol)
+        except ValueError as e:
+            raise SystemExit(f"--results {args.results} and --baseline {args.baseline} are not "
+                             f"comparable: {e}") from None
         for line in failures:
             print(f"FAIL: {line}")
         for line in warnings:
