@@ -218,3 +218,19 @@ def test_layer_deltas():
     after = {"layers": [{"layer": 0, "site": "input", "zeroed": 12, "total": 30},
                         {"layer": 0, "site": "gate", "zeroed": 1, "total": 8}]}
     assert layer_deltas(before, after) == {(0, "input"): (7, 20), (0, "gate"): (0, 4)}
+
+
+def test_eager_only_reason_reads_vllm_modes():
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    from vllm_sparsity._vllm_compat import eager_only_reason
+
+    def config(mode, graphs):
+        return types.SimpleNamespace(compilation_config=types.SimpleNamespace(
+            mode=mode, cudagraph_mode=graphs))
+
+    assert eager_only_reason(config(CompilationMode.NONE, CUDAGraphMode.NONE)) is None
+    assert "compiled" in eager_only_reason(config(CompilationMode.VLLM_COMPILE,
+                                                  CUDAGraphMode.NONE))
+    assert "CUDA graphs" in eager_only_reason(config(CompilationMode.NONE,
+                                                     CUDAGraphMode.FULL_AND_PIECEWISE))
