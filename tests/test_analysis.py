@@ -234,3 +234,25 @@ def test_eager_only_reason_reads_vllm_modes():
                                                   CUDAGraphMode.NONE))
     assert "CUDA graphs" in eager_only_reason(config(CompilationMode.NONE,
                                                      CUDAGraphMode.FULL_AND_PIECEWISE))
+
+
+def test_the_seam_hands_an_armed_recorder_the_rule_mask_and_compiles_without_one():
+    from layers import make_layer, sparse
+
+    from reference import paper_top_p_mask
+
+    K, N, p = 96, 16, 0.6
+    layer = make_layer(K, N, seed=2)
+    state = sparse(layer, p, max_tokens=16)  # every token prefill
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, K, generator=g) * torch.rand(K, generator=g) ** 3).to(torch.bfloat16)
+    off = layer.quant_method.apply(layer, x)
+    # Off: the seam traces into one graph (an armed recorder's host syncs would break it).
+    compiled = torch.compile(lambda x: layer.quant_method.apply(layer, x), backend="aot_eager",
+                             fullgraph=True)
+    assert torch.equal(compiled(x), off)
+    assert analysis.arm(state, 4, 2, None) == {"sites": 1}
+    assert torch.equal(layer.quant_method.apply(layer, x), off)  # recording changes no output
+    result = analysis.fetch(state)["sites"][0][3]
+    mask = paper_top_p_mask(x.float(), p)
+    assert (result["zeroed"], result["total"], result["rows"]) == (int((~mask).sum()), 5 * K, 4)
