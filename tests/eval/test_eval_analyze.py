@@ -1,5 +1,5 @@
-"""``vllm-sparsity analyze`` on the demo model in vLLM: one eager server, started here (run this file
-under the vLLM lock: ``flock /work/vllm.lock nice -n 10 ...``).
+"""``vllm-sparsity analyze`` on the demo model in vLLM: one eager server, started here (run this
+file under the vLLM lock: ``flock /work/vllm.lock nice -n 10 ...``).
 
 The per-layer sparsity of ``analysis.json`` comes from the route's counters; the workers' recorder
 counts the masks it was handed on its own, and the test's own ``GET /v1/sparsity`` before and after
