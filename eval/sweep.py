@@ -206,14 +206,23 @@ def check_rule(state: dict, cfg: SweepConfig) -> None:
                          + "; start it with the same --sparsity-rule/--sparsity-q")
 
 
+def layer_deltas(before: dict, after: dict) -> dict[tuple[int, str], tuple[int, int]]:
+    """Activations zeroed and in all between two ``GET /v1/sparsity`` answers, per
+    ``(layer, site)`` (the route's monotonic counters, ``counters.route_layers``)."""
+    delta = {}
+    for b, a in zip(before["layers"], after["layers"]):
+        assert (b["layer"], b["site"]) == (a["layer"], a["site"]), "layer rows changed order"
+        delta[a["layer"], a["site"]] = (a["zeroed"] - b["zeroed"], a["total"] - b["total"])
+    return delta
+
+
 def measured_sparsity(before: dict, after: dict, target: str) -> dict:
     """Share of activations zeroed between two ``GET /v1/sparsity`` answers, per site of the
     target and over all of them (``overall``); None for a site that saw no activations."""
     delta = {}
-    for b, a in zip(before["layers"], after["layers"]):
-        assert (b["layer"], b["site"]) == (a["layer"], a["site"]), "layer rows changed order"
-        z, t = delta.get(a["site"], (0, 0))
-        delta[a["site"]] = (z + a["zeroed"] - b["zeroed"], t + a["total"] - b["total"])
+    for (_, site), (dz, dt) in layer_deltas(before, after).items():
+        z, t = delta.get(site, (0, 0))
+        delta[site] = (z + dz, t + dt)
     out = {}
     for site in sites_of(target):
         z, t = delta.get(site, (0, 0))

@@ -329,6 +329,19 @@ def runner_name(worker_wrapper) -> str:
     return type(worker_wrapper.worker.model_runner).__name__
 
 
+def eager_only_reason(vllm_config) -> str | None:
+    """Why vLLM does not run the model eagerly (torch.compile, CUDA graphs), or None when it does
+    (``--enforce-eager`` sets both modes to NONE, ``VllmConfig.__post_init__``)."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    cc = vllm_config.compilation_config
+    if cc.mode != CompilationMode.NONE:
+        return f"the model is compiled (compilation mode {cc.mode.name})"
+    if cc.cudagraph_mode not in (None, CUDAGraphMode.NONE):
+        return f"the model runs in CUDA graphs ({cc.cudagraph_mode.name})"
+    return None
+
+
 def tp_rank() -> int:
     """Tensor-parallel rank of this worker (0 outside a distributed run)."""
     from vllm.distributed import parallel_state

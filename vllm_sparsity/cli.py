@@ -9,6 +9,8 @@
   (``vllm_sparsity/bench.py``);
 - ``vllm-sparsity eval ...``: critical-sparsity sweeps and their regression check
   (``eval/cli.py``, installed as ``vllm_sparsity.eval``);
+- ``vllm-sparsity analyze ...``: per-layer sparsity heatmaps, effective rank and mask stability of
+  a served model over a grid of p (``eval/analyze.py``);
 - ``vllm-sparsity predict ...``: decode tokens/s gain predicted for a model from GPU kernel
   timings or a bandwidth model (``vllm_sparsity/predict.py``).
 """
@@ -49,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         from vllm_sparsity.eval import cli as eval_cli
 
         return eval_cli.main(rest)
+    if command == "analyze":
+        from vllm_sparsity.eval import analyze
+
+        return analyze.main(rest)
     if command == "predict":
         from vllm_sparsity import predict
 

@@ -20,6 +20,12 @@ Routes (opt-in: start the server with ``VLLM_PLUGINS=sparsity``; under ``/v1`` s
   drops torch.compile's guards; CUDA graphs replay it), so changing it needs a restart, and the
   route answers 400 saying so (naming the kernel backend when one serves the model: its kernels
   run top-p only).
+- ``POST /v1/sparsity/analysis`` with ``{"tokens": N, "rank_batch": B}`` arms the analyses in
+  every worker (``analysis``: at most N activation rows per layer and site for the effective rank,
+  computed per batch of B rows; Jaccard of the kept sets across batch-1 decode steps); 409 unless
+  the server runs eagerly (``--enforce-eager``) without tensor parallelism. ``GET
+  /v1/sparsity/analysis`` disarms them and answers per layer and site (``analysis.merge``); 409
+  when nothing is armed.
 
 Semantics of a POST: **a change applies to the requests admitted after it**. The route pauses the
 engine (``EngineClient.pause_generation(mode="wait", clear_cache=True)``, vLLM's
@@ -52,7 +58,7 @@ import json
 import logging
 from typing import Any
 
-from vllm_sparsity import _vllm_compat, counters
+from vllm_sparsity import _vllm_compat, analysis, counters
 from vllm_sparsity import config as cfg
 from vllm_sparsity.clock import CLOCK
 from vllm_sparsity.config import (RULES, SparsityConfigError, parse_p_sites, parse_q,
@@ -62,6 +68,9 @@ from vllm_sparsity.state import runtime_state
 logger = logging.getLogger("vllm.vllm_sparsity")
 
 MAX_BODY_BYTES = 4096  # a valid body is under 60 bytes
+# Fetching computes every site's effective rank (one eigenproblem per batch of rows): seconds to
+# minutes on a CPU, far past the 10 s of the other RPCs.
+ANALYSIS_FETCH_TIMEOUT_S = 900.0
 BODY_KEYS = ("p", "target", "rule", "q")
 
 # ---------------------------------------------------------------- worker side
@@ -87,7 +96,28 @@ def vllm_sparsity_set(self, p: float | None, target: str | None) -> dict[str, An
     return state.settings()
 
 
-WORKER_METHODS = {f.__name__: f for f in (vllm_sparsity_snapshot, vllm_sparsity_set)}
+def vllm_sparsity_analysis_arm(self, tokens: int, rank_batch: int) -> dict[str, Any] | None:
+    """Start recording the analyses in this worker (``analysis.arm``); None when the plugin is
+    off. TP ranks past 0 record nothing: their rows are rank 0's (split sites are refused)."""
+    state = runtime_state(_vllm_compat.worker_model(self))
+    if state is None:
+        return None
+    if _vllm_compat.tp_rank() != 0:
+        return {"sites": 0}
+    return analysis.arm(state, tokens, rank_batch, _vllm_compat.eager_only_reason(
+        _vllm_compat.worker_vllm_config(self)))
+
+
+def vllm_sparsity_analysis_fetch(self) -> dict[str, Any] | None:
+    """Stop recording and return this worker's analyses (``analysis.fetch``); None when the
+    plugin is off or nothing was armed here."""
+    state = runtime_state(_vllm_compat.worker_model(self))
+    return None if state is None else analysis.fetch(state)
+
+
+WORKER_METHODS = {f.__name__: f for f in (vllm_sparsity_snapshot, vllm_sparsity_set,
+                                          vllm_sparsity_analysis_arm,
+                                          vllm_sparsity_analysis_fetch)}
 
 
 # ---------------------------------------------------------------- API server side
@@ -111,6 +141,33 @@ async def _state(engine) -> dict[str, Any]:
                          "runtime control")
     return {**merged["settings"], "unknown_phase_tokens": merged["unknown_phase_tokens"],
             "layers": counters.route_layers(merged)}
+
+
+async def arm_analysis(engine, tokens: int, rank_batch: int) -> dict[str, Any]:
+    """``POST /v1/sparsity/analysis``: arm every worker (``analysis.arm``). RouteError 409 when
+    sparsity is off or a worker cannot record (the message says why; none stays armed)."""
+    replies = await _vllm_compat.collective_rpc(engine, "vllm_sparsity_analysis_arm",
+                                                (tokens, rank_batch))
+    if not any(replies):
+        raise RouteError(409, "sparsity is off: start the server with --sparsity-p to analyse")
+    errors = [r["error"] for r in replies if r and "error" in r]
+    if errors:
+        await _vllm_compat.collective_rpc(engine, "vllm_sparsity_analysis_fetch", (),
+                                          ANALYSIS_FETCH_TIMEOUT_S)
+        raise RouteError(409, errors[0])
+    return {"armed": True, "tokens": tokens, "rank_batch": rank_batch,
+            "sites": sum(r["sites"] for r in replies if r)}
+
+
+async def fetch_analysis(engine) -> dict[str, Any]:
+    """``GET /v1/sparsity/analysis``: disarm every worker and answer their merged analyses
+    (``analysis.merge``). RouteError 409 when nothing is armed."""
+    replies = await _vllm_compat.collective_rpc(engine, "vllm_sparsity_analysis_fetch", (),
+                                                ANALYSIS_FETCH_TIMEOUT_S)
+    try:
+        return analysis.merge(replies)
+    except ValueError as e:
+        raise RouteError(409, str(e)) from None
 
 
 async def read_json_body(request) -> Any:
@@ -286,6 +343,14 @@ class SparsityEndpoint:
         async def set_sparsity(request: Request):
             return await answer(self._post(request))
 
+        @router.post("/v1/sparsity/analysis")
+        async def arm(request: Request):
+            return await answer(self._arm(request))
+
+        @router.get("/v1/sparsity/analysis")
+        async def fetch(request: Request):
+            return await answer(self._locked(fetch_analysis(self.engine)))
+
         app.include_router(router)
 
     async def _post(self, request) -> dict[str, Any]:
@@ -295,6 +360,17 @@ class SparsityEndpoint:
             raise RouteError(400, str(e)) from None
         async with self.lock:
             return await change(self.engine, p, target, self.drain_timeout_s, rule, q)
+
+    async def _arm(self, request) -> dict[str, Any]:
+        try:
+            tokens, rank_batch = analysis.check_arm_body(await read_json_body(request))
+        except ValueError as e:
+            raise RouteError(400, str(e)) from None
+        return await self._locked(arm_analysis(self.engine, tokens, rank_batch))
+
+    async def _locked(self, work) -> dict[str, Any]:
+        async with self.lock:  # never beside a change of p: a point's recording is one setting
+            return await work
 
     async def init_state(self, engine_client, state, args) -> None:
         self.engine = engine_client

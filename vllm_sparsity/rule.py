@@ -98,8 +98,7 @@ def top_p_mask(x: torch.Tensor, p: torch.Tensor | float,
                all_reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Boolean mask [M, K] of the entries of x [M, K] that the top-p rule keeps (see module doc;
     ``all_reduce`` as ``top_p_threshold``: x is then one shard of K, and so is the mask)."""
-    t = top_p_threshold(x, p, all_reduce)
-    return (x.abs() >= t) | t.isnan()
+    return kept_mask(x, p, top_p_threshold, all_reduce)
 
 
 def top_p_sparsify(x: torch.Tensor, p: torch.Tensor | float,
@@ -361,6 +360,15 @@ def sparsify(x: torch.Tensor, p: torch.Tensor | float,
     ``threshold_of``). x [M, K] bf16/fp16/fp32; returns ``(y [M, K], kept int64 [M])``: kept
     entries bit-identical to x, the rest exactly zero; a NaN threshold keeps the row whole.
     Raises ValueError as the threshold function."""
-    t = threshold(x, p, all_reduce)
-    mask = (x.abs() >= t) | t.isnan()
+    mask = kept_mask(x, p, threshold, all_reduce)
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)), mask.sum(dim=-1)
+
+
+def kept_mask(x: torch.Tensor, p: torch.Tensor | float,
+              threshold: Callable[..., torch.Tensor] = top_p_threshold,
+              all_reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Boolean mask [M, K] of the entries of x [M, K] (bf16/fp16/fp32) that the rule of
+    ``threshold`` (a function of ``RULES``) keeps at p: ``|x| >= t``, or the whole row where t is
+    NaN. Raises ValueError as the threshold function."""
+    t = threshold(x, p, all_reduce)
+    return (x.abs() >= t) | t.isnan()

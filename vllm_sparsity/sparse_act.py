@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from vllm_sparsity import counters
+from vllm_sparsity import counters, rule
 from vllm_sparsity.sites import ANALYSIS_SITES
 
 
@@ -37,6 +37,7 @@ class ActSite(torch.nn.Module):
                  all_reduce: Callable[[torch.Tensor], None] | None) -> None:
         super().__init__()
         self.site, self.layer_index, self.all_reduce = site, layer_index, all_reduce
+        self.observer = None  # as ``InputSparseLinearMethod.observer``
         self.register_buffer("sparsity_p", state.p[site], persistent=False)
         self.register_buffer("sparsity_phase", state.phase, persistent=False)
         self.register_buffer("sparsity_batch_phase", state.batch_phase, persistent=False)
@@ -71,10 +72,11 @@ class SparseActAndMul(torch.nn.Module):
 
     def _mask(self, site: ActSite, x2: torch.Tensor) -> torch.Tensor:
         """The rule's mask [M, K] on x2 [M, K] at ``site``, counted there."""
-        t = self.threshold(x2, site.sparsity_p, site.all_reduce)
-        mask = (x2.abs() >= t) | t.isnan()
+        mask = rule.kept_mask(x2, site.sparsity_p, self.threshold, site.all_reduce)
         counters.count(site.sparsity_stats, site.sparsity_phase, site.sparsity_batch_phase,
                        mask.sum(dim=-1), x2.shape[-1], None, self.detailed_counts)
+        if site.observer is not None:
+            site.observer(x2, mask)
         return mask
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

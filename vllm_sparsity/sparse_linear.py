@@ -71,6 +71,9 @@ class InputSparseLinearMethod(LinearMethodBase):
         self.backend = backend
         self.all_reduce = all_reduce
         self.detailed_counts = detailed_counts
+        # Set while an analysis collects (``analysis.arm``, eager servers only): called with the
+        # input and the rule's mask. None in a compiled graph, which then holds no trace of it.
+        self.observer: Callable[[torch.Tensor, torch.Tensor], None] | None = None
         # Imported here, not in the traced forward (the triton backend imports triton).
         self._backend = backends.load(backend)
 
@@ -103,6 +106,9 @@ class InputSparseLinearMethod(LinearMethodBase):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
+        if self.observer is not None:  # the rule's mask again: the backends do not return it
+            self.observer(x2, rule.kept_mask(x2, layer.sparsity_p, self.threshold,
+                                             self.all_reduce))
         y2, kept, columns_read = self._backend.apply_counted(
             layer, x2, layer.sparsity_p, bias, self.all_reduce)
         counters.count(layer.sparsity_stats, layer.sparsity_phase, layer.sparsity_batch_phase,

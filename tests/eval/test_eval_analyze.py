@@ -1,0 +1,89 @@
+"""``vllm-sparsity analyze`` on the demo model in vLLM: one eager server, started here (run this
+file under the vLLM lock: ``flock /work/vllm.lock nice -n 10 ...``).
+
+The per-layer sparsity of ``analysis.json`` comes from the route's counters; the workers' recorder
+counts the masks it was handed on its own, and the test's own ``GET /v1/sparsity`` before and after
+the run sees all of its traffic: the three must agree exactly. Rank and Jaccard are checked for
+range, counts and variation (their maths against naive loops is tests/test_analysis.py's).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from conftest import API_KEY, start_server
+from vllm_sparsity.eval.analyze import ANALYSIS_SERVE_FLAGS, AnalyzeConfig, analyze
+from vllm_sparsity.eval.sweep import layer_deltas
+
+SITES = ("input", "gate", "up", "intermediate")
+LAYERS = 18  # Gemma 3 270M
+CFG = AnalyzeConfig(model="", tasks=["piqa", "arc_easy"], grid=[0.5, 0.9],
+                    target=",".join(SITES), joint=True, requests=2, decode_steps=8,
+                    rank_tokens=48, rank_batch=16)
+
+
+@pytest.fixture(scope="module")
+def eager_server(tmp_path_factory, demo_model):
+    server = start_server("eager", ["--sparsity-p", "1.0", "--sparsity-target", CFG.target,
+                                    *ANALYSIS_SERVE_FLAGS], tmp_path_factory.mktemp("eager"),
+                          env={"VLLM_PLUGINS": "sparsity"}, api_key=API_KEY)
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+def test_analysis_routes_refuse_bad_use(eager_server):
+    url, headers = f"{eager_server.url}/v1/sparsity/analysis", eager_server.headers
+    r = requests.get(url, headers=headers, timeout=60)
+    assert r.status_code == 409 and "POST /v1/sparsity/analysis first" in r.json()["error"]
+    r = requests.post(url, json={"tokens": 8, "rank_batch": 9}, headers=headers, timeout=60)
+    assert r.status_code == 400 and "rank_batch must be an integer in [2, tokens=8]" in \
+        r.json()["error"]
+
+
+def test_analysis_json_agrees_with_the_counters(eager_server, demo_model, tmp_path):
+    def state():
+        return requests.get(f"{eager_server.url}/v1/sparsity", headers=eager_server.headers,
+                            timeout=60).json()
+
+    cfg = AnalyzeConfig(**{**CFG.__dict__, "model": str(demo_model)})
+    before = state()
+    result = analyze(cfg, tmp_path, eager_server.url, API_KEY)
+    everything = layer_deltas(before, state())
+    assert json.loads((tmp_path / "analysis.json").read_text()) == result
+    assert result["moe_experts"] is None
+    for name in [f"sparsity_{s}.png" for s in SITES] + ["effective_rank.png", "stability.png"]:
+        assert (tmp_path / name).stat().st_size > 1000, name
+
+    summed: dict[tuple[int, str], list[int]] = {}
+    for site in SITES:
+        points = result["sites"][site]["points"]
+        assert [pt["p"] for pt in points] == cfg.grid
+        for pt in points:
+            rows = pt["layers"]
+            assert [r["layer"] for r in rows] == list(range(LAYERS))
+            for r in rows:
+                # The recorder's masks are the masks the rule applied and the counters counted.
+                assert (r["mask_zeroed"], r["mask_total"]) == (r["zeroed"], r["total"]), r
+                z, t = summed.setdefault((r["layer"], site), [0, 0])
+                summed[r["layer"], site] = [z + r["zeroed"], t + r["total"]]
+                # Batch-1 decode: every decode step of every request, one sequence per request.
+                assert r["decode_steps"] == cfg.requests * cfg.decode_steps
+                assert r["consecutive_pairs"] == r["drift_pairs"] == \
+                    cfg.requests * (cfg.decode_steps - 1)
+                assert 0 <= r["drift_jaccard"] <= 1 and 0 <= r["consecutive_jaccard"] <= 1
+                assert r["rank_rows"] == cfg.rank_tokens
+                assert r["rank_batches"] == cfg.rank_tokens // cfg.rank_batch
+                assert 0 < r["effective_rank"] <= min(cfg.rank_batch, r["dim"]) / r["dim"]
+            for key in ("sparsity", "effective_rank", "consecutive_jaccard", "drift_jaccard"):
+                values = {round(r[key], 9) for r in rows}
+                assert len(values) > 1, f"{site} p={pt['p']}: {key} is the same in every layer"
+        low, high = points
+        assert low["mean"]["sparsity"] > high["mean"]["sparsity"]  # p = 0.5 zeroes more
+        assert low["mean"]["consecutive_jaccard"] < 1
+    # All of the server's traffic in that time was the analysis's, and all of it is in the file.
+    assert {k: list(v) for k, v in everything.items()} == summed
