@@ -28,7 +28,7 @@ def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor,
                   bias: torch.Tensor | None = None,
                   all_reduce: Callable[[torch.Tensor], None] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, None]:
-    """``(inner.apply(top_p(x2)), kept [M], None)``: x2 [M, K]; p float64 [1]; the GEMM reads
+    """``(inner.apply(top_p(x2)), kept [M], None)``: x2 [M, K]; p float64 [1] or [M, 1] (one per row); the GEMM reads
     every column (None). ``all_reduce`` as ``rule.top_p_threshold``."""
     xs, kept = top_p_sparsify(x2, p, all_reduce)
     return layer.quant_method.inner.apply(layer, xs, bias), kept, None
