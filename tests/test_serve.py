@@ -97,3 +97,69 @@ def test_help_lists_the_flags():
                          timeout=120).stdout
     for flag in ("--sparsity-p", "--sparsity-target", "--sparsity-backend"):
         assert flag in out
+
+
+# A prompt longer than a KV block (so that the prefix cache can hold it), and a chat message.
+LONG_PROMPT = ("The history of the city goes back to a small fishing village on the river. " * 12
+               + "In the end, the village became")
+CHAT = [{"role": "user", "content": "Describe the sea in one sentence."}]
+
+
+def test_p_per_request(sparse_server):
+    """Requests carrying ``vllm_xargs.sparsity_p`` (0.5, 0.7) sent together with one without it
+    each get exactly the greedy text of the whole server at that p (the references come from the
+    same server with its global p switched by the route); the prefix cache is never shared across
+    p; bad values get 400 naming the field and the server keeps serving."""
+    import concurrent.futures
+
+    url, headers = f"{sparse_server.url}/v1/sparsity", sparse_server.headers
+    client = openai.OpenAI(base_url=f"{sparse_server.url}/v1", api_key=sparse_server.api_key)
+
+    def complete(p=None):
+        extra = {"vllm_xargs": {"sparsity_p": p}} if p is not None else None
+        c = client.completions.create(model=sparse_server.model, prompt=LONG_PROMPT,
+                                      max_tokens=16, temperature=0, extra_body=extra)
+        return c.choices[0].text, c.usage.prompt_tokens_details.cached_tokens
+
+    def chat(p=None):
+        extra = {"vllm_xargs": {"sparsity_p": p}} if p is not None else None
+        c = client.chat.completions.create(model=sparse_server.model, messages=CHAT,
+                                           max_tokens=16, temperature=0, extra_body=extra)
+        return c.choices[0].message.content
+
+    ref, ref_chat = {}, {}
+    try:
+        for p in (0.5, 0.7):  # the route clears the prefix cache at each change
+            assert requests.post(url, json={"p": p}, headers=headers).status_code == 200
+            ref[p], ref_chat[p] = complete()[0], chat()
+    finally:
+        requests.post(url, json={"p": 0.9, "target": "all_inputs"}, headers=headers)
+    ref[0.9] = complete()[0]
+    assert len({ref[0.5], ref[0.7], ref[0.9]}) == 3  # p changes the text: the test can fail
+    assert ref_chat[0.5] != ref_chat[0.7]
+
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        jobs = {p: pool.submit(complete, p) for p in (0.5, 0.7, None)}
+        chats = {p: pool.submit(chat, p) for p in (0.5, 0.7)}
+        got = {p: job.result()[0] for p, job in jobs.items()}
+        got_chat = {p: job.result() for p, job in chats.items()}
+    assert got == {0.5: ref[0.5], 0.7: ref[0.7], None: ref[0.9]}
+    assert got_chat == ref_chat
+
+    # Prefix cache: a repeat at the same p reuses the prompt's blocks; another p never does.
+    text, cached = complete(0.5)
+    assert text == ref[0.5] and cached > 0
+    fresh = f"Another start. {LONG_PROMPT}"
+    complete_fresh = lambda p: client.completions.create(  # noqa: E731
+        model=sparse_server.model, prompt=fresh, max_tokens=1, temperature=0,
+        extra_body={"vllm_xargs": {"sparsity_p": p}}).usage.prompt_tokens_details.cached_tokens
+    assert complete_fresh(0.5) == 0 and complete_fresh(0.5) > 0
+    assert complete_fresh(0.7) == 0
+
+    for bad in (0, 1.5, "0.5", "abc", [0.5]):
+        body = {"model": sparse_server.model, "prompt": "Hello", "max_tokens": 2,
+                "vllm_xargs": {"sparsity_p": bad}}
+        r = requests.post(f"{sparse_server.url}/v1/completions", json=body, headers=headers)
+        assert r.status_code == 400, (bad, r.text)
+        assert "vllm_xargs.sparsity_p" in r.text and "[1e-06, 1]" in r.text, r.text
+    assert complete()[0] == ref[0.9]  # still serving, at the server's p

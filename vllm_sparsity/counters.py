@@ -73,12 +73,19 @@ def token_phases(query_start_loc: torch.Tensor, token_index: torch.Tensor
     """
     qsl = query_start_loc
     ends = qsl[1:]
-    r = torch.searchsorted(ends, token_index, right=True).clamp_(max=ends.numel() - 1)
+    r = token_requests(qsl, token_index)
     phase = ((ends - qsl[:-1])[r] == 1).to(torch.int64)  # DECODE (1) if query length 1, else 0
     phase.masked_fill_(token_index >= qsl[-1], PAD)
     # PREFILL < DECODE < PAD: the batch's phase is the least (PAD for an empty forward).
     batch = torch.cat([phase, phase.new_full((1,), PAD)]).min().view(1)
     return phase, batch
+
+
+def token_requests(query_start_loc: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+    """int64 [T]: the batch index of each token's request, in [0, R) (padding tokens past the last
+    request get some index in range); arguments and capture safety as ``token_phases``."""
+    ends = query_start_loc[1:]
+    return torch.searchsorted(ends, token_index, right=True).clamp_(max=ends.numel() - 1)
 
 
 def new_stats(device: torch.device) -> torch.Tensor:

@@ -16,6 +16,8 @@ CUDA graphs) reads them as inputs and never bakes them in:
 
 - ``sparsity_p``: float64 [1], the site's p (one tensor shared by every layer of the site, see
   ``state.RuntimeState``; writing it in place changes p for the next step without recompiling);
+- ``sparsity_token_p``: float64 [max tokens], the p of each token of the step at the site (its
+  request's own p, else ``sparsity_p``; shared by the site's layers), passed to the rule as [M, 1];
 - ``sparsity_phase``: int64 [max tokens], the phase of each token of the step, and
   ``sparsity_batch_phase`` int64 [1], the step's (one pair shared by every layer);
 - ``sparsity_stats``: int64 [3, ``counters.WIDTH``], this layer's counters (``counters``), over
@@ -97,8 +99,9 @@ class InputSparseLinearMethod(LinearMethodBase):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        y2, kept, columns_read = self._backend.apply_counted(
-            layer, x2, layer.sparsity_p, bias, self.all_reduce)
+        # One p per token row: its request's own, else the site's (see state.RuntimeState).
+        p = layer.sparsity_token_p[:x2.shape[0]].unsqueeze(1)
+        y2, kept, columns_read = self._backend.apply_counted(layer, x2, p, bias, self.all_reduce)
         counters.count(layer.sparsity_stats, layer.sparsity_phase, layer.sparsity_batch_phase,
                        kept, x2.shape[-1], columns_read, self.detailed_counts)
         return y2.view(*x.shape[:-1], y2.shape[-1])
@@ -119,6 +122,7 @@ def install(layer: torch.nn.Module, name: str, site: str, layer_index: int, stat
     # the quantization; vLLM's ``fusion.quant_activation.get_input_quant_key``).
     _vllm_compat.require_unquantized_input(layer)
     layer.register_buffer("sparsity_p", state.p[site], persistent=False)
+    layer.register_buffer("sparsity_token_p", state.token_p[site], persistent=False)
     layer.register_buffer("sparsity_phase", state.phase, persistent=False)
     layer.register_buffer("sparsity_batch_phase", state.batch_phase, persistent=False)
     layer.register_buffer("sparsity_stats", counters.new_stats(state.phase.device),
