@@ -100,7 +100,7 @@ def test_help_lists_the_flags():
 
 
 # A prompt longer than a KV block (so that the prefix cache can hold it), and a chat message.
-LONG_PROMPT = ("The history of the city goes back to a small fishing village on the river. " * 12
+LONG_PROMPT = ("The history of the city goes back to a small fishing village on the river. " * 30
                + "In the end, the village became")
 CHAT = [{"role": "user", "content": "Describe the sea in one sentence."}]
 
