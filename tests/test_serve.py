@@ -100,8 +100,12 @@ def test_help_lists_the_flags():
 
 
 # A prompt longer than a KV block (so that the prefix cache can hold it), and a chat message.
-LONG_PROMPT = ("The history of the city goes back to a small fishing village on the river. " * 30
-               + "In the end, the village became")
+LONG_PROMPT = " ".join(  # varied, not repeated: a repeated sentence is copied whatever the p
+    f"Chapter {i}: the {w} of the old harbour town, told by a sailor who saw it change."
+    for i, w in enumerate(["founding", "first war", "great fire", "flood", "plague", "railway",
+                           "famine", "factories", "strikes", "bridge", "second war", "harbour",
+                           "tourists", "museum", "storm", "election", "festival", "market"])
+) + " Then the sailor said that"
 CHAT = [{"role": "user", "content": "Describe the sea in one sentence."}]
 
 
