@@ -3,7 +3,8 @@
 Refuses (``ValueError``) results that are not comparable to the baseline (other tasks, document
 limit or target). Fails (one line per failed criterion) when
 - accuracy at the deployed p is below 99% of dense (normalized average of the primary metrics);
-- critical sparsity is below the baseline's paired-bootstrap interval.
+- critical sparsity is below the baseline's paired-bootstrap interval;
+- the log-likelihood of the gold continuations at the deployed p dropped (``loglik_shift``).
 
 By default both are judged with the paired bootstrap intervals, so that sampling noise does not
 fail the job: accuracy fails when even the upper end of its interval is below 0.99; critical
@@ -16,6 +17,18 @@ point estimate past a limit while the interval still reaches it is reported as a
 are tight.
 
 Sparsity comparisons allow ``TOLERANCE``: the same p measured 0.3508 and 0.3512 in two runs.
+
+The log-likelihood comparison is the sharper signal: accuracy over a CI sample moves in steps of
+one document, while every document's gold log-likelihood (lm-eval's samples carry it) moves with
+any change of the model's numbers. Per document, the results' value at the deployed p minus the
+baseline's at the same p, the same document; per task their mean; the tasks' average, with a
+paired bootstrap interval (``stats.mean_shift``, 99%: a rerun whose sparse points differ by
+rounding is symmetric noise and should fire at most 0.5% of the time). It fails when even the
+upper end of that interval is below ``-loglik_tol`` nats per document (strict or not: a point
+estimate of it is never 0 for sparse reruns). An identical rerun gives 0 in every resample, so it
+never fires. Generative tasks carry no log-likelihood and are left out of it; a baseline or
+results file without per-document log-likelihoods (made before they were recorded) gives a
+warning instead.
 """
 
 from __future__ import annotations
@@ -24,9 +37,12 @@ import json
 import math
 from pathlib import Path
 
-from vllm_sparsity.eval.stats import THRESHOLD
+import numpy as np
+
+from vllm_sparsity.eval.stats import THRESHOLD, mean_shift
 
 TOLERANCE = 0.01  # absolute sparsity
+LOGLIK_LEVEL = 0.99  # the log-likelihood shift's bootstrap interval (see the module docstring)
 COMPARED = ("tasks", "limit", "target")  # what must match between results and baseline
 RESULTS_KEYS = ("model", "tasks", "limit", "target", "points", "critical_sparsity")
 
@@ -97,8 +113,36 @@ def make_baseline(results: dict, deployed_p: float, source: str) -> dict:
     }
 
 
+def _at(points: list[dict], p: float) -> dict | None:
+    return next((pt for pt in points if math.isclose(pt["p"], p)), None)
+
+
+def loglik_shift(results: dict, baseline: dict, p: float, n_boot: int = 2000,
+                 level: float = LOGLIK_LEVEL) -> dict | None:
+    """Paired per-document gold log-likelihood (nats) of the results minus the baseline's, both
+    at ``p``: ``stats.mean_shift``'s dict plus ``p``; None when either side has no point at ``p``
+    or no task with per-document log-likelihoods at it.
+
+    Raises:
+        ValueError: a task whose two runs hold different numbers of documents.
+    """
+    rp, bp = _at(results["points"], p), _at(baseline["points"], p)
+    if rp is None or bp is None:
+        return None
+    diff = {}
+    for t in results["tasks"]:
+        r, b = rp["tasks"].get(t, {}).get("loglik"), bp["tasks"].get(t, {}).get("loglik")
+        if r is None or b is None:
+            continue
+        if len(r) != len(b):
+            raise ValueError(f"task {t} has {len(r)} documents in the results and {len(b)} in "
+                             "the baseline")
+        diff[t] = np.asarray(r, float) - np.asarray(b, float)
+    return {"p": p, **mean_shift(diff, n_boot, level)} if diff else None
+
+
 def check(results: dict, baseline: dict, deployed_p: float | None = None, strict: bool = False,
-          tolerance: float = TOLERANCE) -> tuple[list[str], list[str]]:
+          tolerance: float = TOLERANCE, loglik_tol: float = 0.0) -> tuple[list[str], list[str]]:
     """(failures, warnings) of the results against the baseline; no failures means it passes.
 
     Raises:
@@ -108,7 +152,7 @@ def check(results: dict, baseline: dict, deployed_p: float | None = None, strict
     if diff := differences(results, baseline):
         raise ValueError("the results are not comparable to the baseline: " + "; ".join(diff))
     p = baseline["deployed_p"] if deployed_p is None else deployed_p
-    point = next((pt for pt in results["points"] if math.isclose(pt["p"], p)), None)
+    point = _at(results["points"], p)
     if point is None:
         failures.append(f"no point at the deployed p={p:g} in the results")
     elif point["normalized_average"] < THRESHOLD:
@@ -129,16 +173,34 @@ def check(results: dict, baseline: dict, deployed_p: float | None = None, strict
                 f"(tolerance {tolerance})")
         significant = crit["interval"][1] < base["interval"][0] - tolerance
         (failures if strict or significant else warnings).append(line)
+
+    shift = loglik_shift(results, baseline, p) if point is not None else None
+    if shift is None and point is not None:
+        warnings.append(f"no per-document log-likelihoods at p={p:g} in both the results and "
+                        "the baseline (generative tasks only, or a file from before they were "
+                        "recorded): the log-likelihood comparison was skipped")
+    elif shift is not None and shift["interval"][1] < -loglik_tol:
+        lo, hi = shift["interval"]
+        failures.append(
+            f"gold log-likelihood at the deployed p={p:g} is {shift['shift']:+.3f} nats per "
+            f"document against the baseline's same documents (paired {shift['level']:.0%} "
+            f"interval [{lo:+.3f}, {hi:+.3f}]; limit {-loglik_tol:+g}); per task: "
+            + ", ".join(f"{t} {v:+.3f}" for t, v in sorted(shift["tasks"].items(),
+                                                            key=lambda kv: kv[1])))
     return failures, warnings
 
 
 def summary(results: dict, baseline: dict, deployed_p: float | None = None) -> str:
     p = baseline["deployed_p"] if deployed_p is None else deployed_p
-    point = next(pt for pt in results["points"] if math.isclose(pt["p"], p))
+    point = _at(results["points"], p)
     crit, base = results["critical_sparsity"]["average"], baseline["critical_sparsity"]["average"]
     lo, hi = point["normalized_average_interval"]
+    shift = loglik_shift(results, baseline, p)
+    ll = ("" if shift is None else f"; gold log-likelihood {shift['shift']:+.3f} nats per "
+          f"document [{shift['interval'][0]:+.3f}, {shift['interval'][1]:+.3f}] against the "
+          "baseline")
     return (f"ok: at the deployed p={p:g} (measured sparsity {point['sparsity']['overall']:.3f}) "
             f"accuracy is {point['normalized_average']:.3f} of dense [{lo:.3f}, {hi:.3f}]; "
             f"critical sparsity {crit['sparsity'] or 0.0:.3f} [{crit['interval'][0]:.3f}, "
             f"{crit['interval'][1]:.3f}], baseline {base['sparsity']:.3f} "
-            f"[{base['interval'][0]:.3f}, {base['interval'][1]:.3f}]")
+            f"[{base['interval'][0]:.3f}, {base['interval'][1]:.3f}]{ll}")

@@ -4,6 +4,7 @@
                            [--include-path DIR] [--p-grid 1.0,0.99,...] [--target all_inputs]
                            [--limit N] [--search [--tol 0.02] [--max-points N]] --out DIR
   vllm-sparsity eval check --results DIR/results.json --baseline FILE [--deployed-p P] [--strict]
+                           [--loglik-tol NATS]
   vllm-sparsity eval baseline --results DIR/results.json --deployed-p P --out FILE
   vllm-sparsity eval tasks [--tasks ...]      build the lm-eval tasks, print their folder
 """
@@ -15,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from vllm_sparsity.config import RULES, SparsityConfigError, check_together, parse_target
 from vllm_sparsity.eval import convert
 
 
@@ -33,6 +35,13 @@ def _tasks(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"unknown task(s) {', '.join(unknown)}; known: "
                                          f"{', '.join(convert.TASKS)}")
     return tasks
+
+
+def _target(value: str) -> str:
+    try:
+        return parse_target(value, "--target")
+    except SparsityConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,8 +65,12 @@ def parser() -> argparse.ArgumentParser:
                    help="a folder of your own lm-eval task YAMLs (lm-eval's --include_path)")
     s.add_argument("--p-grid", type=_floats, default=list(PAPER_GRID),
                    help="comma-separated p values (default: the paper's grid without 0)")
-    s.add_argument("--target", default="all_inputs",
-                   choices=["input", "intermediate", "all_inputs"])
+    s.add_argument("--target", default="all_inputs", type=_target,
+                   help="input, intermediate, all_inputs (default) or a comma list of the sites "
+                   "input, gate, up, intermediate")
+    s.add_argument("--rule", default="top-p", choices=list(RULES),
+                   help="the rule the server runs (default: %(default)s); p is its parameter")
+    s.add_argument("--q", type=float, help="the exponent of the lq rule (lq only)")
     s.add_argument("--limit", type=int, help="documents per task (the first N; all if unset)")
     s.add_argument("--out", type=Path, required=True, help="sweep folder (resumable)")
     s.add_argument("--search", action="store_true", help="bisect over --p-grid for the critical "
@@ -73,6 +86,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--deployed-p", type=float, help="default: the baseline's deployed_p")
     c.add_argument("--strict", action="store_true", help="judge point estimates, not paired "
                    "intervals (for large samples)")
+    c.add_argument("--loglik-tol", type=float, default=0.0, help="fail when the paired 99%% "
+                   "interval of the gold log-likelihood's change at the deployed p lies below "
+                   "minus this many nats per document (default: %(default)s)")
 
     b = sub.add_parser("baseline", help="write a baseline file from a sweep's results")
     b.add_argument("--results", type=Path, required=True)
@@ -99,8 +115,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--max-points: at least 2 (the dense and one sparse point), got "
                              f"{args.max_points}")
         include = str(args.include_path.resolve()) if args.include_path else None
+        try:
+            check_together(1.0, args.target, "auto", args.rule, args.q,
+                           lambda field: f"--{field}")
+        except SparsityConfigError as e:
+            raise SystemExit(str(e)) from None
         cfg = SweepConfig(str(args.model), args.tasks, grid, args.target, args.limit, include,
-                          args.search, args.tol, args.max_points)
+                          args.search, args.tol, args.max_points, args.rule, args.q)
         result = sweep(cfg, args.out, args.url, args.api_key)
         crit = result["critical_sparsity"]["average"]
         print(f"critical sparsity {crit['sparsity']} (p={crit['p']}), interval {crit['interval']}"
@@ -120,7 +141,14 @@ def main(argv: list[str] | None = None) -> int:
                              f"--results {args.results} ({'; '.join(diff)}): check against a "
                              "baseline made from a sweep with the same --tasks, --limit and "
                              "--target")
-        failures, warnings = check(results, baseline, args.deployed_p, args.strict)
+        if args.loglik_tol < 0:
+            raise SystemExit(f"--loglik-tol: nats per document, >= 0, got {args.loglik_tol}")
+        try:
+            failures, warnings = check(results, baseline, args.deployed_p, args.strict,
+                                       loglik_tol=args.loglik_tol)
+        except ValueError as e:
+            raise SystemExit(f"--results {args.results} and --baseline {args.baseline} are not "
+                             f"comparable: {e}") from None
         for line in failures:
             print(f"FAIL: {line}")
         for line in warnings:

@@ -101,7 +101,8 @@ def resolve(names: list[str], include_path: Path | str | None = None, manager=No
 def _external(name: str, manager, include_path) -> TaskSpec:
     index = manager.task_index
     if name not in index:
-        close = difflib.get_close_matches(name, [*convert.TASKS, *index], n=5, cutoff=0.6)
+        close = difflib.get_close_matches(name, list(dict.fromkeys([*convert.TASKS, *index])),
+                                          n=5, cutoff=0.6)  # a built-in name is in both
         where = "the built-in tasks, lm-eval's registry" + (
             f" or --include-path {include_path}" if include_path else "")
         hint = f"; close matches: {', '.join(close)}" if close else ""

@@ -13,7 +13,7 @@ import numpy as np
 
 from vllm_sparsity.eval import convert, registry, stats
 from vllm_sparsity.eval.sweep import point_dir
-from vllm_sparsity.sites import TARGETS
+from vllm_sparsity.sites import sites_of
 
 
 def _one(pattern: str, folder: Path) -> Path:
@@ -41,6 +41,23 @@ def read_samples(path: Path, leaf: registry.Leaf) -> list[dict]:
     return sorted(samples, key=lambda s: s["doc_id"])
 
 
+def gold_loglik(sample: dict) -> float | None:
+    """The log-likelihood (nats, summed over the continuation's tokens) lm-eval recorded for the
+    document's gold continuation; None for a sample without one (generation, several targets).
+
+    A log-likelihood request's ``resps`` holds one ``[loglik, is_greedy]`` per continuation: one
+    for ``loglikelihood`` tasks, one per choice for ``multiple_choice`` ones, whose ``target`` is
+    the gold choice's index.
+    """
+    resps = sample.get("resps") or []
+    try:
+        values = [float(r[0][0]) for r in resps]
+        gold = 0 if len(values) == 1 else int(sample["target"])
+        return values[gold] if values and 0 <= gold < len(values) else None
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
+
+
 def load_point(pdir: Path, specs: list[registry.TaskSpec],
                count_tokens: Callable[[str], int] | None = None
                ) -> tuple[dict, dict[str, np.ndarray]]:
@@ -50,19 +67,22 @@ def load_point(pdir: Path, specs: list[registry.TaskSpec],
     reported primary metric and stderr are lm-eval's for a single task (and its other metrics for
     the built-ins); for a group, the pooled mean and its standard error over documents. For
     generative tasks, ``generated_tokens``: the mean length of the raw generations (before
-    filters), counted with ``count_tokens`` (the model's tokenizer).
+    filters), counted with ``count_tokens`` (the model's tokenizer). For log-likelihood tasks,
+    ``loglik``: each document's gold log-likelihood (``gold_loglik``), in document order, which
+    ``check.loglik_shift`` compares pairwise with a baseline's.
     """
     point = json.loads((pdir / "point.json").read_text())
     results_file = _one("lm_eval/*/results_*.json", pdir)
     lm_results = json.loads(results_file.read_text())["results"]
     point["tasks"], point["files"], correct = {}, {"results": str(results_file)}, {}
     for spec in specs:
-        values, lengths, doc_ids = [], [], []
+        values, lengths, doc_ids, logliks = [], [], [], []
         for leaf in spec.leaves:
             samples_file = _samples_file(pdir, leaf.task)
             samples = read_samples(samples_file, leaf)
             values += [float(s[leaf.metric]) for s in samples]
             doc_ids += [s["doc_id"] for s in samples]
+            logliks += [gold_loglik(s) for s in samples]
             if leaf.generative and count_tokens is not None:
                 lengths += [count_tokens(s["resps"][0][0]) for s in samples]
             point["files"][f"samples_{leaf.task}"] = str(samples_file)
@@ -85,6 +105,8 @@ def load_point(pdir: Path, specs: list[registry.TaskSpec],
                                      "n": len(values), "doc_ids": [doc_ids[0], doc_ids[-1]]}
         if lengths:
             point["tasks"][spec.name]["generated_tokens"] = float(np.mean(lengths))
+        if logliks and None not in logliks:
+            point["tasks"][spec.name]["loglik"] = logliks
     return point, correct
 
 
@@ -194,7 +216,7 @@ def plot(result: dict, path: Path) -> None:
 
 def report(result: dict) -> str:
     tasks, crit = result["tasks"], result["critical_sparsity"]
-    sites = [*TARGETS[result["target"]], "overall"]
+    sites = [*sites_of(result["target"]), "overall"]
 
     def fmt(c):
         s = "fails at the first point" if c["sparsity"] is None else f"{c['sparsity']:.3f}"

@@ -126,3 +126,24 @@ def paired_bootstrap(correct: dict[str, np.ndarray], sparsity: np.ndarray, dense
             "tasks": {t: summary(point["tasks"][t], boot["tasks"][t]) for t in correct},
             "normalized_average_intervals": norm.T.tolist(),
             "n_boot": n_boot, "level": level, "threshold": threshold}
+
+
+def mean_shift(diff: dict[str, np.ndarray], n_boot: int = 2000, level: float = 0.99,
+               seed: int = 0) -> dict:
+    """The average over tasks of the per-document mean of paired differences, with a percentile
+    bootstrap interval (documents resampled per task, as in ``paired_bootstrap``).
+
+    Args:
+        diff: task -> [N_task] per-document differences (e.g. log-likelihood, nats, of the same
+            document in two runs). Tasks weigh equally, as in the normalized average accuracy.
+
+    Returns:
+        ``{"shift", "interval": [lo, hi], "tasks": {task: mean}, "level", "n_boot"}``.
+    """
+    weights = draw_weights({t: len(d) for t, d in diff.items()}, n_boot, seed)
+    boot = np.mean([weights[t] @ d / weights[t].sum(axis=1) for t, d in diff.items()], axis=0)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(boot, [tail, 100 - tail])
+    means = {t: float(np.mean(d)) for t, d in diff.items()}
+    return {"shift": float(np.mean(list(means.values()))), "interval": [float(lo), float(hi)],
+            "tasks": means, "level": level, "n_boot": n_boot}

@@ -30,7 +30,7 @@ from pathlib import Path
 import requests
 
 from vllm_sparsity.eval import convert, registry
-from vllm_sparsity.sites import TARGETS
+from vllm_sparsity.sites import sites_of, target_of
 
 # The paper's grid (fszatkowski/activation-sparsity-benchmarking, slurm_scripts/harness/
 # model_grids/*.sh, `sparsity_setups`) without its p = 0.0, which the plugin rejects (p in (0, 1]).
@@ -52,6 +52,8 @@ class SweepConfig:
     search: bool = False  # bisection (search.bisect) instead of every point of the grid
     tol: float = 0.02  # search: stop when the bracket is narrower (measured sparsity)
     max_points: int | None = None  # search: budget of scored points, dense included
+    rule: str = "top-p"  # the server's --sparsity-rule (fixed at its start-up)
+    q: float | None = None  # the server's --sparsity-q (lq only)
 
 
 def point_dir(out: Path, p: float) -> Path:
@@ -138,18 +140,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_flags(target: str = "all_inputs", rule: str = "top-p", q: float | None = None
+                ) -> list[str]:
+    """The ``--sparsity-*`` flags of a server started for a sweep: p = 1.0 (the sweep sets p),
+    the sites of all_inputs plus those of ``target`` (so that every named target and ``target``
+    can be set at runtime), ``rule`` and ``q`` (start-up settings of the server)."""
+    started = target_of({*sites_of("all_inputs"), *sites_of(target)})
+    flags = ["--sparsity-p", "1.0", "--sparsity-target", started, "--sparsity-rule", rule]
+    return flags + (["--sparsity-q", f"{q!r}"] if q is not None else [])
+
+
 @contextmanager
-def served(model: str, log: Path, url: str | None = None, api_key: str | None = None):
-    """Yield a Server: the one at ``url``, or a ``vllm serve`` subprocess started here (plugin on
-    at p = 1.0 with target all_inputs, so that every target can be set at runtime), stopped on
-    exit whatever happened."""
+def served(model: str, log: Path, url: str | None = None, api_key: str | None = None,
+           flags: list[str] | None = None):
+    """Yield a Server: the one at ``url``, or a ``vllm serve`` subprocess started here with
+    ``flags`` (default ``serve_flags()``: plugin on at p = 1.0 with target all_inputs, so that
+    every target can be set at runtime), stopped on exit whatever happened."""
     if url:
         yield Server(url.rstrip("/"), api_key)
         return
     port, api_key = _free_port(), secrets.token_hex(16)
     cmd = [str(Path(sys.executable).with_name("vllm")), "serve", model, "--host", "127.0.0.1",
-           "--port", str(port), "--max-model-len", "2048", "--sparsity-p", "1.0",
-           "--sparsity-target", "all_inputs", "--api-key", api_key]
+           "--port", str(port), "--max-model-len", "2048", *(flags or serve_flags()),
+           "--api-key", api_key]
     env = {**os.environ, "VLLM_PLUGINS": "sparsity"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +195,17 @@ def served(model: str, log: Path, url: str | None = None, api_key: str | None = 
                 proc.wait()
 
 
+def check_rule(state: dict, cfg: SweepConfig) -> None:
+    """SystemExit unless the server (``GET /v1/sparsity``) runs the sweep's rule and q: the rule
+    is a start-up setting of the server, which the sweep cannot change."""
+    server_rule = (state.get("rule", "top-p"), state.get("q"))
+    if server_rule != (cfg.rule, cfg.q):
+        raise SystemExit(f"--rule {cfg.rule}" + (f" --q {cfg.q:g}" if cfg.q is not None else "")
+                         + f": the server runs rule {server_rule[0]}"
+                         + (f" with q {server_rule[1]:g}" if server_rule[1] is not None else "")
+                         + "; start it with the same --sparsity-rule/--sparsity-q")
+
+
 def measured_sparsity(before: dict, after: dict, target: str) -> dict:
     """Share of activations zeroed between two ``GET /v1/sparsity`` answers, per site of the
     target and over all of them (``overall``); None for a site that saw no activations."""
@@ -191,11 +215,11 @@ def measured_sparsity(before: dict, after: dict, target: str) -> dict:
         z, t = delta.get(a["site"], (0, 0))
         delta[a["site"]] = (z + a["zeroed"] - b["zeroed"], t + a["total"] - b["total"])
     out = {}
-    for site in TARGETS[target]:
+    for site in sites_of(target):
         z, t = delta.get(site, (0, 0))
         out[site] = z / t if t else None
-    zs = sum(delta.get(s, (0, 0))[0] for s in TARGETS[target])
-    ts = sum(delta.get(s, (0, 0))[1] for s in TARGETS[target])
+    zs = sum(delta.get(s, (0, 0))[0] for s in sites_of(target))
+    ts = sum(delta.get(s, (0, 0))[1] for s in sites_of(target))
     out["overall"] = zs / ts if ts else None
     out["activations"] = ts
     return out
@@ -315,8 +339,10 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
     else:
         todo = any(not (point_dir(out, p) / "point.json").exists() for p in cfg.grid)
     if todo:
-        with served(cfg.model, out / "server.log", url, api_key) as server:
+        with served(cfg.model, out / "server.log", url, api_key,
+                    serve_flags(cfg.target, cfg.rule, cfg.q)) as server:
             served_name, initial = server.served_model(cfg.model), server.state()
+            check_rule(initial, cfg)
             bar = tqdm(total=None if cfg.search else len(cfg.grid), unit="p", file=sys.stderr,
                        desc=f"{'search' if cfg.search else 'sweep'} {cfg.target}")
 

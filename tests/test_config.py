@@ -166,7 +166,7 @@ def test_error_messages_quote_a_short_prefix_of_the_value():
     assert len(str(e.value)) < 200 and "(100002 characters)" in str(e.value)
     with pytest.raises(SparsityConfigError) as e:
         resolve({"p": "0.5", "target": "x" * 5000}, {}, {})
-    assert len(str(e.value)) < 200
+    assert len(str(e.value)) < 220
 
 
 @pytest.mark.parametrize("raw, value", [("", 60.0), ("0.5", 0.5), ("600", 600.0)])
@@ -178,3 +178,124 @@ def test_drain_timeout_from_the_environment(raw, value):
 def test_bad_drain_timeout_names_the_variable(raw):
     with pytest.raises(SparsityConfigError, match=config.DRAIN_TIMEOUT_ENV + r" must be a number"):
         config.drain_timeout_s({config.DRAIN_TIMEOUT_ENV: raw})
+
+
+# ---------------------------------------------------------------- rules, sites, p per site
+
+
+def test_rule_and_q_from_each_source_and_precedence():
+    assert resolve({"p": "0.5", "rule": "max-p"}, {}, {}).rule == "max-p"
+    assert resolve({}, {"sparsity": {"p": 0.5, "rule": "lq", "q": 2}}, {}) == SparsityConfig(
+        p=0.5, rule="lq", q=2.0)
+    env = {"VLLM_SPARSITY_P": "0.5", "VLLM_SPARSITY_RULE": "lq", "VLLM_SPARSITY_Q": "0.5"}
+    assert resolve({}, {}, env) == SparsityConfig(p=0.5, rule="lq", q=0.5)
+    assert resolve({"q": "3"}, {"sparsity": {"q": 4}}, env).q == 3.0
+    assert resolve({}, {"sparsity": {"rule": "top-k"}}, {"VLLM_SPARSITY_P": "0.5"}).rule == "top-k"
+    assert resolve({"p": "0.5"}, {}, {}).rule == "top-p" and resolve({"p": "0.5"}, {}, {}).q is None
+
+
+@pytest.mark.parametrize("flags, additional, env, message", [
+    ({"rule": "top-q"}, {}, {}, "--sparsity-rule must be one of top-p, top-k, max-p, lq; got "
+     "'top-q'"),
+    ({}, {"sparsity": {"rule": "TOP-P"}}, {}, "--additional-config sparsity.rule must be one of "
+     "top-p, top-k, max-p, lq; got 'TOP-P'"),
+    ({}, {}, {"VLLM_SPARSITY_RULE": "topk"}, "VLLM_SPARSITY_RULE must be one of top-p"),
+    ({"rule": "lq", "q": "0"}, {}, {}, "--sparsity-q must be a finite number > 0 (the L_q "
+     "exponent), got '0'"),
+    ({"rule": "lq", "q": "inf"}, {}, {}, "--sparsity-q must be a finite number > 0"),
+    ({}, {"sparsity": {"rule": "lq", "q": True}}, {}, "sparsity.q must be a finite number > 0"),
+    ({}, {}, {"VLLM_SPARSITY_RULE": "lq", "VLLM_SPARSITY_Q": "x"}, "VLLM_SPARSITY_Q must be a "
+     "finite number > 0"),
+    ({"rule": "lq"}, {}, {}, "--sparsity-rule lq needs --sparsity-q"),
+    ({"q": "2"}, {}, {}, "--sparsity-q is the exponent of the lq rule only; --sparsity-rule is "
+     "top-p: drop --sparsity-q or use lq"),
+    ({"rule": "max-p", "q": "2"}, {}, {}, "--sparsity-q is the exponent of the lq rule only; "
+     "--sparsity-rule is max-p"),
+    ({}, {"sparsity": {"q": 2}}, {"VLLM_SPARSITY_RULE": "top-k"}, "--additional-config "
+     "sparsity.q is the exponent of the lq rule only; VLLM_SPARSITY_RULE is top-k"),
+    ({"rule": "max-p", "backend": "cpu"}, {}, {}, "--sparsity-backend cpu implements the top-p "
+     "rule only; --sparsity-rule is max-p: use the torch backend (or auto, which picks it)"),
+    ({}, {"sparsity": {"rule": "top-k"}}, {"VLLM_SPARSITY_BACKEND": "triton"},
+     "VLLM_SPARSITY_BACKEND triton implements the top-p rule only; --additional-config "
+     "sparsity.rule is top-k"),
+])
+def test_bad_rule_and_q_name_the_flags(flags, additional, env, message):
+    with pytest.raises(SparsityConfigError) as e:
+        resolve({"p": "0.5", **flags}, additional, env)
+    assert message in str(e.value)
+
+
+def test_rule_without_p_is_refused_not_ignored():
+    with pytest.raises(SparsityConfigError, match="--sparsity-rule given without p"):
+        resolve({"rule": "max-p"}, {}, {})
+
+
+def test_config_object_checks_rule_and_q():
+    with pytest.raises(SparsityConfigError, match="rule lq needs q"):
+        SparsityConfig(p=0.5, rule="lq")
+    with pytest.raises(SparsityConfigError, match="q is the exponent of the lq rule only"):
+        SparsityConfig(p=0.5, q=2.0)
+    with pytest.raises(SparsityConfigError, match="backend cpu implements the top-p rule only"):
+        SparsityConfig(p=0.5, rule="top-k", backend="cpu")
+    config = SparsityConfig(p=0.5, rule="lq", q=2.0)
+    assert SparsityConfig.from_additional_config({"sparsity": config.to_dict()}) == config
+
+
+def test_target_takes_a_comma_list_of_sites_in_model_order():
+    assert resolve({"p": "0.5", "target": "intermediate,gate"}, {}, {}).target == \
+        "gate,intermediate"
+    assert resolve({"p": "0.5", "target": "intermediate,input"}, {}, {}).target == "all_inputs"
+    config = resolve({}, {"sparsity": {"p": 0.5, "target": "up"}}, {})
+    assert config.sites == ("up",)
+    assert config.p_of("up") == 0.5 and config.p_of("input") == 1.0
+
+
+@pytest.mark.parametrize("target", ["gate,gate", "gate,", "", "gate;up", "Input"])
+def test_bad_site_lists_name_the_flag_and_the_sites(target):
+    with pytest.raises(SparsityConfigError) as e:
+        resolve({"p": "0.5", "target": target}, {}, {})
+    assert str(e.value).startswith("--sparsity-target must be one of input, intermediate, "
+                                   "all_inputs or a comma list of sites (input,gate,up,"
+                                   "intermediate); got")
+
+
+def test_p_per_site_from_each_source():
+    want = SparsityConfig(p={"input": 0.95, "intermediate": 0.85}, target="all_inputs")
+    assert resolve({"p": "input=0.95,intermediate=0.85"}, {}, {}) == want
+    assert resolve({"p": " intermediate = 0.85 , input=0.95"}, {}, {}) == want  # model order
+    assert resolve({}, {"sparsity": {"p": {"intermediate": 0.85, "input": 0.95}}}, {}) == want
+    assert resolve({}, {"sparsity": {"p": "input=0.95,intermediate=0.85"}}, {}) == want
+    assert resolve({}, {}, {"VLLM_SPARSITY_P": "input=0.95,intermediate=0.85"}) == want
+    # No target given: the sites p names.
+    config = resolve({"p": "gate=0.5,intermediate=0.7"}, {}, {})
+    assert (config.target, config.p_of("gate"), config.p_of("intermediate"),
+            config.p_of("input")) == ("gate,intermediate", 0.5, 0.7, 1.0)
+    assert resolve({"p": "up=0.6", "target": "up"}, {}, {}).p == {"up": 0.6}
+    assert config.to_dict()["p"] == {"gate": 0.5, "intermediate": 0.7}
+
+
+@pytest.mark.parametrize("flags, additional, env, message", [
+    ({"p": "inputs=0.9"}, {}, {}, "--sparsity-p: unknown site 'inputs'; sites: input, gate, up, "
+     "intermediate"),
+    ({"p": "input=1.5"}, {}, {}, "--sparsity-p[input] must be a number in [1e-06, 1], got '1.5'"),
+    ({"p": "input=0.9,input=0.8"}, {}, {}, "--sparsity-p names a site twice"),
+    ({"p": "input=0.9,0.8"}, {}, {}, "--sparsity-p must be a number in [1e-06, 1] or SITE=P "
+     "pairs separated by commas (SITE in input, gate, up, intermediate), got 'input=0.9,0.8'"),
+    ({"p": "input="}, {}, {}, "--sparsity-p[input] must be a number in [1e-06, 1], got ''"),
+    ({}, {"sparsity": {"p": {"gate": 0}}}, {}, "--additional-config sparsity.p[gate] must be a "
+     "number in [1e-06, 1], got 0"),
+    ({}, {"sparsity": {"p": {"mlp": 0.5}}}, {}, "--additional-config sparsity.p: unknown site "
+     "'mlp'"),
+    ({}, {"sparsity": {"p": {}}}, {}, "--additional-config sparsity.p must name at least one "
+     "site"),
+    ({}, {}, {"VLLM_SPARSITY_P": "up=2"}, "VLLM_SPARSITY_P[up] must be a number in [1e-06, 1]"),
+    ({"p": "input=0.9", "target": "all_inputs"}, {}, {}, "--sparsity-p gives p for the sites "
+     "input but --sparsity-target all_inputs has the sites input, intermediate: name exactly "
+     "the target's sites (or leave the target out: it is then the sites p names)"),
+    ({"p": "gate=0.9,up=0.9"}, {}, {"VLLM_SPARSITY_TARGET": "gate"}, "--sparsity-p gives p for "
+     "the sites gate, up but VLLM_SPARSITY_TARGET gate has the sites gate"),
+])
+def test_bad_p_per_site_names_the_flag_and_the_allowed_values(flags, additional, env, message):
+    with pytest.raises(SparsityConfigError) as e:
+        resolve(flags, additional, env)
+    assert message in str(e.value)

@@ -27,8 +27,11 @@ class FakeEngine:
     pause_error / reset_ok / deaf: a pause that raises, a prefix-cache reset that returns False,
     worker ranks that ignore ``vllm_sparsity_set``."""
 
-    def __init__(self, workers=2, drain_s=0.0, pause_error=None, reset_ok=True, deaf=()):
-        self.states = [RuntimeState(SparsityConfig(p=0.9), "cpu", 4) for _ in range(workers)]
+    def __init__(self, workers=2, drain_s=0.0, pause_error=None, reset_ok=True, deaf=(),
+                 config=SparsityConfig(p=0.9), resolved_backend="torch"):
+        self.states = [RuntimeState(config, "cpu", 4) for _ in range(workers)]
+        for state in self.states:
+            state.backend = resolved_backend
         self.wrappers = [SimpleNamespace(worker=SimpleNamespace(model_runner=SimpleNamespace(
             get_model=lambda s=s: SimpleNamespace(_vllm_sparsity=s)))) for s in self.states]
         self.drain_s, self.pause_error, self.reset_ok, self.deaf = \
@@ -164,6 +167,60 @@ def test_get_passes_on_what_the_merge_reports_of_disagreeing_workers(monkeypatch
     assert (r.json()["disagreement"], r.json()["unknown_phase_tokens"]) == ([1], 3)
 
 
+def test_get_shows_the_rule_and_q():
+    engine = FakeEngine(config=SparsityConfig(p=0.9, rule="lq", q=2.0))
+    r = asyncio.run(send(app_for(engine), ("GET", "", {})))[0]
+    assert r.status_code == 200
+    assert (r.json()["rule"], r.json()["q"], r.json()["p"]) == ("lq", 2.0, 0.9)
+
+
+@pytest.mark.parametrize("config, backend, body, message", [
+    (SparsityConfig(p=0.9), "torch", {"rule": "max-p"},
+     "rule cannot change at runtime: the rule is compiled into the model's graph; restart with "
+     "--sparsity-rule max-p to run max-p (this server runs top-p)"),
+    (SparsityConfig(p=0.9), "cpu", {"p": 0.5, "rule": "top-k"},
+     "rule cannot change at runtime: the cpu backend serving this model implements the top-p "
+     "rule only, and the rule is compiled"),
+    (SparsityConfig(p=0.9, rule="lq", q=2.0, backend="torch"), "torch", {"q": 3.0},
+     "restart with --sparsity-rule lq to run lq (q=3)"),
+    (SparsityConfig(p=0.9), "torch", {"q": 2.0},
+     "q is the exponent of the lq rule only; rule is top-p"),
+    (SparsityConfig(p=0.9), "torch", {"rule": "lq"}, "rule lq needs q"),
+    (SparsityConfig(p={"input": 0.9, "intermediate": 0.8}), "torch", {"target": "input"},
+     "p gives p for the sites input, intermediate but target input has the sites input"),
+    (SparsityConfig(p=0.9, target="input"), "torch", {"target": "all_inputs"},
+     "target must name installed sites (input) on this server"),
+    (SparsityConfig(p=0.9), "torch", {"target": "gate,intermediate"},
+     "target must name installed sites (input, intermediate)"),
+])
+def test_changes_the_server_cannot_take_are_refused_before_pausing(config, backend, body,
+                                                                   message):
+    engine = FakeEngine(config=config, resolved_backend=backend)
+    r = post_json(app_for(engine), body)
+    assert r.status_code == 400 and message in r.json()["error"], r.json()
+    assert engine.log == [] and [s.config for s in engine.states] == [config, config]
+
+
+def test_repeating_the_rule_is_accepted_and_p_per_site_reaches_every_worker():
+    engine = FakeEngine(config=SparsityConfig(p=0.9, rule="lq", q=2.0))
+    r = post_json(app_for(engine), {"p": {"input": 0.7, "intermediate": 0.6}, "rule": "lq"})
+    assert r.status_code == 200, r.json()
+    assert r.json()["p"] == {"input": 0.7, "intermediate": 0.6}
+    assert [s.p_by_site() for s in engine.states] == [{"input": 0.7, "intermediate": 0.6}] * 2
+    assert [s.p["intermediate"].item() for s in engine.states] == [0.6, 0.6]
+    # Back to one p and one site: the other site keeps every nonzero (p = 1 for lq).
+    r = post_json(app_for(engine), {"p": 0.5, "target": "intermediate", "q": 2.0})
+    assert r.status_code == 200, r.json()
+    assert engine.states[0].p_by_site() == {"input": 1.0, "intermediate": 0.5}
+
+
+def test_a_site_outside_the_target_keeps_every_nonzero_under_max_p():
+    engine = FakeEngine(config=SparsityConfig(p=0.9, rule="max-p"))
+    assert post_json(app_for(engine), {"target": "input"}).status_code == 200
+    # max-p at 1 would keep only the max: 0 is its keep-everything p (rule.KEEP_ALL_P).
+    assert engine.states[1].p_by_site() == {"input": 0.9, "intermediate": 0.0}
+
+
 @pytest.mark.parametrize("headers, body, status, message", [
     ({"content-type": "text/plain"}, '{"p": 0.5}', 415,
      "Content-Type must be application/json, got 'text/plain'"),
@@ -194,7 +251,8 @@ def test_json_with_a_charset_is_json():
 
 
 @pytest.mark.parametrize("body, message", [
-    ({}, 'body must be a JSON object with "p" (a number in [1e-06, 1]) and/or "target"'),
+    ({}, 'body must be a JSON object with "p" (a number in [1e-06, 1] or {site: p}) and/or '
+         '"target"'),
     ([], "body must be a JSON object"),
     (None, "body must be a JSON object"),
     (0.5, "body must be a JSON object"),
@@ -212,12 +270,23 @@ def test_json_with_a_charset_is_json():
     ({"p": "0.5"}, "p must be a number in [1e-06, 1], got '0.5'"),
     ({"p": True}, "p must be a number in [1e-06, 1], got True"),
     ({"p": [0.5]}, "p must be a number in [1e-06, 1], got [0.5]"),
-    ({"p": {"value": 0.5}}, "p must be a number in [1e-06, 1], got {'value': 0.5}"),
-    ({"target": None}, "target must be one of input, intermediate, all_inputs; got None"),
-    ({"target": "output"}, "target must be one of input, intermediate, all_inputs; got 'output'"),
-    ({"target": ""}, "target must be one of input, intermediate, all_inputs; got ''"),
-    ({"target": 1}, "target must be one of input, intermediate, all_inputs; got 1"),
-    ({"target": ["input"]}, "target must be one of input, intermediate, all_inputs; got ['in"),
+    ({"p": {"value": 0.5}}, "p: unknown site 'value'; sites: input, gate, up, intermediate"),
+    ({"p": {"input": 1.5}}, "p[input] must be a number in [1e-06, 1], got 1.5"),
+    ({"p": {"input": "0.5"}}, "p[input] must be a number in [1e-06, 1], got '0.5'"),
+    ({"p": {}}, "p must name at least one site of input, gate, up, intermediate"),
+    ({"target": "gate,mlp"}, "target must be one of input, intermediate, all_inputs or a comma "
+                             "list of sites (input,gate,up,intermediate); got 'gate,mlp'"),
+    ({"rule": "top-q"}, "rule must be one of top-p, top-k, max-p, lq; got 'top-q'"),
+    ({"rule": None}, "rule must be one of top-p, top-k, max-p, lq; got None"),
+    ({"q": 0}, "q must be a finite number > 0 (the L_q exponent), got 0"),
+    ({"q": "2"}, "q must be a finite number > 0 (the L_q exponent), got '2'"),
+    ({"target": None}, "target must be one of input, intermediate, all_inputs or a comma list "
+                       "of sites (input,gate,up,intermediate); got None"),
+    ({"target": "output"}, "all_inputs or a comma list of sites (input,gate,up,intermediate); "
+                           "got 'output'"),
+    ({"target": ""}, "target must be one of input, intermediate, all_inputs or a comma list of sites (input,gate,up,intermediate); got ''"),
+    ({"target": 1}, "target must be one of input, intermediate, all_inputs or a comma list of sites (input,gate,up,intermediate); got 1"),
+    ({"target": ["input"]}, "target must be one of input, intermediate, all_inputs or a comma list of sites (input,gate,up,intermediate); got ['in"),
     ({"p": 0.5, "target": "x" * 3000}, "got 'xxxxxxxx"),
 ])
 def test_validate_names_the_field_and_the_allowed_values(body, message):
@@ -246,9 +315,9 @@ BAD_BODIES = [  # (what, raw body, Content-Type, status, message naming the fiel
     ("p string", '{"p": "0.5"}', "application/json", 400, "got '0.5'"),
     ("p true", '{"p": true}', "application/json", 400, "got True"),
     ("p list", '{"p": [0.5]}', "application/json", 400, "got [0.5]"),
-    ("p object", '{"p": {"v": 0.5}}', "application/json", 400, "got {'v': 0.5}"),
+    ("p object", '{"p": {"v": 0.5}}', "application/json", 400, "p: unknown site 'v'"),
     ("target unknown", '{"target": "output"}', "application/json", 400,
-     "target must be one of input, intermediate, all_inputs; got 'output'"),
+     "target must be one of input, intermediate, all_inputs or a comma list of sites (input,gate,up,intermediate); got 'output'"),
     ("target number", '{"target": 5}', "application/json", 400, "target must be one of"),
     ("target long", '{"target": "' + "x" * 3000 + '"}', "application/json", 400,
      "(3002 characters)"),

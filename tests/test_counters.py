@@ -107,8 +107,8 @@ def site_rows(zeroed, total, read, columns):
 def worker(tp_rank, sites, stats, latency=None):
     """A worker's snapshot (``counters.snapshot``); sites rows [layer, site, bytes/column, split]
     (the layer's name is filled in)."""
-    return {"settings": {"p": 0.9, "target": "input", "backend": "auto",
-                         "resolved_backend": "triton", "targets": ["input"],
+    return {"settings": {"p": 0.9, "target": "input", "backend": "auto", "rule": "top-p",
+                         "q": None, "resolved_backend": "triton", "targets": ["input"],
                          "started_target": "input"},
             "p_by_site": {"input": 0.9}, "tp_rank": tp_rank,
             "sites": [[layer, site, f"layers.{layer}.mlp", per_column, split]

@@ -70,7 +70,10 @@ def test_collector_exposition_names_labels_and_histograms():
     assert skipped == {"prefill": 400, "decode": 800}
     labels = {k for f in families.values() for s in f.samples for k in s.labels}
     assert labels <= {"model_name", "layer", "site", "phase", "le", "target", "backend",
-                      "resolved_backend"}
+                      "resolved_backend", "rule"}
+    info = next(s.labels for f in families.values() for s in f.samples
+                if s.name == "vllm_sparsity_config_info")
+    assert (info["rule"], info["target"]) == ("top-p", "input")
 
 
 class FakeEngine:
@@ -141,8 +144,8 @@ def test_merge_route_and_metrics_report_workers_that_disagree():
                   worker(1, sites, [site_rows(1, 10, 0, 0)]),
                   None,  # a worker without the rule (nothing to agree on)
                   with_settings(worker(0, sites, [site_rows(1, 10, 0, 0)]), p=0.7)]
-    want = [{"p": 0.9, "target": "input", "backend": "auto", "workers": [0, 1]},
-            {"p": 0.7, "target": "input", "backend": "auto", "workers": [3]}]
+    agreed = {"target": "input", "backend": "auto", "rule": "top-p", "q": None}
+    want = [{"p": 0.9, **agreed, "workers": [0, 1]}, {"p": 0.7, **agreed, "workers": [3]}]
     assert merge(per_worker)["settings"]["disagreement"] == want
 
     class Engine:

@@ -345,7 +345,8 @@ def test_replace_finds_gated_mlps_by_structure(one_rank):
     resolved = "cpu" if cpu_kernels_expected() else "torch"
     assert ("INFO", "vllm-sparsity: Multimodal: sparsified 2 of 3 MLPs of its language model "
             "(LanguageModel); 1 gated MLPs outside it (vision/audio towers) left dense "
-            f"(target=intermediate, p=0.6, backend=auto -> {resolved})") in one_rank["first_log"]
+            f"(target=intermediate, rule=top-p, p=0.6, backend=auto -> {resolved})"
+            ) in one_rank["first_log"]
     # Pre-processed weights (weight-cache IPC loader): only the torch backend keeps the wrapped
     # method's layout, and so its answer (UnquantizedLinearMethod: True).
     assert one_rank["pre_processed"] == {resolved: resolved == "torch"}
@@ -359,7 +360,8 @@ def test_multimodal_model_sparsifies_only_its_language_model(one_rank):
     assert vl["vision_methods"] == ["UnquantizedLinearMethod"]
     assert ("INFO", "vllm-sparsity: Qwen2_5_VLForConditionalGeneration: sparsified 2 of 2 MLPs "
             "of its language model (Qwen2ForCausalLM); 2 gated MLPs outside it (vision/audio "
-            "towers) left dense (target=all_inputs, p=0.6, backend=torch -> torch)") in vl["log"]
+            "towers) left dense (target=all_inputs, rule=top-p, p=0.6, backend=torch -> torch)"
+            ) in vl["log"]
 
 
 def test_quantized_method_runs_under_the_torch_backend(one_rank):

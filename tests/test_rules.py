@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reference import paper_top_p_mask, sort_lq_mask, sort_max_p_mask, sort_top_k_mask
-from vllm_sparsity.rule import (RULES, lq_threshold, max_p_threshold, top_k_threshold,
-                                top_p_threshold)
+from vllm_sparsity.rule import (KEEP_ALL_P, RULES, lq_threshold, max_p_threshold, sparsify,
+                                threshold_of, top_k_threshold, top_p_threshold)
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 NAN, INF = float("nan"), float("inf")
@@ -327,3 +327,35 @@ def test_rules_compile_fullgraph_with_dynamic_rows():
             t = compiled(x, p)
             assert torch.equal(t.view(torch.int16), threshold(x, p).view(torch.int16)), rule
             assert torch.equal(_mask(x, t), reference(x, 0.6)), rule
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_keep_all_p_keeps_every_nonzero(name, dtype):
+    """A site outside the target runs at KEEP_ALL_P[rule]: the output must be the input."""
+    x = _activations(6, 97, dtype, seed=3)
+    x[1, ::3] = 0
+    x[2] = 0
+    y, kept = sparsify(x, KEEP_ALL_P[name], threshold_of(name, q=2.0))
+    assert torch.equal(y, x)
+    assert kept.tolist() == (x != 0).sum(-1).tolist()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_sparsify_with_each_rule_equals_its_reference(name):
+    threshold, reference = CASES[name]
+    x = _activations(5, 130, torch.bfloat16, seed=4)
+    y, kept = sparsify(x, 0.6, threshold)
+    want = reference(x.float(), 0.6)
+    assert torch.equal(y, torch.where(want, x, torch.zeros((), dtype=x.dtype)))
+    assert torch.equal(kept, want.sum(-1))
+
+
+def test_threshold_of_binds_q_and_refuses_lq_without_it():
+    x = _activations(3, 64, torch.float32)
+    assert torch.equal(threshold_of("lq", 2.0)(x, 0.7), lq_threshold(x, 0.7, q=2.0))
+    assert threshold_of("top-k") is top_k_threshold
+    with pytest.raises(ValueError, match="lq rule needs q"):
+        threshold_of("lq")
+    with pytest.raises(ValueError, match="rule must be one of top-p, top-k, max-p, lq"):
+        threshold_of("top-q")

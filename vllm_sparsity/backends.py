@@ -56,6 +56,9 @@ AUTO = (
 # weights (fp8, int8, packed int4 ...) are not that, and its GEMM would be bypassed. The torch
 # backend runs the layer's own method, quantized or not, on the sparsified input.
 OWN_GEMM = ("triton", "cpu")
+# Backends whose kernels implement the top-p rule only (``rule.RULES`` has more): ``auto`` skips
+# them for any other rule, and the config refuses them explicitly (``config.check_together``).
+TOP_P_ONLY = ("triton", "cpu")
 
 
 def load(name: str) -> ModuleType:
@@ -63,24 +66,27 @@ def load(name: str) -> ModuleType:
     return importlib.import_module(BACKENDS[name])
 
 
-def choose(layer, requested: str) -> tuple[str, dict[str, str]]:
+def choose(layer, requested: str, rule: str = "top-p") -> tuple[str, dict[str, str]]:
     """(backend for ``layer``, {preferred backend: why it refused the layer}).
 
     ``auto`` takes the first entry of ``AUTO`` that it tries and that supports the layer; the
-    refusals of those tried before it are returned, for the start-up log. An explicit backend
-    that cannot serve the layer stops start-up.
+    refusals of those tried before it are returned, for the start-up log. For a ``rule`` other
+    than top-p it tries no ``TOP_P_ONLY`` backend (the torch backend runs every rule). An
+    explicit backend that cannot serve the layer stops start-up.
 
     Raises:
         ValueError: ``requested`` is a backend that cannot serve ``layer`` (the reason says why).
     """
     if requested != "auto":
-        reason = _unsupported_reason(requested, layer)
+        reason = (f"its kernels implement the top-p rule only, not {rule}"
+                  if requested in TOP_P_ONLY and rule != "top-p"
+                  else _unsupported_reason(requested, layer))
         if reason is not None:
             raise ValueError(f"--sparsity-backend {requested} cannot serve this model: {reason}")
         return requested, {}
     refused = {}
     for name, tried in AUTO:
-        if tried(layer):
+        if tried(layer) and not (name in TOP_P_ONLY and rule != "top-p"):
             reason = _unsupported_reason(name, layer)
             if reason is None:
                 return name, refused

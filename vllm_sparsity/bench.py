@@ -1,20 +1,34 @@
 """End-to-end throughput of the plugin in vLLM: prefill and decode tokens/s against the plugin off.
 
-``vllm-sparsity bench`` starts every configuration as its own offline ``vllm.LLM`` (prefix caching
-off) in a subprocess, one after another, and keeps them all alive. It then measures in rounds,
-one configuration at a time and never two at once, in an order that alternates from round to
-round, and prints the median of each configuration and the median of the per-round ratios to the
-first configuration, with their range. Why paired rounds: on this kind of (virtual) machine the
-speed of the whole machine drifts by 10-20% over minutes, far more than the effects measured;
-configurations run minutes apart would compare the drift. A benchmark, not a test.
+``vllm-sparsity bench`` starts two offline ``vllm.LLM`` engines (prefix caching off), each in its
+own subprocess, one after the other: the plugin off, and the plugin on (``--backend``,
+``--target``), which serves every ``--p`` in turn, switching p at run time between measurements (the
+worker RPC behind ``POST /v1/sparsity``; p is a tensor the compiled graph reads, so nothing
+recompiles). Both stay alive. It then measures in rounds, one configuration at a time and never two
+at once, in an order that alternates from round to round, and prints the median of each
+configuration and the median of the per-round ratios to the plugin off, with their range. Why paired
+rounds: on this kind of (virtual) machine the speed of the whole machine drifts by 10-20% over
+minutes, far more than the effects measured; configurations run minutes apart would compare the
+drift. A benchmark, not a test.
 
 - prefill: one prompt of ``--prefill-tokens`` token ids, ``max_tokens=1``.
 - decode: a short prompt generating ``--decode-tokens`` tokens (EOS ignored); decode time is that
   run's time minus the same prompt's ``max_tokens=1`` time.
+- sparsity: the plugin's own counters (``counters``, read with the worker RPC behind ``GET
+  /v1/sparsity``) over the decode runs of each p: the share of each site's inputs zeroed, and
+  (kernel backends) the share of weight rows read, means over the layers.
+- memory: resident set (RSS) and proportional set (PSS, shared pages split between processes)
+  of each engine's process tree (the LLM process, its engine core and workers), after warm-up.
+
+The engines are created with small ``max_num_batched_tokens`` / ``max_model_len`` /
+``max_num_seqs``: vLLM-CPU warms up (compiles) every batch size up to them at start-up.
+
+``--no-off`` leaves out the plugin-off engine (half the memory, for a large model on a small
+machine): the ratios are then to the first ``--p`` on the plugin engine, e.g. ``--p 1.0 0.85``
+(p = 1 runs the rule, which keeps every nonzero, then vLLM's own dense GEMM).
 
 ``vllm-sparsity bench --metrics-overhead --p 0.9`` instead compares p = 0.9 with the metrics
-counters off and on (``additional_config["sparsity_metrics"]``; offline, so without the API
-server's periodic poll).
+counters off and on (``additional_config["sparsity_metrics"]``; two plugin engines).
 
 ``vllm-sparsity bench --sparsity-of URL`` instead measures, on a running server started with
 ``VLLM_PLUGINS=sparsity`` and ``--sparsity-target all_inputs``, the mean per-layer sparsity of each
@@ -26,29 +40,55 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+# A fixed, model-independent short prompt for decode (token ids inside every vocabulary used here).
+SHORT_PROMPT = [2, 818, 5279, 529, 7001, 563]
+
+
+def _decode_counts(llm) -> dict[str, list[float]]:
+    """{site: [zeroed, total, weight columns read, weight columns in all]} of the decode phase,
+    summed over the layers (the workers' snapshots merged as ``/v1/sparsity`` merges them)."""
+    from vllm_sparsity import counters
+
+    merged = counters.merge(llm.collective_rpc("vllm_sparsity_snapshot"))
+    out: dict[str, list[float]] = {}
+    for (_, site), entry in merged["sites"].items():
+        row = entry["rows"][counters.DECODE]
+        acc = out.setdefault(site, [0, 0, 0, 0])
+        for i, col in enumerate((counters.ZEROED, counters.TOTAL, counters.COLS_READ,
+                                 counters.COLS_TOTAL)):
+            acc[i] += row[col]
+    return out
+
 
 def _serve_measurements(args: argparse.Namespace) -> None:
-    """Child process: start one configuration, then answer ``prefill`` / ``decode`` lines on stdin
-    with ``RESULT {"tok_s": ...}`` lines on stdout."""
+    """Child process: start one engine, then answer ``prefill [p]`` / ``decode [p]`` lines on
+    stdin (p: set first, plugin engines only) with ``RESULT {"tok_s": ..., "counts": ...}`` lines
+    on stdout (counts: ``_decode_counts`` differences over a decode run)."""
     from vllm import LLM, SamplingParams
 
-    kwargs = dict(model=args.model, max_model_len=args.prefill_tokens + 64, dtype="bfloat16",
-                  enable_prefix_caching=False, seed=0)
+    # SIGTERM from the parent: exit through Python, so that LLM shuts its engine core down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    kwargs = dict(model=args.model, max_model_len=args.prefill_tokens + args.decode_tokens + 16,
+                  max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=4,
+                  dtype="bfloat16", enable_prefix_caching=False, seed=0)
     if args.p is not None:
-        kwargs["additional_config"] = {"sparsity": {"p": args.p, "target": args.target},
-                                       "sparsity_metrics": args.metrics}
+        kwargs["additional_config"] = {
+            "sparsity": {"p": args.p, "target": args.target, "backend": args.backend},
+            "sparsity_metrics": args.metrics}
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     startup_s = time.perf_counter() - t0
     # A fixed, model-independent prompt: token ids cycling through an ordinary range.
-    long_prompt = {"prompt_token_ids": [2] + [1000 + i % 5000 for i in range(args.prefill_tokens - 1)]}
-    short_prompt = {"prompt_token_ids": [2, 818, 5279, 529, 7001, 563]}
+    long_prompt = {"prompt_token_ids": [2] + [1000 + i % 5000
+                                              for i in range(args.prefill_tokens - 1)]}
+    short_prompt = {"prompt_token_ids": SHORT_PROMPT}
 
     def timed(prompt, max_tokens):
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -59,31 +99,74 @@ def _serve_measurements(args: argparse.Namespace) -> None:
     timed(long_prompt, 1), timed(short_prompt, 8)  # warm-up
     print("READY " + json.dumps({"startup_s": startup_s}), flush=True)
     for line in sys.stdin:
-        if line.strip() == "prefill":
+        kind, *p = line.split()
+        if p:
+            llm.collective_rpc("vllm_sparsity_set", args=(float(p[0]), None))
+        counts = None
+        if kind == "prefill":
             tok_s = args.prefill_tokens / timed(long_prompt, 1)
         else:
+            before = _decode_counts(llm) if args.p is not None else None
             tok_s = args.decode_tokens / (timed(short_prompt, args.decode_tokens + 1)
                                           - timed(short_prompt, 1))
-        print("RESULT " + json.dumps({"tok_s": tok_s}), flush=True)
+            if before is not None:
+                after = _decode_counts(llm)
+                counts = {site: [a - b for a, b in zip(after[site], before[site])]
+                          for site in after}
+        print("RESULT " + json.dumps({"tok_s": tok_s, "counts": counts}), flush=True)
+
+
+def _tree_memory_gib(pid: int) -> dict[str, float]:
+    """Resident memory in GiB of process ``pid`` and its descendants (the LLM process, its engine
+    core, the workers, Inductor's compile workers): ``rss`` and ``pss`` summed over them (PSS splits
+    shared pages, so its sum counts them once), and ``worker_rss`` of the largest process (the
+    worker holding the weights and the KV cache)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    rss = pss = largest = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            info = proc.memory_full_info()
+        except psutil.Error:  # exited meanwhile
+            continue
+        rss += info.rss
+        pss += info.pss
+        largest = max(largest, info.rss)
+    return {"rss": rss / 2**30, "pss": pss / 2**30, "worker_rss": largest / 2**30}
 
 
 class _Child:
-    """One configuration's subprocess (see ``_serve_measurements``)."""
+    """One engine's subprocess (see ``_serve_measurements``)."""
 
-    def __init__(self, args: argparse.Namespace, p: float | None, metrics_on: bool) -> None:
+    def __init__(self, args: argparse.Namespace, key: str, p: float | None,
+                 metrics_on: bool) -> None:
         cmd = [sys.executable, "-m", "vllm_sparsity.bench", "--_child", "--model", args.model,
-               "--target", args.target, "--prefill-tokens", str(args.prefill_tokens),
-               "--decode-tokens", str(args.decode_tokens), "--_child-metrics", str(int(metrics_on))]
+               "--target", args.target, "--backend", args.backend,
+               "--prefill-tokens", str(args.prefill_tokens),
+               "--decode-tokens", str(args.decode_tokens),
+               "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+               "--_child-metrics", str(int(metrics_on))]
         if p is not None:
             cmd += ["--_child-p", str(p)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SPARSITY_")}
-        # vLLM's CPU backend otherwise reserves 92% of RAM, and several configurations are alive.
+        # vLLM's CPU backend otherwise reserves 92% of RAM, and two engines are alive.
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         env["VLLM_LOGGING_STREAM"] = "ext://sys.stderr"  # stdout carries the READY/RESULT lines
-        self.log = tempfile.TemporaryFile(mode="w+")  # vLLM's log, shown if the child fails
+        # vLLM's log, shown if the child fails (kept in --log-dir when given).
+        if args.log_dir:
+            os.makedirs(args.log_dir, exist_ok=True)
+        self.log = (open(os.path.join(args.log_dir, f"{key}.log"), "w+") if args.log_dir
+                    else tempfile.TemporaryFile(mode="w+"))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, env=env)
-        self.startup_s = self._read("READY ")["startup_s"]
+        try:
+            self.startup_s = self._read("READY ")["startup_s"]
+        except BaseException:  # interrupted while it starts: end it (its handler shuts vLLM down)
+            self.proc.terminate()
+            self.proc.wait()
+            raise
+        self.memory_gib = _tree_memory_gib(self.proc.pid)
 
     def _read(self, prefix: str) -> dict:
         for line in self.proc.stdout:
@@ -93,14 +176,39 @@ class _Child:
         sys.stderr.write(self.log.read()[-4000:])
         raise SystemExit(f"bench: a configuration's process exited ({self.proc.wait()})")
 
-    def measure(self, kind: str) -> float:
-        self.proc.stdin.write(kind + "\n")
+    def measure(self, kind: str, p: float | None = None) -> dict:
+        self.proc.stdin.write(kind + ("" if p is None else f" {p!r}") + "\n")
         self.proc.stdin.flush()
-        return self._read("RESULT ")["tok_s"]
+        return self._read("RESULT ")
 
     def close(self) -> None:
+        """End the engine: EOF on its stdin ends the child's loop and ``LLM`` shuts its engine
+        core down; a child that does not exit in time is terminated."""
         self.proc.stdin.close()
-        self.proc.wait()
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            self.proc.wait()
+
+
+def _sparsity(counts: list[dict]) -> dict[str, float]:
+    """Per site, from summed decode counts: ``<site>`` zeroed share, ``<site>_read`` weight rows
+    read share (kernel backends); ``all`` the mean over the sites of the zeroed shares."""
+    sums: dict[str, list[float]] = {}
+    for c in counts:
+        for site, values in c.items():
+            sums[site] = [a + b for a, b in zip(sums.get(site, [0, 0, 0, 0]), values)]
+    out = {}
+    for site, (zeroed, total, read, cols) in sums.items():
+        if total:
+            out[site] = zeroed / total
+        if cols and read != cols:  # the torch backend reads every column
+            out[f"{site}_read"] = read / cols
+    shares = [out[s] for s in sums if s in out]
+    if shares:
+        out["all"] = sum(shares) / len(shares)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,8 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--p", type=float, nargs="*", default=[0.9, 1.0],
                         help="p values to compare with the plugin off (default: 0.9 1.0)")
     parser.add_argument("--target", default="all_inputs")
+    parser.add_argument("--backend", default="auto",
+                        help="the plugin's backend: auto, cpu, torch (default: auto)")
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="vLLM's max_num_batched_tokens (default: --prefill-tokens)")
     parser.add_argument("--rounds", type=int, default=10,
                         help="measurement rounds; each measures every configuration once")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -119,11 +231,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure per-target sparsity on this running server instead")
     parser.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"))
     parser.add_argument("--metrics-overhead", action="store_true",
-                        help="instead: the first --p with the metrics counters off (the baseline) and on")
+                        help="instead: the first --p with the metrics counters off (the "
+                        "baseline) and on")
+    parser.add_argument("--log-dir", help="keep each engine's vLLM log in DIR/<engine>.log")
+    parser.add_argument("--no-off", action="store_true",
+                        help="no plugin-off engine: ratios to the first --p (see above)")
     parser.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--_child-p", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_child-metrics", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.max_num_batched_tokens is None:
+        args.max_num_batched_tokens = args.prefill_tokens
+    for flag in ("prefill_tokens", "decode_tokens", "rounds", "max_num_batched_tokens"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not args._child:
+        from vllm_sparsity.config import SparsityConfig, SparsityConfigError
+
+        try:  # the plugin's own checks, before minutes of start-up
+            for p in args.p or [1.0]:
+                SparsityConfig(p=p, target=args.target, backend=args.backend)
+        except SparsityConfigError as e:
+            parser.error(str(e))
     if args.model is None:
         from vllm_sparsity.demo_model import demo_model_path
 
@@ -138,46 +267,84 @@ def main(argv: list[str] | None = None) -> int:
         args.p, args.metrics = args._child_p, bool(args._child_metrics)
         _serve_measurements(args)
         return 0
+    if not args.p:
+        parser.error("--p needs at least one value")
 
-    # (label, p, metrics counters on); the first is the baseline of the ratios.
-    configs = [("off", None, True)] + [(f"p={p:g}", p, True) for p in args.p]
+    # Configurations: (label, engine key, p sent with each measurement); the first is the
+    # baseline of the ratios. Engines: key -> (p at start-up, metrics counters on).
     if args.metrics_overhead:
-        configs = [("metrics off", args.p[0], False), ("metrics on", args.p[0], True)]
+        engines = {"metrics off": (args.p[0], False), "metrics on": (args.p[0], True)}
+        configs = [(key, key, None) for key in engines]
+    else:
+        engines = {"off": (None, True), "plugin": (args.p[0], True)}
+        configs = [("off", "off", None)] + [(f"p={p:g}", "plugin", p) for p in args.p]
+        if args.no_off:
+            del engines["off"]
+            configs = configs[1:]
+    # A SIGTERM (timeout, kill) unwinds through the finally below, which ends the engines.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     children = {}
+    load = os.getloadavg()
+    print(f"model {args.model}; backend {args.backend}, target {args.target}; load average "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
     try:
-        for label, p, metrics_on in configs:  # one at a time: start-up compiles on every core
-            children[label] = _Child(args, p, metrics_on)
-            print(f"{label:>11}: start-up {children[label].startup_s:6.1f} s", flush=True)
-        runs = {label: {"prefill": [], "decode": []} for label in children}
+        for key, (p, metrics_on) in engines.items():  # one at a time: start-up compiles
+            children[key] = _Child(args, key, p, metrics_on)
+            mem = children[key].memory_gib
+            print(f"engine {key:>11}: start-up {children[key].startup_s:6.1f} s, resident "
+                  f"{mem['rss']:.2f} GiB RSS, {mem['pss']:.2f} GiB PSS, largest process "
+                  f"{mem['worker_rss']:.2f} GiB RSS", flush=True)
+        runs = {label: {"prefill": [], "decode": [], "counts": []} for label, _, _ in configs}
         for i in range(args.rounds):
-            order = list(children) if i % 2 == 0 else list(children)[::-1]
+            order = configs if i % 2 == 0 else configs[::-1]
             for kind in ("prefill", "decode"):
-                for label in order:
-                    runs[label][kind].append(children[label].measure(kind))
+                for label, key, p in order:
+                    r = children[key].measure(kind, p)
+                    runs[label][kind].append(r["tok_s"])
+                    if r["counts"] is not None:
+                        runs[label]["counts"].append(r["counts"])
             print(f"round {i + 1}/{args.rounds}: " + ", ".join(
                 f"{label} {runs[label]['prefill'][-1]:.1f}/{runs[label]['decode'][-1]:.2f}"
-                for label in children) + " tok/s (prefill/decode)", flush=True)
+                for label, _, _ in configs) + " tok/s (prefill/decode)", flush=True)
     finally:
         for child in children.values():
             child.close()
+    load = os.getloadavg()
+    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     base = configs[0][0]
     results = {}
-    for label, r in runs.items():
-        results[label] = {"startup_s": children[label].startup_s}
+    for label, key, _ in configs:
+        r = runs[label]
+        results[label] = {"engine": key, "startup_s": children[key].startup_s,
+                          "memory_gib": children[key].memory_gib,
+                          "decode_sparsity": _sparsity(r["counts"])}
         for kind in ("prefill", "decode"):
             ratios = [a / b for a, b in zip(r[kind], runs[base][kind])]
             results[label][f"{kind}_tok_s"] = statistics.median(r[kind])
             results[label][f"{kind}_ratio"] = statistics.median(ratios)
             results[label][f"{kind}_ratio_range"] = [min(ratios), max(ratios)]
-        print(f"{label:>11}: prefill {results[label]['prefill_tok_s']:7.1f} tok/s, decode "
-              f"{results[label]['decode_tok_s']:6.2f} tok/s (medians of {args.rounds} rounds)")
+    print(f"\n| {args.rounds} rounds | prefill tok/s | prefill ratio (range) | decode tok/s | "
+          "decode ratio (range) | decode sparsity: input / intermediate (rows read) |")
+    print("|---|---|---|---|---|---|")
     for label, r in results.items():
-        if label != base:
-            print(f"{label:>11} / {base}: prefill x{r['prefill_ratio']:.3f} "
-                  f"[{r['prefill_ratio_range'][0]:.3f}, {r['prefill_ratio_range'][1]:.3f}], "
-                  f"decode x{r['decode_ratio']:.3f} "
-                  f"[{r['decode_ratio_range'][0]:.3f}, {r['decode_ratio_range'][1]:.3f}] "
-                  f"(median and range of the per-round ratios)")
+        s = r["decode_sparsity"]
+        sp = " / ".join(
+            f"{s[site]:.3f}" + (f" ({s[site + '_read']:.3f})" if site + "_read" in s else "")
+            for site in ("input", "intermediate") if site in s) or "-"
+        ratio = ("1" if label == base else
+                 f"x{r['prefill_ratio']:.3f} ({r['prefill_ratio_range'][0]:.3f}-"
+                 f"{r['prefill_ratio_range'][1]:.3f})")
+        dratio = ("1" if label == base else
+                  f"x{r['decode_ratio']:.3f} ({r['decode_ratio_range'][0]:.3f}-"
+                  f"{r['decode_ratio_range'][1]:.3f})")
+        print(f"| {label} | {r['prefill_tok_s']:.1f} | {ratio} | {r['decode_tok_s']:.2f} | "
+              f"{dratio} | {sp} |")
+    print("\n| engine | start-up s | RSS GiB (all processes) | PSS GiB | largest process RSS GiB |"
+          "\n|---|---|---|---|---|")
+    for key, child in children.items():
+        mem = child.memory_gib
+        print(f"| {key} | {child.startup_s:.0f} | {mem['rss']:.2f} | {mem['pss']:.2f} | "
+              f"{mem['worker_rss']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "results": results, "runs": runs}, f, indent=2)

@@ -2,10 +2,15 @@
 
 Sources, highest precedence first:
 
-1. ``vllm serve`` flags: ``--sparsity-p``, ``--sparsity-target``, ``--sparsity-backend``;
-2. ``--additional-config '{"sparsity": {"p": 0.9, "target": "all_inputs", "backend": "auto"}}'``
-   (also ``LLM(..., additional_config={"sparsity": {...}})`` in offline use);
-3. environment variables ``VLLM_SPARSITY_P``, ``VLLM_SPARSITY_TARGET``, ``VLLM_SPARSITY_BACKEND``.
+1. ``vllm serve`` flags: ``--sparsity-p``, ``--sparsity-target``, ``--sparsity-backend``,
+   ``--sparsity-rule``, ``--sparsity-q``;
+2. ``--additional-config '{"sparsity": {"p": 0.9, "target": "all_inputs", "backend": "auto",
+   "rule": "top-p"}}'`` (also ``LLM(..., additional_config={"sparsity": {...}})`` offline);
+3. environment variables ``VLLM_SPARSITY_P``, ``VLLM_SPARSITY_TARGET``, ``VLLM_SPARSITY_BACKEND``,
+   ``VLLM_SPARSITY_RULE``, ``VLLM_SPARSITY_Q``.
+
+p is one number for every site of the target, or one per site: ``input=0.95,intermediate=0.85``
+(flags, environment) or ``{"input": 0.95, "intermediate": 0.85}`` (additional_config, the route).
 
 Each field is taken from the highest source that sets it. The resolved values are written back into
 ``VllmConfig.additional_config["sparsity"]``, which vLLM ships to the engine core and every worker
@@ -18,17 +23,20 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from vllm_sparsity import backends, sites
+from vllm_sparsity import backends, rule, sites
 
 TARGETS: tuple[str, ...] = tuple(sites.TARGETS)
+SITES: tuple[str, ...] = tuple(sites.SITES)
 BACKENDS: tuple[str, ...] = ("auto", *backends.BACKENDS)
+RULES: tuple[str, ...] = tuple(rule.RULES)
 ADDITIONAL_CONFIG_KEY = "sparsity"
 ENV_PREFIX = "VLLM_SPARSITY_"
-FIELDS = ("p", "target", "backend")
+FIELDS = ("p", "target", "backend", "rule", "q")
+TARGET_CHOICES = f"one of {', '.join(TARGETS)} or a comma list of sites ({','.join(SITES)})"
 
 # The metrics switch (not a field: it is no part of the ``/v1/sparsity`` answer).
 INTERVAL_ENV = "VLLM_SPARSITY_METRICS_INTERVAL_S"
@@ -65,35 +73,58 @@ class SparsityConfig:
     Sparsity in Modern LLMs", Sec. 3: the top-p rule and its input targets).
 
     Attributes:
-        p: share of each token's L1 activation mass that is kept, in [``P_MIN``, 1] (``P_MIN`` =
-            1e-6, the floor at which the rule's float64 target cannot underflow). ``p = 1`` keeps
-            every nonzero entry (output equals the dense model). Lower ``p`` zeroes more entries.
-        target: which linear-layer inputs of each gated MLP the rule applies to: ``"input"`` (the
+        p: the rule's parameter, in [``P_MIN``, 1] (``P_MIN`` = 1e-6, the floor at which the rule's
+            float64 target cannot underflow): one float for every site of the target, or a dict
+            {site: p} naming exactly the target's sites. Its meaning is the rule's: for top-p the
+            share of each token's L1 activation mass kept (``p = 1`` keeps every nonzero entry:
+            output equals the dense model), for lq the share of the L_q mass, for top-k the kept
+            fraction of K, for max-p the fraction of the row's largest magnitude. Lower ``p``
+            zeroes more entries.
+        target: the sites of each gated MLP the rule applies to (``sites``): ``"input"`` (the
             MLP input feeding ``gate_up_proj``), ``"intermediate"`` (the act-and-mul output feeding
-            ``down_proj``) or ``"all_inputs"`` (both).
+            ``down_proj``), ``"all_inputs"`` (both), or a comma list of sites, e.g.
+            ``"gate,intermediate"`` (``gate`` and ``up`` are analysis-only sites).
         backend: ``"torch"`` (the exact torch rule, any device), ``"triton"`` (the input-sparse
             Triton kernels, CUDA only), ``"cpu"`` (the C++ input-sparse kernels, x86-64 with
             AVX2 or AVX-512) or ``"auto"`` (per layer, the first of ``backends.AUTO`` that serves
-            it: triton on CUDA, cpu on a CPU that has the kernels, torch elsewhere).
+            it: triton on CUDA, cpu on a CPU that has the kernels, torch elsewhere). The cpu and
+            triton kernels implement top-p only: ``auto`` picks torch for any other rule.
+        rule: a key of ``rule.RULES``: ``"top-p"`` (default), ``"top-k"``, ``"max-p"`` or
+            ``"lq"`` (paper Sec. 3 and App. A). Fixed at start-up (compiled into the graph).
+        q: the L_q exponent, a finite number > 0, for ``rule="lq"`` only (None otherwise).
     """
 
-    p: float
+    p: float | dict[str, float]
     target: str = "all_inputs"
     backend: str = "auto"
+    rule: str = "top-p"
+    q: float | None = None
 
     def __post_init__(self) -> None:
-        parse_p(self.p, "p", strings=False)
-        _check_choice(self.target, TARGETS, "target")
+        _check_choice(self.rule, RULES, "rule")
         _check_choice(self.backend, BACKENDS, "backend")
+        object.__setattr__(self, "p", parse_p_sites(self.p, "p", strings=False))
+        object.__setattr__(self, "target", parse_target(self.target, "target"))
+        if self.q is not None:
+            object.__setattr__(self, "q", parse_q(self.q, "q", strings=False))
+        check_together(self.p, self.target, self.backend, self.rule, self.q, lambda f: f)
 
     @property
     def sites(self) -> tuple[str, ...]:
-        """The sites the target sparsifies (``sites.TARGETS``)."""
-        return sites.TARGETS[self.target]
+        """The sites the target sparsifies, in model order (``sites.sites_of``)."""
+        return sites.sites_of(self.target)
 
     def p_of(self, site: str) -> float:
-        """p at ``site``: the config's p on the target's sites, 1 (keep every nonzero) elsewhere."""
-        return self.p if site in self.sites else 1.0
+        """p at ``site``: the config's p (the site's own when p is per site) on the target's
+        sites; elsewhere the rule's p that keeps every nonzero (``rule.KEEP_ALL_P``: 1, or 0
+        for max-p). The one place that says which p a site runs at."""
+        if site not in self.sites:
+            return rule.KEEP_ALL_P[self.rule]
+        return self.p[site] if isinstance(self.p, dict) else self.p
+
+    def with_changes(self, **changes: Any) -> SparsityConfig:
+        """A copy with ``changes`` applied (None values leave a field as it is), validated."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,7 +149,8 @@ def resolve(
     """Merge the three sources (flags > additional_config > environment) into one config.
 
     Args:
-        flags: ``{"p", "target", "backend"}`` from the ``--sparsity-*`` flags; None values are unset.
+        flags: ``{"p", "target", "backend", "rule", "q"}`` from the ``--sparsity-*`` flags; None
+            values are unset.
         additional_config: vLLM's ``additional_config`` dict; its ``"sparsity"`` section is read.
         environ: environment (default ``os.environ``); ``VLLM_SPARSITY_*`` variables are read.
 
@@ -165,11 +197,106 @@ def resolve(
                 "to turn sparsity on"
             )
         return None
-    values["p"] = parse_p(values["p"], origin["p"])
-    for field, choices in (("target", TARGETS), ("backend", BACKENDS)):
+    values["p"] = parse_p_sites(values["p"], origin["p"])
+    for field, choices in (("backend", BACKENDS), ("rule", RULES)):
         if field in values:
             _check_choice(values[field], choices, origin[field])
+    if "target" in values:
+        values["target"] = parse_target(values["target"], origin["target"])
+    elif isinstance(values["p"], dict):  # p per site and no target: the sites p names
+        values["target"] = sites.target_of(values["p"])
+    if "q" in values:
+        values["q"] = parse_q(values["q"], origin["q"])
+    defaults = SparsityConfig.__dataclass_fields__
+    check_together(values["p"], values.get("target", defaults["target"].default),
+                   values.get("backend", defaults["backend"].default),
+                   values.get("rule", defaults["rule"].default), values.get("q"),
+                   lambda f: origin.get(f, f"--sparsity-{f}"))
     return SparsityConfig(**values)
+
+
+def check_together(p: float | dict[str, float], target: str, backend: str, rule_name: str,
+                   q: float | None, name: Callable[[str], str]) -> None:
+    """The checks that involve two fields (each field already valid alone): q only with lq, and
+    lq needs q; a kernel backend (``backends.TOP_P_ONLY``) runs top-p only; a per-site p names
+    exactly the target's sites. ``name(field)`` is how the message names a field (flag, key or
+    variable). Raises SparsityConfigError."""
+    if rule_name == "lq" and q is None:
+        raise SparsityConfigError(f"{name('rule')} lq needs {name('q')} (the L_q exponent, a "
+                                  "finite number > 0)")
+    if rule_name != "lq" and q is not None:
+        raise SparsityConfigError(f"{name('q')} is the exponent of the lq rule only; "
+                                  f"{name('rule')} is {rule_name}: drop {name('q')} or use lq")
+    if backend in backends.TOP_P_ONLY and rule_name != "top-p":
+        raise SparsityConfigError(
+            f"{name('backend')} {backend} implements the top-p rule only; {name('rule')} is "
+            f"{rule_name}: use the torch backend (or auto, which picks it)")
+    if isinstance(p, dict):
+        want = sites.sites_of(target)
+        if tuple(p) != want:
+            raise SparsityConfigError(
+                f"{name('p')} gives p for the sites {', '.join(p)} but {name('target')} "
+                f"{target} has the sites {', '.join(want)}: name exactly the target's sites "
+                "(or leave the target out: it is then the sites p names)")
+
+
+def parse_target(value: Any, name: str) -> str:
+    """``value`` as a canonical target (``sites.target_of``): a key of ``TARGETS`` or a comma list
+    of sites. Raises SparsityConfigError naming ``name`` and the allowed values."""
+    try:
+        return sites.target_of(sites.sites_of(value))
+    except ValueError:
+        raise SparsityConfigError(f"{name} must be {TARGET_CHOICES}; got {quote(value)}") from None
+
+
+def parse_p_sites(value: Any, name: str = "--sparsity-p",
+                  strings: bool = True) -> float | dict[str, float]:
+    """p as one float for every site, or per site: a dict {site: p} (its keys in model order),
+    from a mapping, or (``strings``) from ``"input=0.95,intermediate=0.85"``. Each p goes through
+    ``parse_p``. Raises SparsityConfigError naming ``name``, the site and the allowed values."""
+    if isinstance(value, str) and strings and "=" in value:
+        pairs = [item.partition("=") for item in value.split(",")]
+        if any(not eq for _, eq, _ in pairs):
+            raise SparsityConfigError(
+                f"{name} must be a number in {P_RANGE} or SITE=P pairs separated by commas "
+                f"(SITE in {', '.join(SITES)}), got {quote(value)}")
+        keys = [site.strip() for site, _, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise SparsityConfigError(f"{name} names a site twice, got {quote(value)}")
+        value = {site: p.strip() for site, (_, _, p) in zip(keys, pairs)}
+    if not isinstance(value, Mapping):
+        return parse_p(value, name, strings)
+    if not value:
+        raise SparsityConfigError(f"{name} must name at least one site of {', '.join(SITES)}")
+    unknown = [site for site in value if site not in SITES]
+    if unknown:
+        raise SparsityConfigError(f"{name}: unknown site {quote(unknown[0])}; sites: "
+                                  f"{', '.join(SITES)}")
+    return {site: parse_p(value[site], f"{name}[{site}]", strings)
+            for site in SITES if site in value}
+
+
+def parse_q(value: Any, name: str = "--sparsity-q", strings: bool = True) -> float:
+    """``value`` as the L_q exponent: a finite number > 0 (strings parsed when ``strings``).
+    Raises SparsityConfigError naming ``name``."""
+    number = value
+    if isinstance(value, str) and strings:
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) \
+            or not 0 < number < math.inf:
+        raise SparsityConfigError(f"{name} must be a finite number > 0 (the L_q exponent), "
+                                  f"got {quote(value)}")
+    return float(number)
+
+
+def describe_p(p: float | dict[str, float]) -> str:
+    """p for logs and messages: ``0.9`` or ``input=0.95,intermediate=0.85``."""
+    if isinstance(p, dict):
+        return ",".join(f"{site}={value:g}" for site, value in p.items())
+    return f"{p:g}"
 
 
 def parse_p(value: Any, name: str = "--sparsity-p", strings: bool = True) -> float:

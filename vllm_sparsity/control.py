@@ -9,11 +9,17 @@ worker-side RPC methods (``WORKER_METHODS``, installed by ``plugin.py``) and the
 Routes (opt-in: start the server with ``VLLM_PLUGINS=sparsity``; under ``/v1`` so that vLLM's
 ``--api-key`` check guards them):
 
-- ``GET /v1/sparsity``: ``{"p", "target", "backend", "targets", ...}`` plus ``"layers"``: per layer
+- ``GET /v1/sparsity``: ``{"p", "target", "backend", "rule", "q", "targets", ...}`` plus
+  ``"layers"``: per layer
   and site, the monotonic counters ``zeroed`` and ``total`` (activations since start-up), merged
   over the workers as ``/metrics`` merges them (``counters.merge``).
 - ``POST /v1/sparsity`` with ``Content-Type: application/json`` and a body such as
-  ``{"p": 0.8, "target": "intermediate"}`` (either key may be left out; at most ``MAX_BODY_BYTES``).
+  ``{"p": 0.8, "target": "intermediate"}`` or ``{"p": {"input": 0.9, "intermediate": 0.8}}``
+  (any key may be left out; at most ``MAX_BODY_BYTES``). ``rule`` and ``q`` are accepted when they
+  repeat the server's: the rule is part of the compiled graph (vLLM compiles the model once and
+  drops torch.compile's guards; CUDA graphs replay it), so changing it needs a restart, and the
+  route answers 400 saying so (naming the kernel backend when one serves the model: its kernels
+  run top-p only).
 
 Semantics of a POST: **a change applies to the requests admitted after it**. The route pauses the
 engine (``EngineClient.pause_generation(mode="wait", clear_cache=True)``, vLLM's
@@ -49,13 +55,14 @@ from typing import Any
 from vllm_sparsity import _vllm_compat, counters
 from vllm_sparsity import config as cfg
 from vllm_sparsity.clock import CLOCK
-from vllm_sparsity.config import TARGETS, SparsityConfigError, parse_p, quote
+from vllm_sparsity.config import (RULES, SparsityConfigError, parse_p_sites, parse_q,
+                                  parse_target, quote)
 from vllm_sparsity.state import runtime_state
 
 logger = logging.getLogger("vllm.vllm_sparsity")
 
 MAX_BODY_BYTES = 4096  # a valid body is under 60 bytes
-BODY_KEYS = ("p", "target")
+BODY_KEYS = ("p", "target", "rule", "q")
 
 # ---------------------------------------------------------------- worker side
 
@@ -132,37 +139,46 @@ async def read_json_body(request) -> Any:
         raise RouteError(400, f"body must be a JSON object ({reason}), got {quote(raw)}") from None
 
 
-def validate(body: Any) -> tuple[float | None, str | None]:
-    """``(p, target)`` from a parsed POST body, None for a key left out. Raises
-    SparsityConfigError naming the field and the allowed values (quoting at most
-    ``config.QUOTE_CHARS`` characters of a bad value)."""
-    usage = (f'body must be a JSON object with "p" (a number in {cfg.P_RANGE}) and/or "target" '
-             f"({', '.join(TARGETS)})")
+def validate(body: Any) -> tuple[float | dict | None, str | None, str | None, float | None]:
+    """``(p, target, rule, q)`` from a parsed POST body, None for a key left out; p is a float or
+    a dict {site: p}, target canonical (``config.parse_target``). Raises SparsityConfigError
+    naming the field and the allowed values (quoting at most ``config.QUOTE_CHARS`` characters
+    of a bad value). Whether they fit the server (its sites, its rule) is ``change``'s check."""
+    usage = (f'body must be a JSON object with "p" (a number in {cfg.P_RANGE} or {{site: p}}) '
+             'and/or "target" ("rule" and "q" may repeat the server\'s)')
     if not isinstance(body, dict) or not body:
         raise SparsityConfigError(f"{usage}; got {quote(body)}")
     unknown = sorted(set(body) - set(BODY_KEYS))
     if unknown:
         raise SparsityConfigError(f"{usage}; unknown key(s) {quote(unknown)}")
     # A key given as null is an error, not "unchanged": leave the key out for that.
-    p = parse_p(body["p"], "p", strings=False) if "p" in body else None
-    target = body.get("target")
-    if "target" in body and target not in TARGETS:
-        raise SparsityConfigError(
-            f"target must be one of {', '.join(TARGETS)}; got {quote(target)}")
-    return p, target
+    p = parse_p_sites(body["p"], "p", strings=False) if "p" in body else None
+    target = parse_target(body["target"], "target") if "target" in body else None
+    rule = body.get("rule")
+    if "rule" in body and rule not in RULES:
+        raise SparsityConfigError(f"rule must be one of {', '.join(RULES)}; got {quote(rule)}")
+    q = parse_q(body["q"], "q", strings=False) if "q" in body else None
+    return p, target, rule, q
 
 
-async def change(engine, p: float | None, target: str | None, drain_timeout_s: float
-                 ) -> dict[str, Any]:
+async def change(engine, p: float | dict | None, target: str | None, drain_timeout_s: float,
+                 rule: str | None = None, q: float | None = None) -> dict[str, Any]:
     """Apply a validated change with the semantics of the module doc; returns the route's answer
     (``_state``) after it. Call it under the route's lock. Raises RouteError (nothing changed,
     unless the message says which workers did) and resumes generation whatever happens once it
-    has paused it."""
+    has paused it. ``rule``/``q``: accepted when they repeat the server's (see module doc)."""
     before = await _state(engine)
-    if target is not None and target not in before["targets"]:
-        raise RouteError(400, f"target must be one of {', '.join(before['targets'])} on this "
-                         f"server (started with --sparsity-target {before['started_target']}; "
-                         f"start with all_inputs to switch freely); got {quote(target)}")
+    _check_rule(before, rule, q)
+    if target is not None and not set(cfg.sites.sites_of(target)) <= set(before["sites"]):
+        raise RouteError(400, f"target must name installed sites ({', '.join(before['sites'])}) "
+                         f"on this server (started with --sparsity-target "
+                         f"{before['started_target']}; start with all_inputs to switch "
+                         f"freely); got {quote(target)}")
+    try:  # p and target together (a per-site p names exactly the target's sites)
+        wanted = cfg.SparsityConfig(**{k: before[k] for k in cfg.FIELDS}).with_changes(
+            p=p, target=target)
+    except SparsityConfigError as e:
+        raise RouteError(400, str(e)) from None
     if await engine.is_paused():
         raise RouteError(409, "the engine is paused by another caller (e.g. a weight update); "
                          "try again once it resumes")
@@ -184,9 +200,8 @@ async def change(engine, p: float | None, target: str | None, drain_timeout_s: f
         if not await engine.reset_prefix_cache():
             raise RouteError(500, "the engine could not confirm an empty prefix cache; nothing "
                              "changed, generation resumed")
-        want_p = before["p"] if p is None else p
-        want_target = before["target"] if target is None else target
-        asked = f"p={want_p:g}, target={want_target}"
+        want_p, want_target = wanted.p, wanted.target
+        asked = f"p={cfg.describe_p(want_p)}, target={want_target}"
         try:
             replies = await _vllm_compat.collective_rpc(engine, "vllm_sparsity_set", (p, target))
         except Exception as e:  # a worker timed out or died: some may have taken the change
@@ -200,6 +215,26 @@ async def change(engine, p: float | None, target: str | None, drain_timeout_s: f
         return await _state(engine)
     finally:
         await _resume(engine, pause)
+
+
+def _check_rule(before: dict[str, Any], rule: str | None, q: float | None) -> None:
+    """RouteError 400 when ``rule``/``q`` differ from the server's: the rule is fixed at start-up
+    (module doc), and a kernel backend runs top-p only."""
+    want_rule = before["rule"] if rule is None else rule
+    want_q = before["q"] if q is None and want_rule == before["rule"] else q
+    try:
+        cfg.check_together(1.0, "input", "auto", want_rule, want_q, lambda field: field)
+    except SparsityConfigError as e:
+        raise RouteError(400, str(e)) from None
+    if (want_rule, want_q) == (before["rule"], before["q"]):
+        return
+    asked = want_rule + (f" (q={want_q:g})" if want_q is not None else "")
+    kernels = sorted(set(before["resolved_backend"].split("+")) & set(cfg.backends.TOP_P_ONLY))
+    why = (f"the {', '.join(kernels)} backend serving this model implements the top-p rule "
+           f"only, and " if kernels and want_rule != "top-p" else "")
+    raise RouteError(400, f"rule cannot change at runtime: {why}the rule is compiled into the "
+                     f"model's graph; restart with --sparsity-rule {want_rule} to run {asked} "
+                     f"(this server runs {before['rule']})")
 
 
 async def _resume(engine, pause: asyncio.Future) -> None:
@@ -255,11 +290,11 @@ class SparsityEndpoint:
 
     async def _post(self, request) -> dict[str, Any]:
         try:
-            p, target = validate(await read_json_body(request))
+            p, target, rule, q = validate(await read_json_body(request))
         except SparsityConfigError as e:
             raise RouteError(400, str(e)) from None
         async with self.lock:
-            return await change(self.engine, p, target, self.drain_timeout_s)
+            return await change(self.engine, p, target, self.drain_timeout_s, rule, q)
 
     async def init_state(self, engine_client, state, args) -> None:
         self.engine = engine_client

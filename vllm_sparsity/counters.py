@@ -30,6 +30,8 @@ all agree), so that neither reader hides a split.
 
 from __future__ import annotations
 
+import json
+
 from typing import Any
 
 import torch
@@ -153,7 +155,9 @@ def snapshot(state, tp_rank: int, latency: dict | None) -> dict[str, Any]:
     stats = torch.stack([layer.sparsity_stats for layer in layers]).tolist() if layers else []
     sites = []
     for name, layer in state.layers:
-        method, w = layer.quant_method, getattr(layer, "weight", None)
+        # A linear site's method carries layer_index, site and all_reduce; an analysis site
+        # (sparse_act.ActSite) carries them itself and has no weight.
+        method, w = getattr(layer, "quant_method", layer), getattr(layer, "weight", None)
         wt = getattr(layer, "sparsity_wt", None)  # the cpu backend's K-major copy [K, N]
         # Bytes of one input feature's weights: N elements of this rank's shard (0 when the
         # weight is not a plain 2-D tensor, e.g. quantized: the torch backend skips nothing). The
@@ -174,20 +178,24 @@ def snapshot(state, tp_rank: int, latency: dict | None) -> dict[str, Any]:
 # ---------------------------------------------------------------- API server: merge
 
 
-AGREED = ("p", "target", "backend")  # settings every worker must share
+AGREED = ("p", "target", "backend", "rule", "q")  # settings every worker must share
 
 
 def disagreement(per_worker: list[dict | None]) -> list[dict[str, Any]]:
     """The distinct ``AGREED`` settings among the workers' snapshots, each with ``"workers"``: the
     positions in ``per_worker`` that hold it (engines in order, each engine's workers in rank
     order), largest group first; [] when every worker agrees (None snapshots are skipped)."""
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[str, list[int]] = {}
+    values: dict[str, dict] = {}
     for i, snap in enumerate(per_worker):
         if snap:
-            groups.setdefault(tuple(snap["settings"][k] for k in AGREED), []).append(i)
+            agreed = {k: snap["settings"].get(k) for k in AGREED}
+            key = json.dumps(agreed, sort_keys=True)  # p may be a dict {site: p}: not hashable
+            values[key] = agreed
+            groups.setdefault(key, []).append(i)
     if len(groups) < 2:
         return []
-    return [{**dict(zip(AGREED, key)), "workers": workers}
+    return [{**values[key], "workers": workers}
             for key, workers in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[1][0]))]
 
 

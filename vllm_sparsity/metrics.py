@@ -3,7 +3,7 @@
 Series (every one labelled ``model_name``, vLLM's served model name; no request ids, no text):
 
 - ``vllm_sparsity_p_ratio`` gauge {site}: share of each token's L1 mass kept (1 = site off);
-- ``vllm_sparsity_config_info`` info {target, backend, resolved_backend};
+- ``vllm_sparsity_config_info`` info {target, backend, resolved_backend, rule};
 - ``vllm_sparsity_activations_zeroed_total``, ``vllm_sparsity_activations_total`` counters
   {layer, site, phase}: activations zeroed, and all activations (tokens x inputs);
 - ``vllm_sparsity_token_sparsity_ratio`` histogram {layer, site, phase}: per token, the share of
@@ -33,7 +33,9 @@ Data flow, with no host synchronisation on the forward path:
 
 1. Worker, eagerly before each forward (``state.RuntimeState.mark_phases``): the per-token phase
    (0 prefill, 1 decode, 2 padding or dummy run, never published) goes into a persistent device
-   buffer, from the attention metadata's ``query_start_loc``.
+   buffer, from the model runner's persistent ``query_start_loc`` buffer (bound before vLLM's
+   warm-up, the same for every attention backend; tokens without one count in
+   ``unknown_phase_tokens``).
 2. Worker, inside the compiled graph (``sparse_linear``): each sparsified linear layer adds its
    counts into its own int64 [3, WIDTH] device buffer with one ``index_add_`` (``counters``). On
    CPU, opaque ``mlp_clock`` ops around each MLP feed a host-side histogram (``clock``).
@@ -71,9 +73,10 @@ logger = logging.getLogger("vllm.vllm_sparsity")  # under vLLM's handler and for
 # name -> help of every series (prometheus-client adds ``_total`` to counters and ``_info`` to
 # info families on exposition: they are named here as exposed).
 METRICS = {
-    "vllm_sparsity_p_ratio": "Top-p share of each token's L1 activation mass kept at this site "
-    "(1 = the site keeps everything).",
-    "vllm_sparsity_config_info": "Sparsity target and backend (requested, and resolved per layer).",
+    "vllm_sparsity_p_ratio": "The rule's p at this site (top-p: share of each token's L1 "
+    "activation mass kept); outside the target, the p that keeps everything (1; 0 for max-p).",
+    "vllm_sparsity_config_info": "Sparsity target, rule and backend (requested, and resolved "
+    "per layer).",
     "vllm_sparsity_activations_zeroed_total": "Activations the top-p rule zeroed (or that were "
     "already zero).",
     "vllm_sparsity_activations_total": "Activations that reached the site (tokens x inputs).",
@@ -152,7 +155,7 @@ class SparsityCollector:
         info = family(InfoMetricFamily, "vllm_sparsity_config_info", ["model_name"])
         settings = snap["settings"]
         info.add_metric([name], {k: settings[k] for k in ("target", "backend",
-                                                           "resolved_backend")})
+                                                           "resolved_backend", "rule")})
         yield info
 
         labels = ["model_name", "layer", "site", "phase"]

@@ -39,15 +39,21 @@ from vllm_sparsity import config as cfg
 logger = logging.getLogger("vllm.vllm_sparsity")  # under vLLM's handler and format
 
 _FLAG_HELP = {
-    "p": "Top-p activation sparsity: share of each token's L1 activation mass kept at the inputs "
-    f"of every gated MLP's linear layers, a number in {cfg.P_RANGE}. Unset: sparsity off.",
-    "target": "Which inputs the top-p rule sparsifies: input (gate_up_proj input), intermediate "
-    "(down_proj input) or all_inputs (both). Default: all_inputs.",
+    "p": "Activation sparsity: the rule's parameter (top-p: share of each token's L1 activation "
+    f"mass kept) at the target's sites of every gated MLP, a number in {cfg.P_RANGE}, or one per "
+    "site, e.g. input=0.95,intermediate=0.85. Unset: sparsity off.",
+    "target": "Which sites the rule sparsifies: input (gate_up_proj input), intermediate "
+    "(down_proj input), all_inputs (both), or a comma list of the sites input, gate, up, "
+    "intermediate (gate and up: analysis only, no weight read skipped). Default: all_inputs.",
+    "rule": "Sparsification rule (paper Sec. 3, App. A): top-p, top-k (p: kept fraction of K), "
+    "max-p (p: fraction of the row's max) or lq (L_q top-p, needs --sparsity-q). Default: top-p.",
+    "q": "Exponent of the lq rule, a finite number > 0 (lq only).",
     "backend": "Sparse compute backend: auto (triton on CUDA, cpu on x86-64 CPUs with AVX2 or "
     "AVX-512, torch elsewhere), triton, cpu or torch. Default: auto.",
 }
-_FLAG_METAVAR = {"p": "P", "target": "{" + ",".join(cfg.TARGETS) + "}",
-                 "backend": "{" + ",".join(cfg.BACKENDS) + "}"}
+_FLAG_METAVAR = {"p": "P", "target": "{" + ",".join(cfg.TARGETS) + "}|SITE,...",
+                 "backend": "{" + ",".join(cfg.BACKENDS) + "}",
+                 "rule": "{" + ",".join(cfg.RULES) + "}", "q": "Q"}
 
 
 def register() -> None:

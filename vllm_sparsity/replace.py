@@ -18,10 +18,10 @@ import re
 
 import torch
 
-from vllm_sparsity import _vllm_compat, backends, sparse_linear
+from vllm_sparsity import _vllm_compat, backends, sparse_act, sparse_linear
 from vllm_sparsity.clock import CUDA_NOTE, time_mlp
-from vllm_sparsity.config import SparsityConfig
-from vllm_sparsity.sites import SITES
+from vllm_sparsity.config import SparsityConfig, describe_p
+from vllm_sparsity.sites import ANALYSIS_SITES, SITES
 from vllm_sparsity.state import RuntimeState, runtime_state
 
 logger = logging.getLogger("vllm.vllm_sparsity")  # under vLLM's handler and format
@@ -109,10 +109,20 @@ def replace_mlp(model: torch.nn.Module, config: SparsityConfig, max_num_tokens: 
     chosen, refusals, shards = set(), {}, set()
     for name, mlp in mlps:
         index = int(m.group(1)) if (m := _LAYER_INDEX.search(name + ".")) else len(state.layers)
+        analysis = tuple(site for site in config.sites if site in ANALYSIS_SITES)
+        if analysis:  # gate/up: the torch rule inside act-and-mul (sparse_act), any backend
+            # down_proj's input shards are act-and-mul's: the same split over TP ranks.
+            k_shards = _vllm_compat.k_shards(mlp.down_proj)
+            sparse_act.install(mlp, name, analysis, index, state,
+                               _vllm_compat.tp_all_reduce if k_shards > 1 else None)
+            shards.update((site, k_shards) for site in analysis if k_shards > 1)
+            chosen.add("torch")
         for site in config.sites:
+            if site in ANALYSIS_SITES:
+                continue
             layer_name = f"{name}.{SITES[site]}"
             layer = getattr(mlp, SITES[site])
-            backend, refused = backends.choose(layer, config.backend)
+            backend, refused = backends.choose(layer, config.backend, config.rule)
             for other, reason in refused.items():
                 refusals.setdefault((backend, other), {})[layer_name] = reason
             # down_proj under TP holds a shard of K: the global rule needs the whole rows' mass.
@@ -141,9 +151,10 @@ def replace_mlp(model: torch.nn.Module, config: SparsityConfig, max_num_tokens: 
     scope = (f" of its language model ({type(model.get_submodule(lm)).__name__}); {outside} gated "
              "MLPs outside it (vision/audio towers) left dense") if lm else ""
     logger.info(
-        "vllm-sparsity: %s: sparsified %d of %d MLPs%s (target=%s, p=%g, backend=%s -> %s)",
-        type(model).__name__, len(mlps), candidates, scope, config.target, config.p,
-        config.backend, state.backend)
+        "vllm-sparsity: %s: sparsified %d of %d MLPs%s (target=%s, rule=%s, p=%s, backend=%s -> "
+        "%s)", type(model).__name__, len(mlps), candidates, scope, config.target,
+        config.rule + (f" q={config.q:g}" if config.q is not None else ""),
+        describe_p(config.p), config.backend, state.backend)
     return [name for name, _ in state.layers]
 
 

@@ -37,6 +37,7 @@ on the same radix select with other weights per entry, and ``RULES`` names them 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -335,3 +336,33 @@ def lq_threshold(x: torch.Tensor, p: torch.Tensor | float,
     code = torch.where((target == 0) & (a.amax(dim=-1, keepdim=True) > 0), 1, code)
     return _threshold(x, code, target, p)
 
+
+# p at which each rule keeps every nonzero entry: what a site outside the target runs at, so the
+# target can change at runtime without retracing a graph. Max-p at 1 keeps only the max; at 0 its
+# bound p * max|x| is 0, and zeros are never kept. (Tested in tests/test_rules.py.)
+KEEP_ALL_P = {"top-p": 1.0, "top-k": 1.0, "max-p": 0.0, "lq": 1.0}
+
+
+def threshold_of(name: str, q: float | None = None) -> Callable[..., torch.Tensor]:
+    """The threshold function of rule ``name`` (a key of ``RULES``), with ``q`` bound for "lq".
+    Raises ValueError for an unknown rule, or lq without a q."""
+    if name not in RULES:
+        raise ValueError(f"rule must be one of {', '.join(RULES)}, got {name!r}")
+    if name == "lq":
+        if q is None:
+            raise ValueError("the lq rule needs q (the L_q exponent, a finite number > 0)")
+        return functools.partial(RULES["lq"], q=q)
+    return RULES[name]
+
+
+def sparsify(x: torch.Tensor, p: torch.Tensor | float,
+             threshold: Callable[..., torch.Tensor] = top_p_threshold,
+             all_reduce: Callable[[torch.Tensor], None] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``top_p_sparsify`` for any rule: ``threshold`` is a function of ``RULES`` (see
+    ``threshold_of``). x [M, K] bf16/fp16/fp32; returns ``(y [M, K], kept int64 [M])``: kept
+    entries bit-identical to x, the rest exactly zero; a NaN threshold keeps the row whole.
+    Raises ValueError as the threshold function."""
+    t = threshold(x, p, all_reduce)
+    mask = (x.abs() >= t) | t.isnan()
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)), mask.sum(dim=-1)

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase
 
-from vllm_sparsity import _vllm_compat, backends, counters
+from vllm_sparsity import _vllm_compat, backends, counters, rule
 
 
 class InputSparseLinearMethod(LinearMethodBase):
@@ -49,18 +49,24 @@ class InputSparseLinearMethod(LinearMethodBase):
             (``_vllm_compat.tp_all_reduce``): every rank then keeps its shard of the whole rows'
             top-p set.
         detailed_counts: also keep the histogram and weight-column counters (metrics on).
+        threshold: the rule's threshold function (``rule.threshold_of``; default top-p). The
+            torch backend applies it; the kernel backends implement top-p only.
 
     Raises:
-        ValueError: unknown backend.
+        ValueError: unknown backend, or a kernel backend with a rule other than top-p.
     """
 
     def __init__(self, inner: LinearMethodBase, site: str, layer_index: int,
                  backend: str = "torch",
                  all_reduce: Callable[[torch.Tensor], None] | None = None,
-                 detailed_counts: bool = False) -> None:
+                 detailed_counts: bool = False,
+                 threshold: Callable[..., torch.Tensor] = rule.top_p_threshold) -> None:
         if backend not in backends.BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(backends.BACKENDS)}, "
                              f"got {backend!r}")
+        if backend in backends.TOP_P_ONLY and threshold is not rule.top_p_threshold:
+            raise ValueError(f"the {backend} backend implements the top-p rule only")
+        self.threshold = threshold
         self.inner = inner
         self.site = site
         self.layer_index = layer_index
@@ -113,10 +119,11 @@ def install(layer: torch.nn.Module, name: str, site: str, layer_index: int, stat
     """Swap ``layer.quant_method`` for an ``InputSparseLinearMethod``, mark the layer as needing
     an unquantized input, add its buffers (p of ``site`` and the phase buffers of ``state``, a
     ``state.RuntimeState``; fresh counters) and append ``(name, layer)`` to ``state.layers``.
+    The rule is the state's (``RuntimeState.threshold``).
     ``all_reduce``: for an input split over K across TP ranks (see ``InputSparseLinearMethod``).
     """
     layer.quant_method = InputSparseLinearMethod(layer.quant_method, site, layer_index, backend,
-                                                 all_reduce, state.metrics)
+                                                 all_reduce, state.metrics, state.threshold)
     # The rule reads the input's values: producers must not hand this layer a pre-quantized
     # activation (fp8/nvfp4 methods advertise one, and Llama-style MLPs then fuse act-and-mul with
     # the quantization; vLLM's ``fusion.quant_activation.get_input_quant_key``).

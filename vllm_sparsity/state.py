@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from vllm_sparsity import rule
 from vllm_sparsity import sites as site_table
 from vllm_sparsity._vllm_compat import MICRO_BATCH, NO_REQUESTS
 from vllm_sparsity.clock import CLOCK
@@ -21,10 +22,11 @@ logger = logging.getLogger("vllm.vllm_sparsity")  # under vLLM's handler and for
 class RuntimeState:
     """Attached to the model by ``replace.replace_mlp``; read by ``control`` and ``counters``.
 
-    Each site (``input``, ``intermediate``) of the target given at start-up has one float64 [1]
-    tensor ``p[site]`` shared by all its layers. A site outside the current target holds p = 1,
-    which keeps every nonzero entry, so the target can change at runtime among the sites installed
-    at start-up without retracing a graph.
+    Each site (``sites.SITES``) of the target given at start-up has one float64 [1] tensor
+    ``p[site]`` shared by all its layers. A site outside the current target holds the rule's p
+    that keeps every nonzero entry (``rule.KEEP_ALL_P``), so the target can change at runtime
+    among the sites installed at start-up without retracing a graph. The rule itself
+    (``threshold``) is fixed at start-up: it is part of the compiled graph.
 
     ``phase`` (int64 [max_num_tokens]) and ``batch_phase`` (int64 [1]) hold the phase of each token
     of the current step and of the step (``counters.PREFILL``, ``DECODE``, ``PAD``; every token is
@@ -50,6 +52,7 @@ class RuntimeState:
                  metrics_on: bool = False) -> None:
         self.config = config
         self.started_target = config.target
+        self.threshold = rule.threshold_of(config.rule, config.q)
         # Shape [1], not 0-dim: a 0-dim float tensor in the graph makes torch.compile specialise
         # it as a Python scalar, which vLLM's one-shot graph capture cannot restart from.
         self.p = {s: torch.ones(1, dtype=torch.float64, device=device) for s in config.sites}
@@ -180,21 +183,29 @@ class RuntimeState:
             CLOCK.reset()
 
     def p_by_site(self) -> dict[str, float]:
-        """p of each installed site as ``set`` wrote it (1 for a site outside the target)."""
+        """p of each installed site as ``set`` wrote it (``SparsityConfig.p_of``: the rule's
+        keep-every-nonzero p for a site outside the target)."""
         return {site: self.config.p_of(site) for site in self.p}
 
     @property
     def targets(self) -> list[str]:
-        """Targets reachable at runtime: those whose sites are all installed."""
+        """Named targets reachable at runtime: those whose sites are all installed (any comma
+        list of installed sites is reachable too)."""
         return [t for t, need in site_table.TARGETS.items() if set(need) <= set(self.p)]
 
-    def set(self, p: float | None = None, target: str | None = None) -> None:
-        """Change p and/or target in place (validated values; see ``control``)."""
-        if target is not None and target not in self.targets:
-            raise ValueError(f"target {target!r} is not installed; available: {self.targets}")
-        self.config = SparsityConfig(p=self.config.p if p is None else p,
-                                     target=target or self.config.target,
-                                     backend=self.config.backend)
+    def reachable(self, target: str) -> bool:
+        """Whether ``target`` (a valid target) names installed sites only."""
+        return set(site_table.sites_of(target)) <= set(self.p)
+
+    def set(self, p: float | dict[str, float] | None = None, target: str | None = None) -> None:
+        """Change p and/or target in place (validated values; see ``control``). Raises
+        ValueError (``config.SparsityConfigError``) for a target with sites not installed, or a
+        per-site p that does not name the target's sites."""
+        config = self.config.with_changes(p=p, target=target)
+        if not self.reachable(config.target):
+            raise ValueError(f"target {config.target!r} is not installed; installed sites: "
+                             f"{', '.join(self.p)}")
+        self.config = config
         for site, value in self.p_by_site().items():
             self.p[site].fill_(value)
             self.token_p[site].fill_(value)  # until the next step's mark_phases
@@ -203,7 +214,8 @@ class RuntimeState:
     def settings(self) -> dict:
         """The settings as the ``/v1/sparsity`` route answers them."""
         return {**self.config.to_dict(), "resolved_backend": self.backend,
-                "targets": self.targets, "started_target": self.started_target}
+                "targets": self.targets, "sites": list(self.p),
+                "started_target": self.started_target}
 
 
 def runtime_state(model: torch.nn.Module) -> RuntimeState | None:

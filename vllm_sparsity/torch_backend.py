@@ -1,5 +1,6 @@
-"""The torch backend of the sparse seam (see ``backends``): the exact torch rule on the input, then
-the layer's own linear method (vLLM's dense GEMM, quantized or not) on the sparsified input.
+"""The torch backend of the sparse seam (see ``backends``): the exact torch rule on the input (any
+rule of ``rule.RULES``: the method's ``threshold``), then the layer's own linear method (vLLM's
+dense GEMM, quantized or not) on the sparsified input.
 
 Serves every layer on every device. It gives the paper's semantics, not speed: the dense GEMM
 still reads every weight column.
@@ -11,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from vllm_sparsity.rule import top_p_sparsify
+from vllm_sparsity.rule import sparsify
 
 
 def unsupported_reason(layer: torch.nn.Module) -> None:
@@ -28,7 +29,9 @@ def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor,
                   bias: torch.Tensor | None = None,
                   all_reduce: Callable[[torch.Tensor], None] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, None]:
-    """``(inner.apply(top_p(x2)), kept [M], None)``: x2 [M, K]; p float64 [1] or [M, 1] (one per row); the GEMM reads
-    every column (None). ``all_reduce`` as ``rule.top_p_threshold``."""
-    xs, kept = top_p_sparsify(x2, p, all_reduce)
-    return layer.quant_method.inner.apply(layer, xs, bias), kept, None
+    """``(inner.apply(rule(x2)), kept [M], None)``: x2 [M, K]; p float64 [1] or [M, 1] (one per
+    row); the rule is the method's ``threshold`` (``rule.threshold_of``); the GEMM reads every
+    column (None). ``all_reduce`` as ``rule.top_p_threshold``."""
+    method = layer.quant_method
+    xs, kept = sparsify(x2, p, method.threshold, all_reduce)
+    return method.inner.apply(layer, xs, bias), kept, None

@@ -1,5 +1,6 @@
 """Fused top-p threshold + input-sparse GEMV (``cpu_input_sparse_gemv``) against vLLM-CPU's dense
-GEMV for the same layer, on the MLP shapes of Gemma 3 270M / 1B, Llama-3.1-8B and Gemma-3-27B.
+GEMV for the same layer, on the MLP shapes of Gemma 3 270M / 1B, Llama-3.2-1B, Llama-3.1-8B and
+Gemma-3-27B.
 
 The dense baseline is whatever vLLM 0.32 runs for that layer on this CPU: a layer goes through
 ``dispatch_cpu_unquantized_gemm`` (vllm/model_executor/layers/utils.py) and is timed through the
@@ -21,7 +22,11 @@ dense then each s once (each sample is a loop of calls lasting >= ~10 ms); the t
 median over rounds of sparse / dense time and the range of those per-round ratios.
 
 Usage: python kernels/bench/bench_cpu_sparse_gemv.py --out DIR [--quick] [--dtype bf16|fp32]
-Writes DIR/bench_cpu_sparse_gemv.csv and DIR/bench_cpu_sparse_gemv.png.
+[--rounds N] [--from-csv CSV]
+Writes DIR/bench_cpu_sparse_gemv.csv, DIR/bench_cpu_sparse_gemv.png and DIR/bench_cpu_sparse_gemv.md
+(the summary: one markdown table per thread count, the ratio at s = 0.3 / 0.5 / 0.7 for each M).
+The full run (4 shapes, 2 layers, 4 batch sizes, 2 thread counts, then the prefill comparison)
+takes about 10 minutes on a 2-core machine with the default rounds.
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ import torch
 from vllm_sparsity.kernels import cpu_backend
 from vllm_sparsity.rule import top_p_mask
 
-# (model, hidden, intermediate): the MLP shapes of the issue.
-SHAPES = [("gemma3-270m", 640, 2048), ("gemma3-1b", 1152, 6912),
+# (model, hidden, intermediate): the MLP shapes of the issue, and Llama-3.2-1B's (the random model
+# of `vllm-sparsity random-model`, timed end to end by `vllm-sparsity bench`).
+SHAPES = [("gemma3-270m", 640, 2048), ("gemma3-1b", 1152, 6912), ("llama3.2-1b", 2048, 8192),
           ("llama3.1-8b", 4096, 14336), ("gemma3-27b", 5376, 21504)]
 SPARSITIES = (0.3, 0.5, 0.7)
 BATCHES = (1, 2, 4, 8)
@@ -156,6 +162,33 @@ def bench_prefill(shapes, dtype, m: int = PREFILL_M, rounds: int = 3) -> None:
                   flush=True)
 
 
+def summary(rows) -> str:
+    """Markdown tables of the median ratios (sparse / vLLM dense time): per thread count, a row per
+    (model, layer), a column per M holding the ratios at each s."""
+    fmt = lambda v: f"{float(v):.2f}"  # noqa: E731
+    cell = {(r["model"], r["layer"], int(r["threads"]), int(r["M"]), float(r["s"])): r
+            for r in rows}
+    keys = list(dict.fromkeys((r["model"], r["layer"]) for r in rows))
+    ms = sorted({int(r["M"]) for r in rows})
+    s_text = " / ".join(str(s) for s in SPARSITIES)
+    out = []
+    for t in sorted({int(r["threads"]) for r in rows}):
+        out.append(f"\n{t} thread{'s' if t > 1 else ''}: time / vLLM dense time at s = {s_text}"
+                   " (median over rounds)\n")
+        out.append("| model | layer | K x N | dense | " + " | ".join(f"M = {m}" for m in ms)
+                   + " |")
+        out.append("|---|---|---|---|" + "---|" * len(ms))
+        for model, layer in keys:
+            any_r = next(r for r in rows if (r["model"], r["layer"]) == (model, layer))
+            cols = []
+            for m in ms:
+                got = [cell.get((model, layer, t, m, s)) for s in SPARSITIES]
+                cols.append(" / ".join(fmt(r["ratio"]) if r else "-" for r in got))
+            out.append(f"| {model} | {layer} | {any_r['K']} x {any_r['N']} | {any_r['dense']} | "
+                       + " | ".join(cols) + " |")
+    return "\n".join(out)
+
+
 def plot(rows, path: Path) -> None:
     import matplotlib
 
@@ -186,6 +219,16 @@ def plot(rows, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def write_summary(rows, out: Path) -> None:
+    """Print the summary tables; write them (.md) and the PNG into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = summary(rows)
+    print(text)
+    (out / "bench_cpu_sparse_gemv.md").write_text(text.lstrip() + "\n")
+    plot(rows, out / "bench_cpu_sparse_gemv.png")
+    print(f"wrote {out / 'bench_cpu_sparse_gemv.md'} and {out / 'bench_cpu_sparse_gemv.png'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for the CSV and the PNG")
@@ -193,7 +236,19 @@ def main() -> None:
                     "{1, 8}, 1 thread")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--models", nargs="*", help=f"subset of {[s[0] for s in SHAPES]}")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds per cell (default: 5 for "
+                    "weights over 50M entries, 9 below)")
+    ap.add_argument("--from-csv", type=Path, help="only rewrite the summary and the PNG of a CSV "
+                    "this script wrote")
     args = ap.parse_args()
+    if args.rounds is not None and args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.from_csv is not None:
+        with args.from_csv.open() as f:
+            rows = [{**r, "ratio": float(r["ratio"]), "M": int(r["M"]),
+                     "threads": int(r["threads"]), "s": float(r["s"])} for r in csv.DictReader(f)]
+        write_summary(rows, args.out)
+        return
     dtype = DTYPES[args.dtype]
     isa = cpu_backend.load_ops()
     shapes = [s for s in SHAPES if not args.models or s[0] in args.models]
@@ -218,7 +273,7 @@ def main() -> None:
             wt = w.t().contiguous()
             layer, kind = dense_layer(w)
             del w
-            rounds = 5 if n * k > 50e6 else 9
+            rounds = args.rounds or (5 if n * k > 50e6 else 9)
             for t in threads:
                 for m in batches:
                     for r in bench_cell(layer, kind, wt, m, k, t, rounds, dtype, seed):
@@ -238,8 +293,7 @@ def main() -> None:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))
         wr.writeheader()
         wr.writerows(rows)
-    plot(rows, args.out / "bench_cpu_sparse_gemv.png")
-    print(f"wrote {csv_path} and {args.out / 'bench_cpu_sparse_gemv.png'}")
+    write_summary(rows, args.out)
     torch.set_num_threads(1)
     bench_prefill([s for s in shapes if s[0] != "gemma3-27b"] if not args.quick else shapes[:1],
                   dtype)

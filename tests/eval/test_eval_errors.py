@@ -176,3 +176,35 @@ def test_nothing_listening_and_a_wrong_key(fake_server, own_task):
     url = fake_server(api_key="secret")
     assert run(sweep_args(url, own_task, MODEL_ROOT, "--api-key", "wrong")).startswith(
         f"--api-key: the server at {url} refused the key (HTTP 401)")
+
+
+def test_a_server_running_another_rule(fake_server, own_task):
+    url = fake_server()  # its GET /v1/sparsity has no rule: a server from before rules, top-p
+    assert run(sweep_args(url, own_task, MODEL_ROOT, "--rule", "max-p")) == (
+        "--rule max-p: the server runs rule top-p; start it with the same "
+        "--sparsity-rule/--sparsity-q")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rule", "lq"], "--rule lq needs --q (the L_q exponent, a finite number > 0)"),
+    (["--q", "2"], "--q is the exponent of the lq rule only; --rule is top-p"),
+])
+def test_rule_and_q_are_checked_before_any_server(tmp_path, extra, message):
+    assert run(sweep_args("http://127.0.0.1:9", tmp_path, MODEL_ROOT, *extra)).startswith(message)
+
+
+def test_bad_target_names_the_flag_and_the_sites(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(sweep_args("http://127.0.0.1:9", tmp_path, MODEL_ROOT, "--target", "gate,mlp"))
+    assert "--target must be one of input, intermediate, all_inputs or a comma list of sites " \
+        "(input,gate,up,intermediate); got 'gate,mlp'" in capsys.readouterr().err
+
+
+def test_a_started_server_gets_the_rule_and_every_site_of_the_target():
+    from vllm_sparsity.eval.sweep import serve_flags
+
+    assert serve_flags() == ["--sparsity-p", "1.0", "--sparsity-target", "all_inputs",
+                             "--sparsity-rule", "top-p"]
+    assert serve_flags("gate", "lq", 2.0) == [
+        "--sparsity-p", "1.0", "--sparsity-target", "input,gate,intermediate",
+        "--sparsity-rule", "lq", "--sparsity-q", "2.0"]

@@ -117,3 +117,15 @@ def test_registry_task_needing_the_hub_fails_before_any_server(tmp_path):
               "--p-grid", "1.0,0.9", "--out", str(tmp_path / "out")])
     assert str(e.value).startswith("--tasks mmlu (its subtask mmlu_")
     assert "its dataset 'cais/mmlu' comes from the Hugging Face Hub" in str(e.value)
+
+
+def test_a_misspelled_registry_name_lists_each_close_match_once(tmp_path):
+    """``hellaswag`` is both a built-in and lm-eval's task: suggested once, before any server."""
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "--model", "/models/m", "--url", "http://127.0.0.1:9", "--tasks",
+              "hellaswg", "--out", str(tmp_path / "out")])
+    msg = str(e.value)
+    assert msg.startswith("--tasks hellaswg: no such task or group in the built-in tasks, "
+                          "lm-eval's registry; close matches: hellaswag, ")
+    close = msg.split("close matches: ")[1].split(", ")
+    assert len(close) == len(set(close)) == 5

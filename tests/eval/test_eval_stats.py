@@ -115,3 +115,21 @@ def test_pairing_makes_an_unchanged_point_pass_in_every_resample():
     result = stats.paired_bootstrap(correct, np.array([0.0, 0.3, 0.6]), dense=0, n_boot=500)
     assert result["average"]["sparsity"] == 0.3
     assert result["average"]["interval"] == [0.3, 0.3]
+
+
+def test_mean_shift_matches_a_naive_loop_over_the_same_draws():
+    rng = random.Random(3)
+    diff = {"a": [rng.gauss(-0.1, 0.5) for _ in range(30)], "b": [rng.gauss(0.0, 2.0)
+                                                                 for _ in range(12)]}
+    n_boot = 400
+    weights = stats.draw_weights({t: len(d) for t, d in diff.items()}, n_boot, seed=5)
+    boot = []
+    for b in range(n_boot):  # each task: the mean over its drawn documents; tasks weigh equally
+        means = [math.fsum(d[i] * k for i, k in enumerate(weights[t][b])) / sum(weights[t][b])
+                 for t, d in diff.items()]
+        boot.append(sum(means) / len(means))
+    got = stats.mean_shift({t: np.array(d) for t, d in diff.items()}, n_boot, level=0.9, seed=5)
+    assert got["interval"] == pytest.approx(list(np.percentile(boot, [5, 95])))
+    assert got["shift"] == pytest.approx((math.fsum(diff["a"]) / 30 + math.fsum(diff["b"]) / 12)
+                                         / 2)
+    assert got["tasks"] == pytest.approx({t: math.fsum(d) / len(d) for t, d in diff.items()})
