@@ -82,7 +82,8 @@ def test_control_route_changes_p_for_the_next_request(sparse_server):
     ("--sparsity-p", "nan", "--sparsity-p must be a number in [1e-06, 1], got 'nan'"),
     ("--sparsity-p", "ninety", "--sparsity-p must be a number in [1e-06, 1], got 'ninety'"),
     ("--sparsity-target", "output",
-     "--sparsity-target must be one of input, intermediate, all_inputs; got 'output'"),
+     "--sparsity-target must be one of input, intermediate, all_inputs or a comma list of sites "
+     "(input,gate,up,intermediate); got 'output'"),
 ])
 def test_bad_flag_stops_the_server_with_one_clear_line(demo_model, flag, value, message):
     extra = [] if flag == "--sparsity-p" else ["--sparsity-p", "0.5"]

@@ -332,17 +332,24 @@ def _check_choice(value: Any, choices: tuple[str, ...], name: str) -> None:
             f"{name} must be one of {', '.join(choices)}; got {quote(value)}")
 
 
+def _env_seconds(environ: Mapping[str, str] | None, name: str, default: float
+                 ) -> tuple[str, float]:
+    """The variable's raw text and its value in seconds: ``default`` when unset or empty, NaN when
+    not a number (every caller's range check then fails and names the raw text)."""
+    raw = (os.environ if environ is None else environ).get(name, "")
+    if raw == "":
+        return raw, default
+    try:
+        return raw, float(raw)
+    except ValueError:
+        return raw, math.nan
+
+
 def interval_s(environ: Mapping[str, str] | None = None) -> float:
     """Seconds between two polls of the workers' metrics, from ``VLLM_SPARSITY_METRICS_INTERVAL_S``:
     0 (metrics off) or in [MIN_INTERVAL_S, MAX_INTERVAL_S] = [0.5, 3600]; default 5. Raises
     SparsityConfigError naming the variable and the allowed range."""
-    raw = (os.environ if environ is None else environ).get(INTERVAL_ENV, "")
-    if raw == "":
-        return DEFAULT_INTERVAL_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
+    raw, value = _env_seconds(environ, INTERVAL_ENV, DEFAULT_INTERVAL_S)
     if value != 0 and not MIN_INTERVAL_S <= value <= MAX_INTERVAL_S:  # NaN fails both
         raise SparsityConfigError(
             f"{INTERVAL_ENV} must be 0 (metrics off) or a number of seconds in "
@@ -354,13 +361,7 @@ def drain_timeout_s(environ: Mapping[str, str] | None = None) -> float:
     """Seconds ``POST /v1/sparsity`` waits for the requests in flight to finish before it gives up
     (HTTP 503, nothing changed), from ``VLLM_SPARSITY_DRAIN_TIMEOUT_S`` (default 60, range
     (0, 86400]). Raises SparsityConfigError naming the variable."""
-    raw = (os.environ if environ is None else environ).get(DRAIN_TIMEOUT_ENV, "")
-    if raw == "":
-        return DEFAULT_DRAIN_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
+    raw, value = _env_seconds(environ, DRAIN_TIMEOUT_ENV, DEFAULT_DRAIN_TIMEOUT_S)
     if not 0 < value <= 86400:
         raise SparsityConfigError(f"{DRAIN_TIMEOUT_ENV} must be a number of seconds in (0, 86400], "
                                   f"got {quote(raw)}")
