@@ -65,6 +65,24 @@ def test_token_p_buffer_equals_a_naive_loop_and_is_capture_safe():
                     [w for w in want if w is not None], (target, q, ps, site)
 
 
+@pytest.mark.parametrize("rule, keep_all", [("top-p", 1.0), ("max-p", 0.0)])
+def test_request_p_replaces_every_target_sites_p(rule, keep_all):
+    """Per-site server p (input 0.95, intermediate 0.85): a token without its own p gets its
+    site's; one with p gets it at every site of the target; a site outside the target runs at the
+    rule's keep-everything p (1 for top-p; 0 for max-p, whose p = 1 would keep only the max)."""
+    state = RuntimeState(SparsityConfig(p={"input": 0.95, "intermediate": 0.85}, rule=rule),
+                         torch.device("cpu"), 8, metrics_on=False)
+    state.bind_query_start_loc(torch.tensor([0, 2, 3, 3], dtype=torch.int32), "Runner")
+    state.set_request_p([0.5, NAN])
+    state.mark_phases(3, _vllm_compat.STEP)
+    assert state.token_p["input"][:3].tolist() == [0.5, 0.5, 0.95]
+    assert state.token_p["intermediate"][:3].tolist() == [0.5, 0.5, 0.85]
+    state.set(p=0.9, target="input")  # intermediate leaves the target
+    state.mark_phases(3, _vllm_compat.STEP)
+    assert state.token_p["input"][:3].tolist() == [0.5, 0.5, 0.9]
+    assert state.token_p["intermediate"][:3].tolist() == [keep_all] * 3
+
+
 def test_steps_without_requests_use_the_servers_p():
     state = RuntimeState(SparsityConfig(p=0.8), torch.device("cpu"), 8, metrics_on=False)
     state.bind_query_start_loc(torch.tensor([0, 2, 4, 4], dtype=torch.int32), "Runner")

@@ -7,8 +7,12 @@ client, ``extra_body={"vllm_xargs": {"sparsity_p": 0.8}}``); vLLM copies ``vllm_
 
 Semantics: the rule is per token row, so every token of that request (prompt and generated, in
 prefill and decode) follows its p at every site of the server's target; tokens of requests without
-it follow the server's p (which ``POST /v1/sparsity`` may change). Sites outside the target stay
-dense for every request.
+it follow the server's p (which ``POST /v1/sparsity`` may change). One number: when the server runs
+one p per site (``input=0.95,intermediate=0.85``), a request's p replaces the p of every site of the
+target alike. It is the parameter of the server's rule (``--sparsity-rule``, fixed at start-up: the
+share of L1 mass for top-p, of K for top-k, ...). Sites outside the target stay at the rule's
+keep-everything p (``rule.KEEP_ALL_P``: 1, or 0 for max-p) for every request, exactly as
+``SparsityConfig.p_of`` says for the server's p.
 
 API server (``check_request``, called from ``_vllm_compat.on_process_inputs``): the value is
 checked by ``config.parse_p`` (a JSON number in [1e-6, 1]) and refused with HTTP 400 naming
