@@ -124,6 +124,73 @@ def test_seam_applies_each_tokens_request_p():
                                                     x[4:5], 0), layer.weight))
 
 
+def test_counters_per_request_p_equal_the_paper_rule_per_p():
+    """Two steps with requests at p 0.3 and 0.6 mixed with one without p (and padding): each p's
+    row of the layer's per-p counters holds exactly the zeroed and total activations of its
+    tokens under the paper's rule; the tokens without p go to the last row; the worker snapshot and
+    the merge give them per p and site."""
+    from vllm_sparsity import counters
+
+    K, N = 96, 40
+    layer = make_layer(K, N, seed=4)
+    state = sparse(layer, 0.9, max_tokens=16)
+    qsl = torch.zeros(5, dtype=torch.int32)
+    state.bind_query_start_loc(qsl, "Runner")
+    want = {0.3: [0, 0], 0.6: [0, 0], None: [0, 0]}
+    steps = [([0, 4, 5, 7, 7], [0.3, NAN, 0.6], 8), ([0, 1, 2, 3, 3], [0.6, 0.3, NAN], 4)]
+    for seed, (q, ps, n) in enumerate(steps):
+        qsl.copy_(torch.tensor(q, dtype=torch.int32))
+        state.set_request_p(ps)
+        state.mark_phases(n, _vllm_compat.STEP)
+        x = torch.randn(n, K, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+        layer.quant_method.apply(layer, x)
+        for r, p in enumerate(ps):
+            for t in range(q[r], q[r + 1]):
+                kept = int(paper_top_p_mask(x[t:t + 1].float(), 0.9 if math.isnan(p) else p).sum())
+                row = want[None if math.isnan(p) else p]
+                row[0] += K - kept
+                row[1] += K
+    stats = layer.sparsity_p_stats.tolist()
+    assert stats[state.p_slots[0.3]] == want[0.3] and stats[state.p_slots[0.6]] == want[0.6]
+    # The last row (never published): tokens without p, and padding (token 7, then token 3).
+    assert stats[request_p.P_SLOTS][1] == want[None][1] + 2 * K
+    assert sum(row[1] for row in stats) == K * 12
+    merged = counters.merge_by_p([counters.snapshot(state, 0, None)])
+    assert merged["counters"] == {"0.3": {"input": dict(zip(("zeroed", "total"), want[0.3]))},
+                                  "0.6": {"input": dict(zip(("zeroed", "total"), want[0.6]))}}
+    state.reset_counters()
+    assert not layer.sparsity_p_stats.any()
+
+
+def test_request_slots_match_a_lookup():
+    slot_p = torch.full((request_p.P_SLOTS,), NAN, dtype=torch.float64)
+    slot_p[:3] = torch.tensor([0.5, 0.7, 0.25], dtype=torch.float64)
+    ps = [0.7, NAN, 0.25, 0.9, 0.5]
+    got = request_p.request_slots(torch.tensor(ps, dtype=torch.float64), slot_p).tolist()
+    table = {0.5: 0, 0.7: 1, 0.25: 2}
+    assert got == [table.get(p, request_p.P_SLOTS) for p in ps]
+
+
+def test_merge_by_p_sums_split_shards_and_matches_p_across_workers():
+    """TP rank 1 adds only its shard of a split input; two replicas (DP) that gave one p different
+    rows are matched by p."""
+    from vllm_sparsity import counters
+
+    def snap(tp_rank, slots, rows_in, rows_down):
+        return {"tp_rank": tp_rank, "p_slots": slots, "request_p_applied": True,
+                "sites": [[0, "input", "a", 0, False], [0, "intermediate", "b", 0, True]],
+                "p_stats": [rows_in, rows_down]}
+
+    a = snap(0, {"0.5": 0}, [[1, 10], [0, 0]], [[2, 20], [0, 0]])
+    b = snap(1, {"0.5": 0}, [[1, 10], [0, 0]], [[3, 20], [0, 0]])  # same tokens, other shard
+    c = snap(0, {"0.7": 0, "0.5": 1}, [[4, 10], [5, 10]], [[6, 20], [7, 20]])  # another replica
+    got = counters.merge_by_p([a, b, c])
+    assert got["applied"] and got["counters"] == {
+        "0.5": {"input": {"zeroed": 1 + 5, "total": 20}, "intermediate": {"zeroed": 2 + 3 + 7,
+                                                                         "total": 60}},
+        "0.7": {"input": {"zeroed": 4, "total": 10}, "intermediate": {"zeroed": 6, "total": 20}}}
+
+
 @pytest.mark.parametrize("value", [0, -0.5, 1.5, "0.5", None, True, [0.5], NAN, 1e-7])
 def test_bad_request_p_is_refused_naming_the_field(value):
     with pytest.raises(SparsityConfigError, match=r"vllm_xargs\.sparsity_p must be a number in "

@@ -138,9 +138,10 @@ def vllm_sparsity_bind_step(self) -> None:
     if state is not None:
         state.bind_query_start_loc(_vllm_compat.runner_query_start_loc(self),
                                    _vllm_compat.runner_name(self))
-        if not _vllm_compat.before_runner_forward(
-                self, lambda req_ids, params_of: state.set_request_p(
-                    request_p.request_ps(req_ids, params_of))):
+        state.request_p_applied = _vllm_compat.before_runner_forward(
+            self, lambda req_ids, params_of: state.set_request_p(
+                request_p.request_ps(req_ids, params_of)))
+        if not state.request_p_applied:
             logger.warning("vllm-sparsity: %s has no per-step hook the plugin knows: requests' "
                            "own %s is not applied (they run at the server's p)",
                            _vllm_compat.runner_name(self), request_p.FIELD)

@@ -24,6 +24,12 @@ share the cache with each other (the route clears it whenever the server's p cha
 Worker (``RuntimeState.set_request_p`` / ``mark_phases``): each step, the p of each request in the
 model runner's batch order goes into a device buffer, and ``token_p`` expands it over each
 request's tokens with ``query_start_loc``.
+
+Counters per p (``request_slots``, ``counters.count_by_p``): beside the per-layer counters, which
+mix every p, each layer counts the activations zeroed and in all per request p, for the first
+``P_SLOTS`` distinct p a worker sees (a bounded table, never a label per request; later p are
+counted with the requests without p). ``GET /v1/sparsity`` answers them under ``request_p``, so a
+client that sends several p at once (``eval sweep --p-mode request``) measures each p's sparsity.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ from vllm_sparsity.config import parse_p
 EXTRA_ARG = "sparsity_p"
 FIELD = f"vllm_xargs.{EXTRA_ARG}"
 SALT_PREFIX = "vllm-sparsity-p="
+# Distinct request p counted apart per worker (rows of each layer's ``sparsity_p_stats``; one more
+# row for tokens without a counted p: no p, a p past the table, padding).
+P_SLOTS = 64
 
 
 def requested_p(extra_args: dict[str, Any] | None) -> float | None:
@@ -94,3 +103,23 @@ def token_p(request_p: torch.Tensor, site_p: torch.Tensor, site_on: torch.Tensor
     """
     own = request_p[request_of_token]
     return torch.where(own.isnan() | ~site_on, site_p, own)
+
+
+def request_slots(request_p: torch.Tensor, slot_p: torch.Tensor) -> torch.Tensor:
+    """Each request's counter slot: the index of its p in ``slot_p``, ``P_SLOTS`` when it has none
+    or its p has no slot. Capture-safe (device ops, shapes fixed by the inputs).
+
+    Args:
+        request_p: float64 [R], each request's p in batch order, NaN where it carries none.
+        slot_p: float64 [P_SLOTS], the p of each slot, NaN for a free one (NaN equals nothing).
+
+    Returns:
+        int64 [R], in [0, P_SLOTS].
+    """
+    same = request_p[:, None] == slot_p[None, :]
+    return torch.where(same.any(dim=-1), same.to(torch.int64).argmax(dim=-1), P_SLOTS)
+
+
+def counter_key(p: float) -> str:
+    """The key of p in the route's ``request_p.counters`` (``repr``: exact)."""
+    return repr(float(p))

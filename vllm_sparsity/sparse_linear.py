@@ -20,6 +20,9 @@ CUDA graphs) reads them as inputs and never bakes them in:
   request's own p, else ``sparsity_p``; shared by the site's layers), passed to the rule as [M, 1];
 - ``sparsity_phase``: int64 [max tokens], the phase of each token of the step, and
   ``sparsity_batch_phase`` int64 [1], the step's (one pair shared by every layer);
+- ``sparsity_token_slot`` int64 [max tokens] (shared) and ``sparsity_p_stats`` int64
+  [P_SLOTS + 1, 2] (this layer's): activations zeroed and in all per request p
+  (``counters.count_by_p``);
 - ``sparsity_stats``: int64 [3, ``counters.WIDTH``], this layer's counters (``counters``), over
   this rank's shard of K when the input is split across TP ranks.
 """
@@ -110,6 +113,7 @@ class InputSparseLinearMethod(LinearMethodBase):
         y2, kept, columns_read = self._backend.apply_counted(layer, x2, p, bias, self.all_reduce)
         counters.count(layer.sparsity_stats, layer.sparsity_phase, layer.sparsity_batch_phase,
                        kept, x2.shape[-1], columns_read, self.detailed_counts)
+        counters.count_by_p(layer.sparsity_p_stats, layer.sparsity_token_slot, kept, x2.shape[-1])
         return y2.view(*x.shape[:-1], y2.shape[-1])
 
 
@@ -133,5 +137,8 @@ def install(layer: torch.nn.Module, name: str, site: str, layer_index: int, stat
     layer.register_buffer("sparsity_phase", state.phase, persistent=False)
     layer.register_buffer("sparsity_batch_phase", state.batch_phase, persistent=False)
     layer.register_buffer("sparsity_stats", counters.new_stats(state.phase.device),
+                          persistent=False)
+    layer.register_buffer("sparsity_token_slot", state.token_slot, persistent=False)
+    layer.register_buffer("sparsity_p_stats", counters.new_p_stats(state.phase.device),
                           persistent=False)
     state.layers.append((name, layer))

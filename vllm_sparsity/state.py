@@ -14,7 +14,7 @@ from vllm_sparsity._vllm_compat import MICRO_BATCH, NO_REQUESTS
 from vllm_sparsity.clock import CLOCK
 from vllm_sparsity.config import SparsityConfig
 from vllm_sparsity.counters import PAD, PREFILL, token_phases, token_requests
-from vllm_sparsity.request_p import token_p
+from vllm_sparsity.request_p import P_SLOTS, counter_key, request_slots, token_p
 
 logger = logging.getLogger("vllm.vllm_sparsity")  # under vLLM's handler and format
 
@@ -45,7 +45,11 @@ class RuntimeState:
     holds each request's p in batch order, copied from a host buffer before each forward
     (``set_request_p``, eager, outside any CUDA graph); ``mark_phases`` expands it over the tokens
     with ``query_start_loc`` (capture-safe). ``site_on[site]`` (bool [1]): the site is in the
-    current target (a request's p never turns on a site outside it).
+    current target (a request's p never turns on a site outside it). ``token_slot`` (int64
+    [max_num_tokens]): each token's row in the layers' per-p counters (``request_p.P_SLOTS`` for
+    none), from ``slot_p`` (float64 [P_SLOTS], the p of each row, NaN: free), which
+    ``set_request_p`` fills with each new p it sees (``p_slots``: p -> row).
+    ``request_p_applied``: the plugin found the runner's per-step hook (set at bind time).
     """
 
     def __init__(self, config: SparsityConfig, device: torch.device, max_num_tokens: int,
@@ -65,6 +69,10 @@ class RuntimeState:
         self._request_p_host: torch.Tensor | None = None
         self._request_p_copied = None  # CUDA event of the last copy (the host buffer is reused)
         self._request_p_given = False
+        self.request_p_applied = False
+        self.token_slot = torch.full((max_num_tokens,), P_SLOTS, dtype=torch.int64, device=device)
+        self.slot_p = torch.full((P_SLOTS,), math.nan, dtype=torch.float64, device=device)
+        self.p_slots: dict[float, int] = {}
         self.backend = config.backend  # resolved per layer by replace_mlp ("torch", "triton")
         self.phase = torch.full((max_num_tokens,), PREFILL, dtype=torch.int64, device=device)
         self.batch_phase = torch.full((1,), PREFILL, dtype=torch.int64, device=device)
@@ -121,6 +129,10 @@ class RuntimeState:
         given = any(not math.isnan(p) for p in ps)
         if not given and not self._request_p_given:
             return
+        for p in ps:  # a new p takes the next free counter row, while there is one
+            if not math.isnan(p) and p not in self.p_slots and len(self.p_slots) < P_SLOTS:
+                slot = self.p_slots[p] = len(self.p_slots)
+                self.slot_p[slot:slot + 1].fill_(p)
         if len(ps) > self.request_p.numel():
             raise ValueError(f"{len(ps)} requests in a step; the buffers hold "
                              f"{self.request_p.numel()}")
@@ -148,6 +160,7 @@ class RuntimeState:
             self.phase.fill_(PAD)
             self.batch_phase.fill_(PAD)
             self._server_p_for_every_token()
+            self.token_slot.fill_(P_SLOTS)
         elif step == MICRO_BATCH or self.query_start_loc is None:
             if step == MICRO_BATCH and not self._warned_micro_batch:
                 self._warned_micro_batch = True
@@ -159,6 +172,7 @@ class RuntimeState:
             self.batch_phase.fill_(PREFILL)
             self.unknown_phase_tokens.add_(num_tokens)
             self._server_p_for_every_token()  # which token is whose is unknown here
+            self.token_slot.fill_(P_SLOTS)
         else:
             token_index = self.token_index[:num_tokens]
             phase, batch = token_phases(self.query_start_loc, token_index)
@@ -168,6 +182,9 @@ class RuntimeState:
             for site, buffer in self.token_p.items():
                 buffer[:num_tokens].copy_(
                     token_p(self.request_p, self.p[site], self.site_on[site], request))
+            slot = request_slots(self.request_p, self.slot_p)[request]
+            self.token_slot[:num_tokens].copy_(
+                torch.where(token_index < self.query_start_loc[-1], slot, P_SLOTS))
 
     def _server_p_for_every_token(self) -> None:
         for site, buffer in self.token_p.items():
@@ -178,9 +195,14 @@ class RuntimeState:
         tensors stay the ones a captured CUDA graph writes)."""
         for _, layer in self.layers:
             layer.sparsity_stats.zero_()
+            layer.sparsity_p_stats.zero_()
         self.unknown_phase_tokens.zero_()
         if self.clock:
             CLOCK.reset()
+
+    def p_slots_by_key(self) -> dict[str, int]:
+        """The counter row of each request p seen, keyed by ``request_p.counter_key``."""
+        return {counter_key(p): slot for p, slot in self.p_slots.items()}
 
     def p_by_site(self) -> dict[str, float]:
         """p of each installed site as ``set`` wrote it (``SparsityConfig.p_of``: the rule's
