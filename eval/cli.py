@@ -2,7 +2,8 @@
 
   vllm-sparsity eval sweep --model M [--url URL --api-key K] [--tasks arc_easy,piqa,gsm8k,mmlu,...]
                            [--include-path DIR] [--p-grid 1.0,0.99,...] [--target all_inputs]
-                           [--limit N] [--search [--tol 0.02] [--max-points N]] --out DIR
+                           [--limit N] [--search [--tol 0.02] [--max-points N]]
+                           [--p-mode auto|request|global] --out DIR
   vllm-sparsity eval check --results DIR/results.json --baseline FILE [--deployed-p P] [--strict]
                            [--loglik-tol NATS]
   vllm-sparsity eval baseline --results DIR/results.json --deployed-p P --out FILE
@@ -45,7 +46,7 @@ def _target(value: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    from vllm_sparsity.eval.sweep import PAPER_GRID
+    from vllm_sparsity.eval.sweep import P_MODES, PAPER_GRID
 
     ap = argparse.ArgumentParser(prog="vllm-sparsity eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,6 +74,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--q", type=float, help="the exponent of the lq rule (lq only)")
     s.add_argument("--limit", type=int, help="documents per task (the first N; all if unset)")
     s.add_argument("--out", type=Path, required=True, help="sweep folder (resumable)")
+    s.add_argument("--p-mode", choices=list(P_MODES), default="auto",
+                   help="request: every request carries its point's p (vllm_xargs.sparsity_p), "
+                   "all points score at once and the server's own p and target stay as they are "
+                   "(its target must be --target); global: one point at a time, the server's p "
+                   "set through POST /v1/sparsity (nothing else may use the server meanwhile); "
+                   "auto (default): request where the server applies a request's p "
+                   "(GET /v1/sparsity says so), else global")
     s.add_argument("--search", action="store_true", help="bisect over --p-grid for the critical "
                    "point instead of scoring every p (see eval/search.py)")
     s.add_argument("--tol", type=float, default=0.02, help="--search: stop when the bracket is "
@@ -122,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(str(e)) from None
         cfg = SweepConfig(str(args.model), args.tasks, grid, args.target, args.limit, include,
                           args.search, args.tol, args.max_points, args.rule, args.q)
-        result = sweep(cfg, args.out, args.url, args.api_key)
+        result = sweep(cfg, args.out, args.url, args.api_key, mode=args.p_mode)
         crit = result["critical_sparsity"]["average"]
         print(f"critical sparsity {crit['sparsity']} (p={crit['p']}), interval {crit['interval']}"
               f"; {args.out / 'results.json'}")

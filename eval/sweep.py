@@ -1,11 +1,21 @@
-"""The sweep: one vLLM server, p set through its control route, lm-eval scoring each p point.
+"""The sweep: one vLLM server, lm-eval scoring each p point against ``/v1/completions``.
 
-For each p of the grid (the dense point p = 1.0 first; p = 1.0 is bit-identical to the plugin off),
-``POST /v1/sparsity`` sets p and the target, the activation counters are read, lm-eval's
-``local-completions`` model scores the tasks against ``/v1/completions`` (log-likelihoods, per-
-document outputs kept with ``--log_samples``), and the counters are read again: their difference is
-the sparsity of exactly those requests. A finished point leaves ``points/p<p>/point.json`` and is
-skipped when the sweep runs again. ``results.build`` then turns the points into ``results.json``.
+Two ways to run a point at p (``--p-mode``):
+
+- ``request`` (the default where the server applies a request's own p: ``GET /v1/sparsity``
+  answers ``request_p.applied``): every request of the point carries its p in
+  ``vllm_xargs.sparsity_p`` (lm-eval model ``sparsity-completions``, ``lm_eval_model``), so all
+  points of the grid score at once, in one pass, and the server's own p and target are never
+  changed (its other traffic goes on as before). The sparsity of each point comes from the
+  server's per-p counters (``request_p.counters``). The server's target must be the sweep's.
+- ``global``: one point at a time, ``POST /v1/sparsity`` sets the server's p and target, then
+  lm-eval's ``local-completions`` scores the tasks; the server's counters, read before and after,
+  give the sparsity. Nothing else may use the server meanwhile.
+
+Either way lm-eval keeps per-document outputs (``--log_samples``), a finished point leaves
+``points/p<p>/point.json`` (with its mode) and is skipped when the sweep runs again, and
+``results.build`` then turns the points into ``results.json``. Greedy scoring is deterministic,
+so both modes give the same accuracies on the same server (tested).
 
 With ``search`` the points are not all scored: ``search.bisect`` picks them from the grid, one at a
 time, and its trace goes to ``search.json``. The tasks are resolved (``registry.resolve``) and
@@ -30,6 +40,7 @@ from pathlib import Path
 import requests
 
 from vllm_sparsity.eval import convert, registry
+from vllm_sparsity.request_p import counter_key
 from vllm_sparsity.sites import sites_of, target_of
 
 # The paper's grid (fszatkowski/activation-sparsity-benchmarking, slurm_scripts/harness/
@@ -37,6 +48,7 @@ from vllm_sparsity.sites import sites_of, target_of
 PAPER_GRID = (1.0, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91,
               0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 START_TIMEOUT_S = 900  # Inductor compile makes start-up take minutes on a small CPU
+P_MODES = ("auto", "request", "global")
 
 
 @dataclass
@@ -216,13 +228,36 @@ def layer_deltas(before: dict, after: dict) -> dict[tuple[int, str], tuple[int, 
     return delta
 
 
-def measured_sparsity(before: dict, after: dict, target: str) -> dict:
+def p_mode(state: dict, asked: str) -> str:
+    """The mode a sweep runs in: ``asked`` unless "auto", which is "request" when the server
+    applies a request's own p (``request_p.applied`` in its ``GET /v1/sparsity`` answer), else
+    "global". SystemExit for "request" on a server that does not."""
+    applies = bool(state.get("request_p", {}).get("applied"))
+    if asked == "auto":
+        return "request" if applies else "global"
+    if asked == "request" and not applies:
+        raise SystemExit("--p-mode request: the server does not apply a request's own p (its "
+                         "plugin predates it, or its model runner has no per-step hook: see its "
+                         "start-up log); use --p-mode global")
+    return asked
+
+
+def measured_sparsity(before: dict, after: dict, target: str, p: float | None = None) -> dict:
     """Share of activations zeroed between two ``GET /v1/sparsity`` answers, per site of the
-    target and over all of them (``overall``); None for a site that saw no activations."""
+    target and over all of them (``overall``); None for a site that saw no activations. From the
+    per-layer counters (every request), or with ``p`` from the counters of the requests carrying
+    that p (``request_p.counters``)."""
     delta = {}
-    for (_, site), (dz, dt) in layer_deltas(before, after).items():
-        z, t = delta.get(site, (0, 0))
-        delta[site] = (z + dz, t + dt)
+    if p is None:
+        for (_, site), (dz, dt) in layer_deltas(before, after).items():
+            z, t = delta.get(site, (0, 0))
+            delta[site] = (z + dz, t + dt)
+    else:
+        key = counter_key(p)
+        b = before.get("request_p", {}).get("counters", {}).get(key, {})
+        for site, a in after.get("request_p", {}).get("counters", {}).get(key, {}).items():
+            zb, tb = b.get(site, {}).get("zeroed", 0), b.get(site, {}).get("total", 0)
+            delta[site] = (a["zeroed"] - zb, a["total"] - tb)
     out = {}
     for site in sites_of(target):
         z, t = delta.get(site, (0, 0))
@@ -239,9 +274,10 @@ def measured_sparsity(before: dict, after: dict, target: str) -> dict:
 
 def lm_eval_command(tasks: list[str], include_path: Path, served_name: str, base_url: str,
                     tokenizer: str, out: Path, limit: int | None, num_concurrent: int = 2,
-                    batch_size: int = 4) -> list[str]:
+                    batch_size: int = 4, sparsity_p: float | None = None) -> list[str]:
     """lm-eval's own CLI, scoring ``tasks`` (lm-eval task or group names) against a
-    ``/v1/completions`` endpoint.
+    ``/v1/completions`` endpoint: its ``local-completions`` model, or with ``sparsity_p`` the
+    ``sparsity-completions`` one (``lm_eval_model``), whose every request carries that p.
 
     ``tokenized_requests=True`` with ``add_bos_token=True``: lm-eval tokenizes with the model's
     tokenizer, prepends ``<bos>`` (Gemma needs it) and sends token ids, so the context length it
@@ -251,8 +287,14 @@ def lm_eval_command(tasks: list[str], include_path: Path, served_name: str, base
     model_args = (f"model={served_name},base_url={base_url}/v1/completions,tokenizer={tokenizer},"
                   f"tokenizer_backend=huggingface,tokenized_requests=True,add_bos_token=True,"
                   f"num_concurrent={num_concurrent},max_retries=3,timeout=600")
-    cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions",
-           "--model_args", model_args, "--tasks", ",".join(tasks),
+    if sparsity_p is None:
+        cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions"]
+    else:
+        from vllm_sparsity.eval.lm_eval_model import MODEL
+
+        cmd = [sys.executable, "-m", "vllm_sparsity.eval.lm_eval_model", "run", "--model", MODEL]
+        model_args = f"sparsity_p={sparsity_p!r},{model_args}"
+    cmd += ["--model_args", model_args, "--tasks", ",".join(tasks),
            "--include_path", str(include_path), "--batch_size", str(batch_size),
            "--output_path", str(out), "--log_samples"]
     return cmd + (["--limit", str(limit)] if limit else [])
@@ -268,33 +310,82 @@ def lm_eval_env(api_key: str | None) -> dict:
 # ---------------------------------------------------------------- the sweep
 
 
+def _score(server: Server, cfg: SweepConfig, ps: list[float], out: Path, include_path: Path,
+           served_name: str, lm_tasks: list[str], per_request: bool) -> dict[float, float]:
+    """lm-eval at each p of ``ps``, all at once (one subprocess per p; its requests carry p when
+    ``per_request``), into each point's folder; returns each one's wall time in seconds.
+    RuntimeError naming the p and its log when one fails."""
+    runs = {}
+    for p in ps:
+        pdir = point_dir(out, p)
+        shutil.rmtree(pdir, ignore_errors=True)  # an unfinished point starts over
+        pdir.mkdir(parents=True)
+        cmd = lm_eval_command(lm_tasks, include_path, served_name, server.url, cfg.model,
+                              pdir / "lm_eval", cfg.limit, sparsity_p=p if per_request else None)
+        log = (pdir / "lm_eval.log").open("w")
+        runs[p] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                    env=lm_eval_env(server.api_key)), log, time.monotonic())
+    walls, failed = {}, []
+    try:
+        for p, (proc, log, t0) in runs.items():
+            rc = proc.wait()
+            walls[p] = time.monotonic() - t0
+            if rc != 0:
+                failed.append(f"p={p} (exit {rc}; log: {point_dir(out, p) / 'lm_eval.log'})")
+    finally:
+        for proc, log, _ in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    if failed:
+        raise RuntimeError(f"lm-eval failed at {', '.join(failed)}")
+    return walls
+
+
 def run_point(server: Server, cfg: SweepConfig, p: float, out: Path, include_path: Path,
               served_name: str, lm_tasks: list[str], set_p=None) -> dict:
-    """Score every task at one p and record the sparsity measured for those requests.
+    """``--p-mode global``: set the server's p, score every task at it and record the sparsity
+    measured for those requests (the server's counters before and after).
 
     ``set_p(server, p, target) -> state`` defaults to ``Server.set``; tests replace it to play a
     broken deployment (a server at another p than the one asked for).
     """
-    pdir = point_dir(out, p)
-    shutil.rmtree(pdir, ignore_errors=True)  # an unfinished point starts over
-    pdir.mkdir(parents=True)
     state = (set_p or Server.set)(server, p, cfg.target)
     before = server.state()
-    cmd = lm_eval_command(lm_tasks, include_path, served_name, server.url, cfg.model,
-                          pdir / "lm_eval", cfg.limit)
-    t0 = time.monotonic()
-    with (pdir / "lm_eval.log").open("w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            env=lm_eval_env(server.api_key)).returncode
-    wall = time.monotonic() - t0
-    if rc != 0:
-        raise RuntimeError(f"lm-eval failed at p={p} (exit {rc}); log: {pdir / 'lm_eval.log'}")
+    wall = _score(server, cfg, [p], out, include_path, served_name, lm_tasks, False)[p]
     after = server.state()
-    point = {"p": p, "target": cfg.target, "server_p": state["p"], "server_target":
-             state["target"], "sparsity": measured_sparsity(before, after, cfg.target),
+    point = {"p": p, "target": cfg.target, "p_mode": "global", "server_p": state["p"],
+             "server_target": state["target"], "sparsity": measured_sparsity(before, after,
+                                                                            cfg.target),
              "wall_s": round(wall, 1)}
-    (pdir / "point.json").write_text(json.dumps(point, indent=1) + "\n")
+    (point_dir(out, p) / "point.json").write_text(json.dumps(point, indent=1) + "\n")
     return point
+
+
+def run_points_by_request(server: Server, cfg: SweepConfig, ps: list[float], out: Path,
+                          include_path: Path, served_name: str, lm_tasks: list[str]
+                          ) -> dict[float, dict]:
+    """``--p-mode request``: score every p of ``ps`` at once, each request carrying its p, and
+    record each point's sparsity from the server's per-p counters (before and after). The server's
+    settings are not touched: its target must already be the sweep's (``sweep`` checks).
+    RuntimeError when the server counted no activation for a p (it did not apply it)."""
+    before = server.state()
+    walls = _score(server, cfg, ps, out, include_path, served_name, lm_tasks, True)
+    after = server.state()
+    points = {}
+    for p in ps:
+        sparsity = measured_sparsity(before, after, cfg.target, p)
+        if not sparsity["activations"]:
+            raise RuntimeError(
+                f"p={p}: the server counted no activation for requests carrying it: it did not "
+                f"apply them, or its per-p counters ({after['request_p']['slots']} distinct p "
+                "per start-up) are all taken; rerun with --p-mode global")
+        points[p] = {"p": p, "target": cfg.target, "p_mode": "request", "server_p": p,
+                     "server_target": after["target"], "sparsity": sparsity,
+                     "wall_s": round(walls[p], 1)}
+        (point_dir(out, p) / "point.json").write_text(json.dumps(points[p], indent=1) + "\n")
+    return points
 
 
 def prepare_tasks(cfg: SweepConfig, out: Path) -> tuple[list[registry.TaskSpec], Path]:
@@ -323,8 +414,9 @@ def _stored_config(cfg_file: Path) -> dict:
 
 
 def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | None = None,
-          set_p=None) -> dict:
+          set_p=None, mode: str = "auto") -> dict:
     """Run (or resume) the sweep into ``out`` and write its results; returns results.json's dict.
+    ``mode``: one of ``P_MODES`` (see the module doc; ``set_p`` as ``run_point``, global only).
 
     Raises:
         SystemExit: a user error (a task that cannot be scored, a folder holding another sweep, a
@@ -352,6 +444,15 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
                     serve_flags(cfg.target, cfg.rule, cfg.q)) as server:
             served_name, initial = server.served_model(cfg.model), server.state()
             check_rule(initial, cfg)
+            mode = p_mode(initial, mode)
+            restore = mode == "global"  # request mode changes nothing of an attached server
+            if mode == "request" and initial["target"] != cfg.target:
+                if server.proc is None:
+                    raise SystemExit(
+                        f"--p-mode request: the server's target is {initial['target']}, the "
+                        f"sweep's {cfg.target}; a request's p applies at the server's target "
+                        "only: set the server's target, or use --p-mode global")
+                server.set(initial["p"], cfg.target)  # the server this sweep started
             bar = tqdm(total=None if cfg.search else len(cfg.grid), unit="p", file=sys.stderr,
                        desc=f"{'search' if cfg.search else 'sweep'} {cfg.target}")
 
@@ -359,6 +460,9 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
                 bar.set_postfix_str(f"p={p:g}")
                 if (point_dir(out, p) / "point.json").exists():
                     point = json.loads((point_dir(out, p) / "point.json").read_text())
+                elif mode == "request":
+                    point = run_points_by_request(server, cfg, [p], out, include_path,
+                                                  served_name, lm_tasks)[p]
                 else:
                     point = run_point(server, cfg, p, out, include_path, served_name, lm_tasks,
                                       set_p)
@@ -376,10 +480,19 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
 
                     trace = search.bisect(cfg.grid, scored, cfg.tol, cfg.max_points)
                     (out / "search.json").write_text(json.dumps(trace, indent=1) + "\n")
+                elif mode == "request":  # every point at once: one pass over the server
+                    todo_ps = [p for p in cfg.grid
+                               if not (point_dir(out, p) / "point.json").exists()]
+                    bar.set_postfix_str(f"{len(todo_ps)} points at once")
+                    if todo_ps:
+                        run_points_by_request(server, cfg, todo_ps, out, include_path,
+                                              served_name, lm_tasks)
+                    bar.update(len(cfg.grid))
                 else:
                     for p in cfg.grid:
                         measure(p)
             finally:  # an attached server goes back to its owner's settings
                 bar.close()
-                server.set(initial["p"], initial["target"])
+                if restore:
+                    server.set(initial["p"], initial["target"])
     return results.build(out)

@@ -126,7 +126,8 @@ def input_sparse_linear(x: torch.Tensor, p: torch.Tensor, wt: torch.Tensor,
 
     Args:
         x: activations [M, K], bf16/fp16, unit stride along K.
-        p: float64 [1] on x's device, share of each row's L1 mass kept, in (0, 1].
+        p: float64 on x's device, share of each row's L1 mass kept, in (0, 1]: one element, or one
+            per row ([M] / [M, 1], contiguous: per-request p).
         wt: K-major weight [K, N], x's dtype, contiguous (``kmajor_weight(layer)``).
         bias: optional [N], x's dtype.
         m_max: rows up to which the sparse GEMV runs; above it, mask then dense GEMM.
@@ -183,7 +184,8 @@ def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor,
     Args:
         layer: a linear layer that went through ``prepare``.
         x2: input [M, K] in the weight's dtype.
-        p: float64 [1], ``layer.sparsity_p``.
+        p: float64 [1] (``layer.sparsity_p``) or [M, 1] (the step's per-token p, see
+            ``state.RuntimeState.token_p``).
         bias: the bias vLLM passes to ``quant_method.apply`` (None when it adds it itself).
         all_reduce: None when x2 holds whole rows; for x2 a shard of K across TP ranks, the
             in-place sum over them (see ``top_p_threshold_sharded``): the rule is then the global

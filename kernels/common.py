@@ -78,9 +78,18 @@ def check_x(x: torch.Tensor, name: str = "x", dtypes=tuple(CODE_BITS)) -> None:
                          f"importing triton to run on CPU), got {x.device}")
 
 
-def check_p(p: torch.Tensor, x: torch.Tensor) -> None:
-    """Raise ValueError unless ``p`` is a one-element float64 tensor on x's device."""
-    if not isinstance(p, torch.Tensor) or p.dtype != torch.float64 or p.numel() != 1:
-        raise ValueError(f"p must be a float64 tensor with one element, got {p!r}")
+def check_p(p: torch.Tensor, x: torch.Tensor) -> int:
+    """Raise ValueError unless ``p`` is a float64 tensor on x's device holding one p for every row
+    (one element) or one per row of x [M, K] (shape [M] or [M, 1], contiguous, e.g. a slice of the
+    per-token p buffer, for requests that carry their own p). Returns the row stride of p for a
+    kernel: 0 for one p, 1 for one per row."""
+    if not isinstance(p, torch.Tensor) or p.dtype != torch.float64:
+        raise ValueError(f"p must be a float64 tensor, got {p!r}")
     if p.device != x.device:
         raise ValueError(f"p must be on x's device {x.device}, got {p.device}")
+    if tuple(p.shape) in ((x.shape[0],), (x.shape[0], 1)) and p.is_contiguous():
+        return 1  # also for M = 1: served layers always pass one p per row, so one variant compiles
+    if p.numel() != 1:
+        raise ValueError(f"p must have one element or be contiguous [M] / [M, 1] with M = "
+                         f"{x.shape[0]} rows of x, got shape {tuple(p.shape)}")
+    return 0

@@ -50,7 +50,7 @@ def configs() -> list[tuple[str, str, dict, dict, int, int]]:
         bits, inf = CODE_BITS[_DTYPE[dt]], INF_CODE[_DTYPE[dt]]
         sig = {"x_ptr": _TY[dt], "p_ptr": "*fp64", "thr_ptr": "*i32", "kept_ptr": "*i64",
                "y_ptr": _TY[dt], "K": "i32", "stride_xm": "i32", "stride_ym": "i32",
-               "CODE_BITS": "constexpr", "INF_CODE": "constexpr", "BLOCK": "constexpr",
+               "stride_pm": "i32", "CODE_BITS": "constexpr", "INF_CODE": "constexpr", "BLOCK": "constexpr",
                "WRITE_Y": "constexpr"}
         out.append((f"{dt} write_y={int(write_y)}", "top_p_threshold._top_p_threshold_kernel", sig,
                     {"CODE_BITS": bits, "INF_CODE": inf, "BLOCK": t.BLOCK, "WRITE_Y": write_y},

@@ -218,9 +218,9 @@ def _input_sparse_linear(x, p, wt, bias, dense_id, m_max):
     # from that dtype, so the cast is exact).
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    # p >= 1 keeps every nonzero: the dense GEMM reads no more and gives the plugin-off output bit
-    # for bit (p is a CPU tensor: reading it is no device sync).
-    if x.shape[0] <= m_max and float(p) < 1.0:
+    # p >= 1 in every row keeps every nonzero: the dense GEMM reads no more and gives the
+    # plugin-off output bit for bit (p is a CPU tensor: reading it is no device sync).
+    if x.shape[0] <= m_max and bool((p < 1.0).any()):
         return torch.ops.vllm_sparsity.cpu_input_sparse_gemv(x, p, wt, bias)
     xs, kept = torch.ops.vllm_sparsity.cpu_top_p_sparsify(x, p)
     return _DENSE[dense_id](xs, bias), kept, kept.new_full((1,), x.shape[1])
@@ -244,7 +244,8 @@ def input_sparse_linear(x: torch.Tensor, p: torch.Tensor, layer: torch.nn.Module
 
     Args:
         x: activations [M, K], bf16/fp16/fp32 (the weight's dtype), unit stride along K.
-        p: float64 [1] on the CPU, share of each row's L1 mass kept, in (0, 1]; read inside the op.
+        p: float64 on the CPU, share of each row's L1 mass kept, in (0, 1]: one element for every
+            row, or one per row ([M] / [M, 1], contiguous: per-request p); read inside the op.
         layer: a layer that went through ``prepare`` (its ``sparsity_wt`` [K, N] and dense GEMM).
         bias: optional [N].
         m_max: rows up to which the sparse GEMV runs (at most the kernel's
@@ -271,7 +272,8 @@ def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor,
     Args:
         layer: a linear layer that went through ``prepare``.
         x2: input [M, K] in the weight's dtype.
-        p: float64 [1], ``layer.sparsity_p``.
+        p: float64 [1] (``layer.sparsity_p``) or [M, 1] (the step's per-token p, see
+            ``state.RuntimeState.token_p``).
         bias: the bias vLLM passes to ``quant_method.apply`` (None when it adds it itself).
         all_reduce: None for whole rows; for x2 a shard of K across TP ranks, the in-place sum over
             them: the torch rule with global histograms, then the dense GEMM (see module doc).

@@ -16,8 +16,8 @@ NaN. The float64 sums are exact for bf16/fp16 rows (see rule.py), so the result 
 rule bit for bit although it sums in another order; for fp32 rows it can differ only when a
 candidate's mass ties the target within float64 rounding.
 
-No host synchronisation, no data-dependent shapes: p is read from a device tensor, and every
-output has a shape fixed by x.
+No host synchronisation, no data-dependent shapes: p is read from a device tensor (one p for every
+row, or one per row: row stride 0 or 1), and every output has a shape fixed by x.
 
 Tensor parallelism: ``down_proj``'s input is sharded over K across TP ranks, and the rule needs
 each row's global mass. ``top_p_threshold`` only sees the local shard (a per-shard rule, NOT the
@@ -81,12 +81,12 @@ def _masses_at_candidates(x_row, K, lo, shift, CODE_BITS: tl.constexpr, BLOCK: t
 
 @triton.jit
 def _top_p_threshold_kernel(
-    x_ptr, p_ptr, thr_ptr, kept_ptr, y_ptr, K, stride_xm, stride_ym,
+    x_ptr, p_ptr, thr_ptr, kept_ptr, y_ptr, K, stride_xm, stride_ym, stride_pm,
     CODE_BITS: tl.constexpr, INF_CODE: tl.constexpr, BLOCK: tl.constexpr, WRITE_Y: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
-    p = tl.load(p_ptr)  # float64
+    p = tl.load(p_ptr + row * stride_pm)  # float64; stride 0: one p for every row
     # Pass 0 searches the top 4 bits from lo = 0: its candidate 0 (code >= 0) is the row's mass.
     FIRST_SHIFT: tl.constexpr = CODE_BITS + 1 - 4
     masses = _masses_at_candidates(x_row, K, tl.zeros([], dtype=tl.int64), FIRST_SHIFT, CODE_BITS,
@@ -147,14 +147,14 @@ def launch(x: torch.Tensor, p: torch.Tensor, y: torch.Tensor | None = None
     themselves): ``(thr, kept)``, and when ``y`` [M, K] is given, the sparsified x written into
     it."""
     check_x(x)
-    check_p(p, x)
+    stride_pm = check_p(p, x)
     M, K = x.shape
     thr = torch.empty(M, dtype=torch.int32, device=x.device)
     kept = torch.empty(M, dtype=torch.int64, device=x.device)
     if M > 0:
         _top_p_threshold_kernel[(M,)](
             x, p, thr, kept, x if y is None else y, K, x.stride(0), 0 if y is None else y.stride(0),
-            CODE_BITS=CODE_BITS[x.dtype], INF_CODE=INF_CODE[x.dtype], BLOCK=_block(K),
+            stride_pm, CODE_BITS=CODE_BITS[x.dtype], INF_CODE=INF_CODE[x.dtype], BLOCK=_block(K),
             WRITE_Y=y is not None, num_warps=NUM_WARPS)
     return thr, kept
 
@@ -170,7 +170,8 @@ def top_p_threshold(x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, tor
     Args:
         x: activations [M, K], bf16, fp16 or fp32, unit stride along K; CUDA (CPU under
             TRITON_INTERPRET=1). K is any size (one program loops over the row).
-        p: float64 tensor [1] on x's device: share of each row's L1 mass kept, in (0, 1].
+        p: float64 tensor on x's device: share of each row's L1 mass kept, in (0, 1]; one
+            element for every row, or one per row ([M] or [M, 1], contiguous: per-request p).
 
     Returns:
         ``(thr, kept)``: thr int32 [M], entry (m, k) is kept iff ``code(x[m, k]) >= thr[m]``
@@ -179,7 +180,7 @@ def top_p_threshold(x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, tor
 
     Raises:
         ValueError: x is not 2-D bf16/fp16/fp32 with unit last stride on a usable device, or p is
-            not a one-element float64 tensor on x's device.
+            not a float64 tensor on x's device with one element or one per row.
     """
     return launch(x, p)
 
@@ -247,7 +248,7 @@ def top_p_threshold_sharded(x: torch.Tensor, p: torch.Tensor,
 
     Args:
         x: this rank's shard [M, K_shard], as ``top_p_threshold``.
-        p: float64 tensor [1] on x's device, in (0, 1].
+        p: float64 tensor on x's device, in (0, 1]: one element, or one per row ([M] / [M, 1]).
         all_reduce: in-place sum over the ranks holding the other shards.
 
     Returns:
@@ -259,6 +260,7 @@ def top_p_threshold_sharded(x: torch.Tensor, p: torch.Tensor,
     """
     check_x(x)
     check_p(p, x)
+    p = p.reshape(-1)  # [1] or [M]: broadcasts against the per-row totals [M]
     bits = CODE_BITS[x.dtype]
     lo = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
     total = target = None

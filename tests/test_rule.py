@@ -210,3 +210,16 @@ def test_properties(values, p, dtype):
         assert a[mask & (a > smallest)].sum().item() < p * total
     else:
         assert total == 0 or math.isclose(total, 0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_row_p_follows_each_rows_own_p(dtype):
+    # Per-request p: p [M, 1], one per token row; each row must be the paper's sort rule at its p.
+    x = _activations(7, 333, dtype, seed=3)
+    ps = [0.5, 0.9, 1.0, 0.3, 0.7, 0.5, 0.99]
+    p = torch.tensor(ps, dtype=torch.float64)[:, None]
+    mask = top_p_mask(x, p)
+    for m, pm in enumerate(ps):
+        assert torch.equal(mask[m], paper_top_p_mask(x[m:m + 1], pm)[0]), (m, pm)
+    y, kept = top_p_sparsify(x, p)
+    assert torch.equal(kept, mask.sum(-1))

@@ -359,3 +359,15 @@ def test_threshold_of_binds_q_and_refuses_lq_without_it():
         threshold_of("lq")
     with pytest.raises(ValueError, match="rule must be one of top-p, top-k, max-p, lq"):
         threshold_of("top-q")
+
+
+@pytest.mark.parametrize("rule", list(CASES))
+def test_per_row_p_follows_each_rows_own_p(rule):
+    """p per request: p [M, 1], one per token row (every rule broadcasts it); each row must be the
+    sort reference at its own p."""
+    threshold, reference = CASES[rule]
+    x = _activations(6, 333, torch.bfloat16, seed=5)
+    ps = [0.3, 0.9, 1.0, 0.05, 0.7, 0.5]
+    mask = _mask(x, threshold(x, torch.tensor(ps, dtype=torch.float64)[:, None]))
+    for m, pm in enumerate(ps):
+        assert torch.equal(mask[m], reference(x[m:m + 1], pm)[0]), (rule, m, pm)

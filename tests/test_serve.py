@@ -1,5 +1,7 @@
 """End to end: `vllm serve` with the plugin, queried with the openai client, and its control route."""
 
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +118,98 @@ def test_help_lists_the_flags():
                          timeout=120).stdout
     for flag in ("--sparsity-p", "--sparsity-target", "--sparsity-backend"):
         assert flag in out
+
+
+# A prompt longer than a KV block (so that the prefix cache can hold it), and a chat message.
+LONG_PROMPT = " ".join(  # varied, not repeated: a repeated sentence is copied whatever the p
+    f"Chapter {i}: the {w} of the old harbour town, told by a sailor who saw it change."
+    for i, w in enumerate(["founding", "first war", "great fire", "flood", "plague", "railway",
+                           "famine", "factories", "strikes", "bridge", "second war", "harbour",
+                           "tourists", "museum", "storm", "election", "festival", "market"])
+) + " Then the sailor said that"
+CHAT = [{"role": "user", "content": "Describe the sea in one sentence."}]
+
+
+def test_p_per_request(sparse_server):
+    """Requests carrying ``vllm_xargs.sparsity_p`` (0.5, 0.7) sent together with one without it
+    each get exactly the greedy text of the whole server at that p (the references come from the
+    same server with its global p switched by the route); the prefix cache is never shared across
+    p; bad values get 400 naming the field and the server keeps serving."""
+    import concurrent.futures
+
+    url, headers = f"{sparse_server.url}/v1/sparsity", sparse_server.headers
+    client = openai.OpenAI(base_url=f"{sparse_server.url}/v1", api_key=sparse_server.api_key)
+
+    def complete(p=None):
+        extra = {"vllm_xargs": {"sparsity_p": p}} if p is not None else None
+        c = client.completions.create(model=sparse_server.model, prompt=LONG_PROMPT,
+                                      max_tokens=16, temperature=0, extra_body=extra)
+        return c.choices[0].text, c.usage.prompt_tokens_details.cached_tokens
+
+    def chat(p=None):
+        extra = {"vllm_xargs": {"sparsity_p": p}} if p is not None else None
+        c = client.chat.completions.create(model=sparse_server.model, messages=CHAT,
+                                           max_tokens=16, temperature=0, extra_body=extra)
+        return c.choices[0].message.content
+
+    def counts():
+        """(the server's counters per site, the per-p counters) from the route."""
+        state = requests.get(url, headers=headers).json()
+        per_site = {}
+        for row in state["layers"]:
+            z, t = per_site.get(row["site"], (0, 0))
+            per_site[row["site"]] = (z + row["zeroed"], t + row["total"])
+        by_p = {p: {site: (c["zeroed"], c["total"]) for site, c in sites.items()}
+                for p, sites in state["request_p"]["counters"].items()}
+        return per_site, by_p, state["request_p"]["applied"]
+
+    def minus(a, b):
+        return {site: (a[site][0] - b.get(site, (0, 0))[0], a[site][1] - b.get(site, (0, 0))[1])
+                for site in a}
+
+    ref, ref_chat, ref_counts = {}, {}, {}
+    try:
+        for p in (0.5, 0.7):  # the route clears the prefix cache at each change
+            assert requests.post(url, json={"p": p}, headers=headers).status_code == 200
+            before = counts()[0]
+            ref[p], ref_chat[p] = complete()[0], chat()
+            ref_counts[p] = minus(counts()[0], before)
+    finally:
+        requests.post(url, json={"p": 0.9, "target": "all_inputs"}, headers=headers)
+    ref[0.9] = complete()[0]
+    assert len({ref[0.5], ref[0.7], ref[0.9]}) == 3  # p changes the text: the test can fail
+    assert ref_chat[0.5] != ref_chat[0.7]
+
+    _, by_p_before, applied = counts()
+    assert applied
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        jobs = {p: pool.submit(complete, p) for p in (0.5, 0.7, None)}
+        chats = {p: pool.submit(chat, p) for p in (0.5, 0.7)}
+        got = {p: job.result()[0] for p, job in jobs.items()}
+        got_chat = {p: job.result() for p, job in chats.items()}
+    assert got == {0.5: ref[0.5], 0.7: ref[0.7], None: ref[0.9]}
+    assert got_chat == ref_chat
+    # The per-p counters: each p's requests alone, as the whole server counted them at that p.
+    by_p = counts()[1]
+    for p in (0.5, 0.7):
+        assert minus(by_p[repr(p)], by_p_before.get(repr(p), {})) == ref_counts[p], p
+
+    # Prefix cache: a repeat at the same p reuses the prompt's blocks; another p never does.
+    text, cached = complete(0.5)
+    assert text == ref[0.5] and cached > 0
+    fresh = f"Another start. {LONG_PROMPT}"
+    complete_fresh = lambda p: client.completions.create(  # noqa: E731
+        model=sparse_server.model, prompt=fresh, max_tokens=1, temperature=0,
+        extra_body={"vllm_xargs": {"sparsity_p": p}}).usage.prompt_tokens_details.cached_tokens
+    assert complete_fresh(0.5) == 0 and complete_fresh(0.5) > 0
+    assert complete_fresh(0.7) == 0
+
+    for bad in (0, 1.5, "0.5", "abc", math.nan):
+        body = {"model": sparse_server.model, "prompt": "Hello", "max_tokens": 2,
+                "vllm_xargs": {"sparsity_p": bad}}
+        # json.dumps writes NaN as the bare token NaN, which the server's parser accepts.
+        r = requests.post(f"{sparse_server.url}/v1/completions", data=json.dumps(body),
+                          headers={**headers, "Content-Type": "application/json"})
+        assert r.status_code == 400, (bad, r.text)
+        assert "vllm_xargs.sparsity_p" in r.text and "[1e-06, 1]" in r.text, r.text
+    assert complete()[0] == ref[0.9]  # still serving, at the server's p

@@ -139,3 +139,20 @@ def test_counters_snapshot_reads_the_analysis_sites():
                                                   [2, "up", "mlp.act_fn.up"]]
     assert [row[3] for row in snap["sites"]] == [0, 0]  # no weight: no bytes skipped
     assert snap["p_by_site"] == {"gate": 0.5, "up": 0.5}
+
+
+def test_up_site_follows_each_requests_own_p():
+    """p per request at an analysis site: the rows of a request carrying p 0.3 follow the rule at
+    0.3, the others the server's 0.9 (its layers read the per-token p, as the linear sites)."""
+    from vllm_sparsity import _vllm_compat
+
+    mlp, inner, state = _mlp_with_sites("silu", "up", 0.9)
+    state.bind_query_start_loc(torch.tensor([0, 3, TOKENS], dtype=torch.int32), "Runner")
+    state.set_request_p([0.3, float("nan")])
+    state.mark_phases(TOKENS, _vllm_compat.STEP)
+    h = _h(seed=9)
+    y = mlp.act_fn(h)
+    g, u = h[:, :D], h[:, D:]
+    keep = torch.cat([paper_top_p_mask(u[:3].float(), 0.3),
+                      paper_top_p_mask(u[3:].float(), 0.9)])
+    assert torch.equal(y, inner(torch.cat([g, torch.where(keep, u, 0)], -1)))

@@ -19,7 +19,11 @@ single vLLM method, calls the original unchanged and then the plugin's callback:
   asks general plugins to install such methods);
 - ``AsyncLLM.__init__`` (``on_async_llm``): once the API server's engine client exists;
 - ``Executor.compile_or_warm_up_model`` (``around_warm_up``): before and after every worker's
-  warm-up and CUDA-graph capture.
+  warm-up and CUDA-graph capture;
+- ``InputProcessor.process_inputs`` (``on_process_inputs``): each request as the API server (or
+  offline ``LLM``) admits it, to check a per-request p and salt its prefix cache;
+- the V1 model runner's ``_model_forward``, per instance (``before_runner_forward``): an eager
+  point before every forward, outside vLLM's CUDA graphs, for the step's per-request p.
 
 Read-only helpers below also reach into vLLM: what the forward context says about a forward
 (``step_kind``), the model runner's ``query_start_loc`` buffer, the compile wrapper class, the
@@ -127,6 +131,65 @@ def around_warm_up(before, after) -> None:
         return result
 
     Executor.compile_or_warm_up_model = _warm_up
+
+
+def on_process_inputs(check, after, parameter: str) -> None:
+    """Around ``InputProcessor.process_inputs(request_id, prompt, params, ...)`` (``vllm/v1/engine/
+    input_processor.py``; the API server's and offline ``LLM``'s admission of each request):
+    ``check(self.vllm_config, params)`` before it (a ``ValueError`` it raises is re-raised as
+    vLLM's ``VLLMValidationError`` naming ``parameter``, which the OpenAI server answers with
+    HTTP 400 and that ``param``), then ``after(request)`` on the ``EngineCoreRequest`` it built.
+
+    Why not a custom logits processor's ``validate_params`` (vLLM's own per-request validation
+    hook, also turned into a 400): it sees only the sampling params, not the request's
+    ``cache_salt``, and it makes every step of every worker run a logits processor."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    process_inputs = InputProcessor.process_inputs
+
+    @functools.wraps(process_inputs)
+    def _process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        try:
+            check(self.vllm_config, params)
+        except VLLMValidationError:
+            raise
+        except ValueError as e:
+            raise VLLMValidationError(str(e), parameter=parameter) from e
+        request = process_inputs(self, request_id, prompt, params, *args, **kwargs)
+        after(request)
+        return request
+
+    InputProcessor.process_inputs = _process_inputs
+
+
+def before_runner_forward(worker_wrapper, callback) -> bool:
+    """Call ``callback(req_ids, sampling_params_of)`` before every forward of this worker's model
+    runner: the step's request ids in batch order (the order of ``query_start_loc``) and a lookup
+    req_id -> ``SamplingParams`` (None for a pooling request). Wraps the V1 runner's
+    ``_model_forward`` (``gpu_model_runner.py``; the CPU runner inherits it), which
+    ``execute_model`` calls eagerly for every real step, outside the CUDA graph it replays (dummy
+    runs call the model directly: their tokens are no request's).
+
+    Returns False (nothing installed) for a runner without it (Model Runner V2)."""
+    runner = worker_wrapper.worker.model_runner
+    model_forward = getattr(runner, "_model_forward", None)
+    batch = getattr(runner, "input_batch", None)
+    requests = getattr(runner, "requests", None)
+    if model_forward is None or batch is None or not isinstance(requests, dict):
+        return False
+
+    def sampling_params_of(req_id):
+        state = requests.get(req_id)
+        return getattr(state, "sampling_params", None)
+
+    @functools.wraps(model_forward)
+    def _model_forward(*args, **kwargs):
+        callback(runner.input_batch.req_ids[:runner.input_batch.num_reqs], sampling_params_of)
+        return model_forward(*args, **kwargs)
+
+    runner._model_forward = _model_forward
+    return True
 
 
 def executor_rpc(executor, method: str) -> list:

@@ -8,7 +8,8 @@ A backend is a module with three functions (``sparse_linear.InputSparseLinearMet
 - ``apply_counted(layer, x2, p, bias, all_reduce) -> (y2, kept, columns_read)``: the layer's
   output [M, N] for input x2 [M, K] under the rule, inputs kept per row int64 [M], and weight
   columns loaded int64 [1] (None: all K, a dense GEMM). ``all_reduce``: None for whole rows, else
-  the in-place sum over the TP ranks holding the other shards of K (the global rule).
+  the in-place sum over the TP ranks holding the other shards of K (the global rule). ``p``:
+  float64 [M, 1], the p of each row (the step's per-token p), or [1] for every row.
 
 Modules are imported on first use only (the triton backend imports triton).
 """

@@ -140,7 +140,7 @@ async def _state(engine) -> dict[str, Any]:
         raise RouteError(409, "sparsity is off: start the server with --sparsity-p to enable "
                          "runtime control")
     return {**merged["settings"], "unknown_phase_tokens": merged["unknown_phase_tokens"],
-            "layers": counters.route_layers(merged)}
+            "layers": counters.route_layers(merged), "request_p": merged["request_p"]}
 
 
 async def arm_analysis(engine, tokens: int, rank_batch: int) -> dict[str, Any]:

@@ -75,12 +75,19 @@ def token_phases(query_start_loc: torch.Tensor, token_index: torch.Tensor
     """
     qsl = query_start_loc
     ends = qsl[1:]
-    r = torch.searchsorted(ends, token_index, right=True).clamp_(max=ends.numel() - 1)
+    r = token_requests(qsl, token_index)
     phase = ((ends - qsl[:-1])[r] == 1).to(torch.int64)  # DECODE (1) if query length 1, else 0
     phase.masked_fill_(token_index >= qsl[-1], PAD)
     # PREFILL < DECODE < PAD: the batch's phase is the least (PAD for an empty forward).
     batch = torch.cat([phase, phase.new_full((1,), PAD)]).min().view(1)
     return phase, batch
+
+
+def token_requests(query_start_loc: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+    """int64 [T]: the batch index of each token's request, in [0, R) (padding tokens past the last
+    request get some index in range); arguments and capture safety as ``token_phases``."""
+    ends = query_start_loc[1:]
+    return torch.searchsorted(ends, token_index, right=True).clamp_(max=ends.numel() - 1)
 
 
 def new_stats(device: torch.device) -> torch.Tensor:
@@ -120,6 +127,32 @@ def count(stats: torch.Tensor, phase: torch.Tensor, batch_phase: torch.Tensor,
     stats.view(-1).index_add_(0, torch.cat(index), torch.cat(value))
 
 
+def new_p_stats(device: torch.device) -> torch.Tensor:
+    """A zeroed per-request-p counter buffer int64 [``request_p.P_SLOTS`` + 1, 2]: activations
+    zeroed (column ZEROED) and in all (TOTAL) per slot; the last row: tokens without a slot
+    (no p, a p past the table) and padding, never published."""
+    from vllm_sparsity.request_p import P_SLOTS
+
+    return torch.zeros(P_SLOTS + 1, 2, dtype=torch.int64, device=device)
+
+
+def count_by_p(p_stats: torch.Tensor, token_slot: torch.Tensor, kept: torch.Tensor,
+               dim: int) -> None:
+    """Add one call's activations zeroed and in all to the rows of the tokens' request-p slots, in
+    place, no host sync (as ``count``).
+
+    Args:
+        p_stats: the layer's int64 [P_SLOTS + 1, 2] buffer (``new_p_stats``).
+        token_slot: int64 [>= M], each token's slot (``state.RuntimeState.token_slot``).
+        kept: int64 [M], inputs kept per token.
+        dim: K, inputs per token.
+    """
+    zeroed = dim - kept
+    row = token_slot[: kept.shape[0]] * 2
+    p_stats.view(-1).index_add_(0, torch.cat([row + ZEROED, row + TOTAL]),
+                                torch.cat([zeroed, torch.full_like(zeroed, dim)]))
+
+
 def zeroed_total(stats: torch.Tensor) -> torch.Tensor:
     """int64 [2]: activations zeroed and in all over the real tokens (prefill + decode)."""
     return stats[:PAD, ZEROED:TOTAL + 1].sum(dim=0)
@@ -146,6 +179,7 @@ def snapshot(state, tp_rank: int, latency: dict | None) -> dict[str, Any]:
     """
     layers = [layer for _, layer in state.layers]
     stats = torch.stack([layer.sparsity_stats for layer in layers]).tolist() if layers else []
+    p_stats = torch.stack([layer.sparsity_p_stats for layer in layers]).tolist() if layers else []
     sites = []
     for name, layer in state.layers:
         # A linear site's method carries layer_index, site and all_reduce; an analysis site
@@ -164,7 +198,8 @@ def snapshot(state, tp_rank: int, latency: dict | None) -> dict[str, Any]:
         sites.append([method.layer_index, method.site, name, per_column,
                       method.all_reduce is not None])
     return {"settings": state.settings(), "p_by_site": state.p_by_site(), "tp_rank": tp_rank,
-            "sites": sites, "stats": stats, "latency": latency,
+            "sites": sites, "stats": stats, "latency": latency, "p_stats": p_stats,
+            "p_slots": state.p_slots_by_key(), "request_p_applied": state.request_p_applied,
             "unknown_phase_tokens": int(state.unknown_phase_tokens.sum())}
 
 
@@ -234,7 +269,29 @@ def merge(per_worker: list[dict | None]) -> dict[str, Any] | None:
                 latency["sums"][phase] += snap["latency"]["sums"][phase]
     merged["sites"] = {key: sites[key] for key in sorted(sites)}
     merged["latency"] = latency
+    merged["request_p"] = merge_by_p(snaps)
     return merged
+
+
+def merge_by_p(snaps: list[dict]) -> dict[str, Any]:
+    """The route's ``request_p``: ``applied`` (every worker applies a request's p), ``slots`` and
+    ``counters`` {p key (``request_p.counter_key``): {site: {"zeroed", "total"}}} summed over the
+    layers of each site, with ``merge``'s rank rules (TP rank 0, plus the other ranks' shards of a
+    split input). Workers may give one p different slots: they are matched by p."""
+    from vllm_sparsity.request_p import FIELD, P_SLOTS
+
+    by_p: dict[str, dict[str, dict[str, int]]] = {}
+    for snap in snaps:
+        lead = snap["tp_rank"] == 0
+        for key, slot in snap.get("p_slots", {}).items():
+            sites = by_p.setdefault(key, {})
+            for (_, site, _, _, split), rows in zip(snap["sites"], snap.get("p_stats", [])):
+                if lead or split:
+                    entry = sites.setdefault(site, {"zeroed": 0, "total": 0})
+                    entry["zeroed"] += rows[slot][ZEROED]
+                    entry["total"] += rows[slot][TOTAL]
+    return {"field": FIELD, "slots": P_SLOTS,
+            "applied": all(s.get("request_p_applied", False) for s in snaps), "counters": by_p}
 
 
 def route_layers(merged: dict[str, Any]) -> list[dict[str, Any]]:

@@ -19,6 +19,11 @@ cheap. See ``vllm/plugins/__init__.py::load_general_plugins``. What it installs:
   a loader built without ``create_model``; after it, ``vllm_sparsity_start_counting`` zeroes the
   counters, so that warm-up traffic (V2 pushes fake requests through ``execute_model``) is never
   counted;
+- p per request (``request_p``): at admission, a request's ``vllm_xargs.sparsity_p`` is checked
+  (HTTP 400 naming it when bad, or when the server runs without sparsity) and salts the request's
+  prefix cache (``InputProcessor.process_inputs``); in each worker, before every forward, the
+  step's requests' p go to the device (the model runner's ``_model_forward``, bound with the
+  token phases);
 - the metrics publisher in the API server (``metrics.start_publisher``), so that the
   ``vllm_sparsity_*`` series reach ``/metrics`` whenever sparsity is on.
 """
@@ -28,7 +33,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from vllm_sparsity import _vllm_compat
+from vllm_sparsity import _vllm_compat, request_p
 from vllm_sparsity import config as cfg
 
 logger = logging.getLogger("vllm.vllm_sparsity")  # under vLLM's handler and format
@@ -68,6 +73,7 @@ def register() -> None:
         lambda executor: _vllm_compat.executor_rpc(executor, "vllm_sparsity_bind_step"),
         lambda executor: _vllm_compat.executor_rpc(executor, "vllm_sparsity_start_counting"))
     _vllm_compat.on_async_llm(_start_metrics)
+    _vllm_compat.on_process_inputs(_check_request_p, _salt_request_p, request_p.FIELD)
 
 
 def _add_flags(parser) -> None:
@@ -100,6 +106,22 @@ def _sparsify_model(model, vllm_config) -> None:
                     cfg.metrics_enabled(vllm_config.additional_config))
 
 
+def _check_request_p(vllm_config, params) -> None:
+    """A request's own p, at admission: a number in [1e-6, 1], on a server that runs sparsity.
+    Raises ValueError naming ``vllm_xargs.sparsity_p``."""
+    p = request_p.requested_p(getattr(params, "extra_args", None))
+    if p is not None and cfg.SparsityConfig.from_additional_config(
+            vllm_config.additional_config) is None:
+        raise ValueError(f"{request_p.FIELD} was given, but this server runs without sparsity "
+                         "(start it with --sparsity-p to serve per-request p)")
+
+
+def _salt_request_p(request) -> None:
+    p = request_p.requested_p(getattr(request.sampling_params, "extra_args", None))
+    if p is not None:
+        request.cache_salt = request_p.salted(request.cache_salt, p)
+
+
 def vllm_sparsity_bind_step(self) -> None:
     """Worker RPC, before warm-up: take token phases from this worker's model-runner buffer.
 
@@ -116,6 +138,13 @@ def vllm_sparsity_bind_step(self) -> None:
     if state is not None:
         state.bind_query_start_loc(_vllm_compat.runner_query_start_loc(self),
                                    _vllm_compat.runner_name(self))
+        state.request_p_applied = _vllm_compat.before_runner_forward(
+            self, lambda req_ids, params_of: state.set_request_p(
+                request_p.request_ps(req_ids, params_of)))
+        if not state.request_p_applied:
+            logger.warning("vllm-sparsity: %s has no per-step hook the plugin knows: requests' "
+                           "own %s is not applied (they run at the server's p)",
+                           _vllm_compat.runner_name(self), request_p.FIELD)
         return
     vllm_config = _vllm_compat.worker_vllm_config(self)
     if (cfg.SparsityConfig.from_additional_config(vllm_config.additional_config) is not None

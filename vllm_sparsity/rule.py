@@ -70,8 +70,10 @@ def top_p_threshold(x: torch.Tensor, p: torch.Tensor | float,
     Args:
         x: activations [M, K], bf16, fp16 or fp32, any device; with ``all_reduce``, this rank's
             shard [M, K_rank] of rows whose K is split across ranks (same M and rows everywhere).
-        p: share of each row's L1 mass to keep, in (0, 1]; a float or a float64 tensor [1] (a tensor
-            can be changed in place between steps without recompiling a graph).
+        p: share of each row's L1 mass to keep, in (0, 1]; a float, a float64 tensor [1] (a tensor
+            can be changed in place between steps without recompiling a graph), or a float64
+            tensor [M, 1] with one p per row (broadcast: each row follows its own p, e.g. the
+            per-token p of requests that carry their own, ``state.RuntimeState.token_p``).
         all_reduce: None for whole rows; else an in-place sum across the ranks holding the other
             shards (e.g. ``torch.distributed.all_reduce``), called once per radix level with a
             float64 histogram on x's device: 2 calls for bf16/fp16 ([M, 256] then [M, 128]),
@@ -108,7 +110,7 @@ def top_p_sparsify(x: torch.Tensor, p: torch.Tensor | float,
 
     Args:
         x: activations [M, K], bf16/fp16/fp32.
-        p: share of L1 mass kept per row, in (0, 1] (float or float64 tensor [1]).
+        p: share of L1 mass kept per row, in (0, 1] (float, float64 tensor [1] or [M, 1]).
         all_reduce: None, or x is this rank's shard of K and the rule is that of the whole rows
             (see ``top_p_threshold``).
 

@@ -39,6 +39,10 @@ class ActSite(torch.nn.Module):
         self.site, self.layer_index, self.all_reduce = site, layer_index, all_reduce
         self.observer = None  # as ``InputSparseLinearMethod.observer``
         self.register_buffer("sparsity_p", state.p[site], persistent=False)
+        self.register_buffer("sparsity_token_p", state.token_p[site], persistent=False)
+        self.register_buffer("sparsity_token_slot", state.token_slot, persistent=False)
+        self.register_buffer("sparsity_p_stats", counters.new_p_stats(state.phase.device),
+                             persistent=False)
         self.register_buffer("sparsity_phase", state.phase, persistent=False)
         self.register_buffer("sparsity_batch_phase", state.batch_phase, persistent=False)
         self.register_buffer("sparsity_stats", counters.new_stats(state.phase.device),
@@ -72,9 +76,13 @@ class SparseActAndMul(torch.nn.Module):
 
     def _mask(self, site: ActSite, x2: torch.Tensor) -> torch.Tensor:
         """The rule's mask [M, K] on x2 [M, K] at ``site``, counted there."""
-        mask = rule.kept_mask(x2, site.sparsity_p, self.threshold, site.all_reduce)
+        # One p per token row, as the linear sites (its request's own, else the site's).
+        p = site.sparsity_token_p[:x2.shape[0]].unsqueeze(1)
+        mask = rule.kept_mask(x2, p, self.threshold, site.all_reduce)
+        kept = mask.sum(dim=-1)
         counters.count(site.sparsity_stats, site.sparsity_phase, site.sparsity_batch_phase,
-                       mask.sum(dim=-1), x2.shape[-1], None, self.detailed_counts)
+                       kept, x2.shape[-1], None, self.detailed_counts)
+        counters.count_by_p(site.sparsity_p_stats, site.sparsity_token_slot, kept, x2.shape[-1])
         if site.observer is not None:
             site.observer(x2, mask)
         return mask

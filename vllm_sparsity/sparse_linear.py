@@ -16,8 +16,13 @@ CUDA graphs) reads them as inputs and never bakes them in:
 
 - ``sparsity_p``: float64 [1], the site's p (one tensor shared by every layer of the site, see
   ``state.RuntimeState``; writing it in place changes p for the next step without recompiling);
+- ``sparsity_token_p``: float64 [max tokens], the p of each token of the step at the site (its
+  request's own p, else ``sparsity_p``; shared by the site's layers), passed to the rule as [M, 1];
 - ``sparsity_phase``: int64 [max tokens], the phase of each token of the step, and
   ``sparsity_batch_phase`` int64 [1], the step's (one pair shared by every layer);
+- ``sparsity_token_slot`` int64 [max tokens] (shared) and ``sparsity_p_stats`` int64
+  [P_SLOTS + 1, 2] (this layer's): activations zeroed and in all per request p
+  (``counters.count_by_p``);
 - ``sparsity_stats``: int64 [3, ``counters.WIDTH``], this layer's counters (``counters``), over
   this rank's shard of K when the input is split across TP ranks.
 """
@@ -106,13 +111,14 @@ class InputSparseLinearMethod(LinearMethodBase):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
+        # One p per token row: its request's own, else the site's (see state.RuntimeState).
+        p = layer.sparsity_token_p[:x2.shape[0]].unsqueeze(1)
         if self.observer is not None:  # the rule's mask again: the backends do not return it
-            self.observer(x2, rule.kept_mask(x2, layer.sparsity_p, self.threshold,
-                                             self.all_reduce))
-        y2, kept, columns_read = self._backend.apply_counted(
-            layer, x2, layer.sparsity_p, bias, self.all_reduce)
+            self.observer(x2, rule.kept_mask(x2, p, self.threshold, self.all_reduce))
+        y2, kept, columns_read = self._backend.apply_counted(layer, x2, p, bias, self.all_reduce)
         counters.count(layer.sparsity_stats, layer.sparsity_phase, layer.sparsity_batch_phase,
                        kept, x2.shape[-1], columns_read, self.detailed_counts)
+        counters.count_by_p(layer.sparsity_p_stats, layer.sparsity_token_slot, kept, x2.shape[-1])
         return y2.view(*x.shape[:-1], y2.shape[-1])
 
 
@@ -132,8 +138,12 @@ def install(layer: torch.nn.Module, name: str, site: str, layer_index: int, stat
     # the quantization; vLLM's ``fusion.quant_activation.get_input_quant_key``).
     _vllm_compat.require_unquantized_input(layer)
     layer.register_buffer("sparsity_p", state.p[site], persistent=False)
+    layer.register_buffer("sparsity_token_p", state.token_p[site], persistent=False)
     layer.register_buffer("sparsity_phase", state.phase, persistent=False)
     layer.register_buffer("sparsity_batch_phase", state.batch_phase, persistent=False)
     layer.register_buffer("sparsity_stats", counters.new_stats(state.phase.device),
+                          persistent=False)
+    layer.register_buffer("sparsity_token_slot", state.token_slot, persistent=False)
+    layer.register_buffer("sparsity_p_stats", counters.new_p_stats(state.phase.device),
                           persistent=False)
     state.layers.append((name, layer))

@@ -29,9 +29,9 @@ def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor,
                   bias: torch.Tensor | None = None,
                   all_reduce: Callable[[torch.Tensor], None] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, None]:
-    """``(inner.apply(rule(x2)), kept [M], None)``: x2 [M, K]; p float64 [1]; the rule is the
-    method's ``threshold`` (``rule.threshold_of``); the GEMM reads every column (None).
-    ``all_reduce`` as ``rule.top_p_threshold``."""
+    """``(inner.apply(rule(x2)), kept [M], None)``: x2 [M, K]; p float64 [1] or [M, 1] (one per
+    row); the rule is the method's ``threshold`` (``rule.threshold_of``); the GEMM reads every
+    column (None). ``all_reduce`` as ``rule.top_p_threshold``."""
     method = layer.quant_method
     xs, kept = sparsify(x2, p, method.threshold, all_reduce)
     return method.inner.apply(layer, xs, bias), kept, None

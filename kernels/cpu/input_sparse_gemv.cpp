@@ -7,6 +7,9 @@
 // dtype. Edge cases as rule.py: zeros never kept, p >= 1 keeps every nonzero, a NaN row is kept
 // whole (thr = 0), +-Inf rows keep only their infinities, ties are kept together.
 //
+// p: float64 on the CPU, one element for every row or one per row ([M] / [M, 1], contiguous: the
+// per-token p of requests that carry their own).
+//
 // Ops (schemas in TORCH_LIBRARY_FRAGMENT below; fake impls in kernels/cpu_backend.py):
 //   cpu_top_p_threshold(x, p) -> t [M, 1]: rule.top_p_threshold's contract (NaN: keep the row).
 //   cpu_top_p_sparsify(x, p) -> (x with dropped entries zeroed, kept int64 [M]): for prefill,
@@ -181,11 +184,22 @@ void dispatch_dtype(at::ScalarType dtype, F&& f) {
   }
 }
 
-double read_p(const at::Tensor& p) {
-  TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kDouble && p.numel() == 1,
-              "p must be a float64 tensor [1] on the CPU, got ", p.scalar_type(), " ",
-              p.sizes(), " on ", p.device());
-  return p.data_ptr<double>()[0];
+// p of each row: one float64 for every row (stride 0) or one per row (stride 1: the per-token p
+// of requests that carry their own).
+struct RowP {
+  const double* ptr;
+  int64_t stride;
+  double operator()(int64_t m) const { return ptr[m * stride]; }
+};
+
+RowP read_p(const at::Tensor& p, int64_t M) {
+  TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kDouble,
+              "p must be a float64 tensor on the CPU, got ", p.scalar_type(), " on ", p.device());
+  const bool per_row = (p.dim() == 1 || (p.dim() == 2 && p.size(1) == 1)) && p.size(0) == M &&
+                       p.is_contiguous();
+  TORCH_CHECK(per_row || p.numel() == 1, "p must have one element or be contiguous [M] / [M, 1] "
+              "with M = ", M, " rows of x, got shape ", p.sizes());
+  return RowP{p.data_ptr<double>(), per_row ? 1 : 0};
 }
 
 void check_x(const at::Tensor& x) {
@@ -206,19 +220,19 @@ int64_t row_grain(int64_t K) {
 
 // Threshold codes [M] of x's rows (rows in parallel when there is enough work).
 template <typename T>
-std::vector<uint32_t> row_thresholds(const at::Tensor& x, double p) {
+std::vector<uint32_t> row_thresholds(const at::Tensor& x, RowP p) {
   const int64_t M = x.size(0), K = x.size(1), ld = x.stride(0);
   const T* xp = x.data_ptr<T>();
   std::vector<uint32_t> thr(M);
   at::parallel_for(0, M, row_grain(K), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) thr[m] = threshold_code<T>(xp + m * ld, K, p);
+    for (int64_t m = m0; m < m1; ++m) thr[m] = threshold_code<T>(xp + m * ld, K, p(m));
   });
   return thr;
 }
 
 at::Tensor top_p_threshold(const at::Tensor& x, const at::Tensor& p) {
   check_x(x);
-  const double pv = read_p(p);
+  const RowP pv = read_p(p, x.size(0));
   at::Tensor t = at::empty({x.size(0), 1}, x.options());
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -233,7 +247,7 @@ at::Tensor top_p_threshold(const at::Tensor& x, const at::Tensor& p) {
 
 std::tuple<at::Tensor, at::Tensor> top_p_sparsify(const at::Tensor& x, const at::Tensor& p) {
   check_x(x);
-  const double pv = read_p(p);
+  const RowP pv = read_p(p, x.size(0));
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor y = at::empty({M, K}, x.options());
   at::Tensor kept = at::empty({M}, x.options().dtype(at::kLong));
@@ -247,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor> top_p_sparsify(const at::Tensor& x, const at:
     at::parallel_for(0, M, row_grain(K), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
         const scalar_t* xr = xp + m * ld;
-        const uint32_t thr = threshold_code<scalar_t>(xr, K, pv);
+        const uint32_t thr = threshold_code<scalar_t>(xr, K, pv(m));
         int64_t n = 0;
         for (int64_t k = 0; k < K; ++k) {
           const bool keep = C::of(xr[k]) >= thr;
@@ -344,7 +358,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_sparse_gemv(
     const at::Tensor& x, const at::Tensor& p, const at::Tensor& wt,
     const c10::optional<at::Tensor>& bias) {
   check_x(x);
-  const double pv = read_p(p);
+  const RowP pv = read_p(p, x.size(0));
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(M <= kMaxM, "x has ", M, " rows; cpu_input_sparse_gemv takes at most ", kMaxM);
   TORCH_CHECK(wt.device().is_cpu() && wt.dim() == 2 && wt.size(0) == K && wt.is_contiguous(),
@@ -370,7 +384,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_sparse_gemv(
     // Decode rows: thresholds on the calling thread (tens of microseconds against a GEMV of
     // milliseconds), so that the call forks threads once, for the GEMV.
     std::vector<uint32_t> thr(M);
-    for (int64_t m = 0; m < M; ++m) thr[m] = threshold_code<scalar_t>(xp + m * ld, K, pv);
+    for (int64_t m = 0; m < M; ++m) thr[m] = threshold_code<scalar_t>(xp + m * ld, K, pv(m));
     int64_t* kp = kept.data_ptr<int64_t>();
     // Union of the rows' kept sets, and per kept row the M inputs it multiplies.
     std::vector<int64_t> idx;

@@ -208,3 +208,25 @@ def test_a_started_server_gets_the_rule_and_every_site_of_the_target():
     assert serve_flags("gate", "lq", 2.0) == [
         "--sparsity-p", "1.0", "--sparsity-target", "input,gate,intermediate",
         "--sparsity-rule", "lq", "--sparsity-q", "2.0"]
+
+
+def test_p_mode_request_on_a_server_that_does_not_apply_it(fake_server, own_task):
+    url = fake_server()  # its GET /v1/sparsity has no request_p: a plugin from before it
+    assert run(sweep_args(url, own_task, MODEL_ROOT, "--p-mode", "request")) == (
+        "--p-mode request: the server does not apply a request's own p (its plugin predates "
+        "it, or its model runner has no per-step hook: see its start-up log); use --p-mode "
+        "global")
+
+
+def test_p_mode_request_on_a_server_with_another_target(fake_server, own_task):
+    def do_get(self):  # a plugin that applies a request's p, with the target all_inputs
+        if self.path == "/v1/sparsity":
+            return self.reply(200, {"p": 0.9, "target": "all_inputs", "layers": [],
+                                    "request_p": {"applied": True, "counters": {}}})
+        return FakeVLLM.do_GET(self)
+
+    url = fake_server(do_GET=do_get)
+    assert run(sweep_args(url, own_task, MODEL_ROOT, "--target", "intermediate")) == (
+        "--p-mode request: the server's target is all_inputs, the sweep's intermediate; a "
+        "request's p applies at the server's target only: set the server's target, or use "
+        "--p-mode global")

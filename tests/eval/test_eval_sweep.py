@@ -84,3 +84,20 @@ def test_check_fails_when_the_server_runs_another_p(good_sweep, baseline, sparse
     assert main(["check", "--results", str(tmp_path / "results.json"),
                  "--baseline", str(BASELINE)]) == 1
     assert capsys.readouterr().out.count("FAIL: ") == len(failures)
+
+
+def test_request_and_global_p_modes_give_the_same_results(sparse_server, demo_model, tmp_path):
+    """The same tiny sweep both ways on one server: per-request p (both points scored at once)
+    and the global p set through the route give each point the same per-document scores and the
+    same measured sparsity; request mode leaves the server's own p and target alone."""
+    cfg = SweepConfig(str(demo_model), ["piqa"], [1.0, 0.7], "all_inputs", 6)
+    got = {mode: sweep(cfg, tmp_path / mode, sparse_server.url, API_KEY, mode=mode)
+           for mode in ("global", "request")}
+    for g, r in zip(got["global"]["points"], got["request"]["points"]):
+        assert (g["p"], g["p_mode"], r["p_mode"]) == (r["p"], "global", "request")
+        assert g["tasks"]["piqa"]["acc_norm"] == r["tasks"]["piqa"]["acc_norm"], g["p"]
+        assert g["tasks"]["piqa"]["loglik"] == r["tasks"]["piqa"]["loglik"], g["p"]
+        assert g["sparsity"] == r["sparsity"], g["p"]
+    assert got["request"]["points"][1]["sparsity"]["overall"] > 0.05  # p = 0.7 did something
+    state = Server(sparse_server.url, API_KEY).state()
+    assert (state["p"], state["target"]) == (0.9, "all_inputs")

@@ -192,3 +192,16 @@ def test_sharded_path_survives_torch_compile():
         y, kept, _ = compiled(x)
         assert torch.equal(kept, rule.top_p_sparsify(x, 0.6)[1])
         assert_close_to_ref(y, *ref_sparse_gemv(x, 0.6, layer.weight.detach()), K)
+
+
+@pytest.mark.parametrize("m", [3, backend.M_MAX + 1])  # sparse GEMV, then mask + dense GEMM
+def test_apply_with_one_p_per_row(m):
+    layer = make_layer()
+    backend.prepare(layer)
+    ps = torch.linspace(0.3, 1.0, m, dtype=torch.float64)
+    x = activations(m, K, torch.bfloat16, seed=m)
+    y, kept = apply(layer, x, ps[:, None])
+    rows = torch.stack([paper_top_p_mask(x[i:i + 1].float(), float(pi))[0]
+                        for i, pi in enumerate(ps)])
+    assert torch.equal(kept, rows.sum(-1))
+    assert_close_to_ref(y, *ref_sparse_gemv(x, None, layer.weight.detach(), None, rows), K)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from gemv_reference import assert_close_to_ref, ref_sparse_gemv
 from kernel_inputs import activations, ptensor, with_edge_rows
+from reference import paper_top_p_mask
 
 from vllm_sparsity.kernels import cpu_backend
 from vllm_sparsity.rule import top_p_mask, top_p_sparsify, top_p_threshold
@@ -176,3 +177,33 @@ def test_backend_under_torch_compile():
     p.fill_(0.9)  # changed in place: read inside the op, no recompile needed
     y, kept, _ = f(x[:1])
     assert torch.equal(kept, top_p_mask(x[:1], p).sum(-1))
+
+
+PER_ROW_P = [0.5, 0.9, 1.0, 0.3, 0.7, 0.5, 0.99, 0.1, 0.8, 0.6, 0.95, 0.4]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 5, 12])
+def test_per_row_p_is_each_rows_sort_rule(dtype, m):
+    # Per-request p: p float64 [M, 1] (the per-token buffer's slice); each row at its own p must be
+    # the paper's sort rule, in all three ops (12 rows: past M_MAX's sparse GEMV too).
+    x = edge_batch(m, K, dtype, seed=4)
+    ps = PER_ROW_P[:m]
+    p = torch.tensor(ps, dtype=torch.float64)[:, None]
+    rows = torch.stack([paper_top_p_mask(x[i:i + 1], pi)[0] for i, pi in enumerate(ps)])
+    t = ops.cpu_top_p_threshold(x, p)
+    assert torch.equal((x.abs() >= t) | t.isnan(), rows)
+    xs, kept = ops.cpu_top_p_sparsify(x, p)
+    assert torch.equal(kept, rows.sum(-1))
+    assert torch.equal(xs != 0, rows & (x != 0))
+    if m <= M_MAX:
+        w, bias = weights(dtype)
+        y, kept, _ = ops.cpu_input_sparse_gemv(x, p, w.t().contiguous(), bias)
+        assert torch.equal(kept, rows.sum(-1))
+        assert_close(y, x, p, w, bias, rows)
+
+
+def test_per_row_p_of_the_wrong_length_is_refused():
+    x = activations(4, K, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="one element or be contiguous"):
+        ops.cpu_top_p_threshold(x, torch.full((3, 1), 0.5, dtype=torch.float64))

@@ -160,3 +160,47 @@ def test_custom_ops_registered_with_fake_impls():
     torch.library.opcheck(torch.ops.vllm_sparsity.top_p_partial_mass,
                           (x, torch.zeros(3, dtype=torch.int64), 12))
     assert math.isfinite(tpt.top_p_partial_mass(x, torch.zeros(3, dtype=torch.int64), 12).sum())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ["m1", "m"])
+def test_per_row_p_is_each_rows_sort_rule(dtype, shape, launch_config):
+    # Per-request p: one float64 p per row ([M, 1], or [M]); each row is the paper's rule at its p.
+    ps = [0.5, 0.9, 1.0, 0.3, 0.7, 0.5, 0.99]
+    x = activations(len(ps), 333, dtype, seed=6)
+    p = torch.tensor(ps, dtype=torch.float64)
+    p = p[:, None] if shape == "m1" else p
+    y = torch.empty_like(x)
+    thr, kept = tpt.launch(x, p, y)
+    rows = torch.stack([paper_top_p_mask(x[i:i + 1], pi)[0] for i, pi in enumerate(ps)])
+    assert torch.equal(kernel_mask(x, thr), rows)
+    assert torch.equal(kept, rows.sum(-1))
+    assert torch.equal(y != 0, rows)
+
+
+def test_per_row_p_sharded_equals_unsharded(monkeypatch):
+    ps = [0.5, 0.9, 1.0, 0.3, 0.7]
+    x = with_edge_rows(activations(len(ps), 900, torch.bfloat16, seed=4))
+    shards = x[:, :350].contiguous(), x[:, 350:].contiguous()
+    last_call = {}
+    partial = tpt.top_p_partial_mass
+
+    def recording_partial(xs, lo, shift):
+        last_call.update(lo=lo, shift=shift)
+        return partial(xs, lo, shift)
+
+    def all_reduce(masses):
+        masses += partial(shards[1], last_call["lo"], last_call["shift"])
+
+    monkeypatch.setattr(tpt, "top_p_partial_mass", recording_partial)
+    p = torch.tensor(ps, dtype=torch.float64)[:, None]
+    thr = tpt.top_p_threshold_sharded(shards[0], p, all_reduce)
+    for m, pm in enumerate(ps):
+        full, _ = tpt.top_p_threshold(x[m:m + 1], ptensor(pm))
+        assert thr[m] == full[0], (m, pm)
+
+
+def test_per_row_p_of_the_wrong_length_raises():
+    x = activations(4, 8, torch.bfloat16)
+    with pytest.raises(ValueError, match="one element or be contiguous"):
+        tpt.top_p_threshold(x, torch.full((3, 1), 0.5, dtype=torch.float64))
