@@ -228,13 +228,14 @@ def layer_deltas(before: dict, after: dict) -> dict[tuple[int, str], tuple[int, 
     return delta
 
 
-def p_mode(state: dict, asked: str) -> str:
+def p_mode(state: dict, asked: str, target_fits: bool = True) -> str:
     """The mode a sweep runs in: ``asked`` unless "auto", which is "request" when the server
-    applies a request's own p (``request_p.applied`` in its ``GET /v1/sparsity`` answer), else
-    "global". SystemExit for "request" on a server that does not."""
+    applies a request's own p (``request_p.applied`` in its ``GET /v1/sparsity`` answer) and
+    ``target_fits`` (the sweep may run at the server's target), else "global". SystemExit for
+    "request" on a server that does not apply it."""
     applies = bool(state.get("request_p", {}).get("applied"))
     if asked == "auto":
-        return "request" if applies else "global"
+        return "request" if applies and target_fits else "global"
     if asked == "request" and not applies:
         raise SystemExit("--p-mode request: the server does not apply a request's own p (its "
                          "plugin predates it, or its model runner has no per-step hook: see its "
@@ -444,7 +445,9 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
                     serve_flags(cfg.target, cfg.rule, cfg.q)) as server:
             served_name, initial = server.served_model(cfg.model), server.state()
             check_rule(initial, cfg)
-            mode = p_mode(initial, mode)
+            # An attached server at another target keeps it in request mode: auto goes global.
+            mode = p_mode(initial, mode, server.proc is not None or
+                          initial["target"] == cfg.target)
             restore = mode == "global"  # request mode changes nothing of an attached server
             if mode == "request" and initial["target"] != cfg.target:
                 if server.proc is None:

@@ -14,6 +14,8 @@ def test_auto_picks_request_only_where_the_server_applies_it():
     assert p_mode({"request_p": {"applied": False}}, "auto") == "global"
     assert p_mode({}, "auto") == "global"  # a plugin from before p per request
     assert p_mode(applies, "global") == "global"
+    # An attached server at another target than the sweep's: auto sets it point by point.
+    assert p_mode(applies, "auto", target_fits=False) == "global"
     with pytest.raises(SystemExit, match="--p-mode request: the server does not apply"):
         p_mode({}, "request")
 
