@@ -226,7 +226,8 @@ def test_p_mode_request_on_a_server_with_another_target(fake_server, own_task):
         return FakeVLLM.do_GET(self)
 
     url = fake_server(do_GET=do_get)
-    assert run(sweep_args(url, own_task, MODEL_ROOT, "--target", "intermediate")) == (
+    assert run(sweep_args(url, own_task, MODEL_ROOT, "--target", "intermediate",
+                          "--p-mode", "request")) == (
         "--p-mode request: the server's target is all_inputs, the sweep's intermediate; a "
         "request's p applies at the server's target only: set the server's target, or use "
         "--p-mode global")
