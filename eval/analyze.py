@@ -34,8 +34,9 @@ from pathlib import Path
 
 import requests
 
-from vllm_sparsity.config import RULES, SparsityConfigError, check_together, parse_target
+from vllm_sparsity.config import RULES, SparsityConfigError, check_together
 from vllm_sparsity.eval import convert
+from vllm_sparsity.eval.cli import target_arg
 from vllm_sparsity.eval.sweep import Server, check_rule, layer_deltas, serve_flags, served
 from vllm_sparsity.sites import sites_of
 
@@ -225,13 +226,6 @@ def plot(result: dict, out: Path) -> list[Path]:
     return written
 
 
-def _target(value: str) -> str:
-    try:
-        return parse_target(value, "--target")
-    except SparsityConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _tasks(text: str) -> list[str]:
     tasks = [t for t in text.split(",") if t]
     unknown = [t for t in tasks if t not in convert.TASKS]
@@ -259,7 +253,7 @@ def parser() -> argparse.ArgumentParser:
                     help="built-in tasks whose documents are the prompts (default: %(default)s)")
     ap.add_argument("--p-grid", type=_floats, default=[0.5, 0.7, 0.9],
                     help="comma-separated p values in (0, 1] (default: 0.5,0.7,0.9)")
-    ap.add_argument("--target", type=_target, default="input,gate,up,intermediate",
+    ap.add_argument("--target", type=target_arg, default="input,gate,up,intermediate",
                     help="the sites analysed: a named target or a comma list of input, gate, up, "
                     "intermediate (default: all four)")
     ap.add_argument("--joint", action="store_true", help="sparsify the target's sites together "

@@ -38,7 +38,7 @@ def _tasks(text: str) -> list[str]:
     return tasks
 
 
-def _target(value: str) -> str:
+def target_arg(value: str) -> str:
     try:
         return parse_target(value, "--target")
     except SparsityConfigError as e:
@@ -66,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
                    help="a folder of your own lm-eval task YAMLs (lm-eval's --include_path)")
     s.add_argument("--p-grid", type=_floats, default=list(PAPER_GRID),
                    help="comma-separated p values (default: the paper's grid without 0)")
-    s.add_argument("--target", default="all_inputs", type=_target,
+    s.add_argument("--target", default="all_inputs", type=target_arg,
                    help="input, intermediate, all_inputs (default) or a comma list of the sites "
                    "input, gate, up, intermediate")
     s.add_argument("--rule", default="top-p", choices=list(RULES),

@@ -103,12 +103,10 @@ def test_empty_batch():
     assert thr.shape == (0,) and kept.shape == (0,)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_sharded_threshold_equals_unsharded(dtype, monkeypatch, launch_config):
-    """Tensor parallelism, simulated: rank 0 holds x[:, :K0]; its all-reduce adds rank 1's masses
-    for the same (lo, shift), which rank 1 would compute as its decisions are the same."""
-    x = with_edge_rows(activations(5, 900, dtype, seed=4))
-    shards = x[:, :350].contiguous(), x[:, 350:].contiguous()
+def two_rank_all_reduce(monkeypatch, other_shard):
+    """Tensor parallelism, simulated for rank 0: its all-reduce adds rank 1's masses for the same
+    (lo, shift) as rank 0's last partial-mass call, which rank 1 would compute as its decisions
+    are the same."""
     last_call = {}
     partial = tpt.top_p_partial_mass
 
@@ -117,9 +115,19 @@ def test_sharded_threshold_equals_unsharded(dtype, monkeypatch, launch_config):
         return partial(xs, lo, shift)
 
     def all_reduce(masses):
-        masses += partial(shards[1], last_call["lo"], last_call["shift"])
+        masses += partial(other_shard, last_call["lo"], last_call["shift"])
 
     monkeypatch.setattr(tpt, "top_p_partial_mass", recording_partial)
+    return all_reduce
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sharded_threshold_equals_unsharded(dtype, monkeypatch, launch_config):
+    """Tensor parallelism, simulated: rank 0 holds x[:, :K0]; its all-reduce adds rank 1's masses
+    for the same (lo, shift), which rank 1 would compute as its decisions are the same."""
+    x = with_edge_rows(activations(5, 900, dtype, seed=4))
+    shards = x[:, :350].contiguous(), x[:, 350:].contiguous()
+    all_reduce = two_rank_all_reduce(monkeypatch, shards[1])
     for p in (0.5, 0.9, 1.0):
         thr = tpt.top_p_threshold_sharded(shards[0], ptensor(p), all_reduce)
         full, _ = tpt.top_p_threshold(x, ptensor(p))
@@ -182,17 +190,7 @@ def test_per_row_p_sharded_equals_unsharded(monkeypatch):
     ps = [0.5, 0.9, 1.0, 0.3, 0.7]
     x = with_edge_rows(activations(len(ps), 900, torch.bfloat16, seed=4))
     shards = x[:, :350].contiguous(), x[:, 350:].contiguous()
-    last_call = {}
-    partial = tpt.top_p_partial_mass
-
-    def recording_partial(xs, lo, shift):
-        last_call.update(lo=lo, shift=shift)
-        return partial(xs, lo, shift)
-
-    def all_reduce(masses):
-        masses += partial(shards[1], last_call["lo"], last_call["shift"])
-
-    monkeypatch.setattr(tpt, "top_p_partial_mass", recording_partial)
+    all_reduce = two_rank_all_reduce(monkeypatch, shards[1])
     p = torch.tensor(ps, dtype=torch.float64)[:, None]
     thr = tpt.top_p_threshold_sharded(shards[0], p, all_reduce)
     for m, pm in enumerate(ps):
