@@ -114,6 +114,8 @@ class RuntimeState:
         tensors stay the ones a captured CUDA graph writes)."""
         for _, layer in self.layers:
             layer.sparsity_stats.zero_()
+            if hasattr(layer, "sparsity_expert_stats"):  # routed experts (sparse_moe)
+                layer.sparsity_expert_stats.zero_()
         self.unknown_phase_tokens.zero_()
         if self.clock:
             CLOCK.reset()
