@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference import paper_top_p_mask
+from reference import loop_moe_reference, paper_top_p_mask
 from vllm_sparsity import _vllm_compat, counters, sparse_moe
 from vllm_sparsity.config import SparsityConfig
 from vllm_sparsity.counters import DECODE, PAD, PREFILL, TOTAL, ZEROED
@@ -100,43 +100,12 @@ def _sparse(layer, p, target="all_inputs", phases=None):
 
 
 def loop_reference(layer, x, weights, ids, p_input=None, p_inter=None, phases=None):
-    """The routed experts one token and one routed expert at a time, in float64, with the
-    paper's sort rule on each token's input and on each pair's act-and-mul output. Returns
-    (y [M, H], per-expert counts {site: int64 [E, 2] zeroed/total over non-PAD tokens}).
-    h, a and each expert's output are rounded to the weights' dtype where the torch experts
-    round them (a no-op in fp32)."""
-    dtype = layer.w13_weight.dtype
-
-    def rnd(v):
-        return v.to(dtype).double()
-
-    w13, w2 = layer.w13_weight.double(), layer.w2_weight.double()
-    b13 = getattr(layer, "w13_bias", None)
-    b2 = getattr(layer, "w2_bias", None)
-    y = torch.zeros(x.shape, dtype=torch.float64)
-    counts = {s: torch.zeros(E, 2, dtype=torch.int64) for s in ("input", "intermediate")}
-    for t in range(x.shape[0]):
-        real = phases is None or phases[t] != PAD
-        xt = x[t].double()
-        if p_input is not None:
-            keep = paper_top_p_mask(x[t:t + 1].float(), p_input)[0]
-            xt = torch.where(keep, xt, 0)
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            h = rnd(w13[e] @ xt)
-            h = rnd(h + b13[e].double()) if b13 is not None else h
-            a = rnd(F.silu(h[:I]) * h[I:])
-            if p_input is not None and real:
-                counts["input"][e] += torch.tensor([int((~keep).sum()), H])
-            if p_inter is not None:
-                keep_a = paper_top_p_mask(a[None].float(), p_inter)[0]
-                a = torch.where(keep_a, a, 0)
-                if real:
-                    counts["intermediate"][e] += torch.tensor([int((~keep_a).sum()), I])
-            o = rnd(w2[e] @ a)
-            o = rnd(o + b2[e].double()) if b2 is not None else o
-            y[t] += float(weights[t, j]) * o
-    return y, counts
+    """``reference.loop_moe_reference`` on ``layer``'s weights; ``phases``: PAD tokens are not
+    counted."""
+    return loop_moe_reference(
+        layer.w13_weight, layer.w2_weight, x, weights, ids, p_input, p_inter,
+        None if phases is None else [ph != PAD for ph in phases],
+        getattr(layer, "w13_bias", None), getattr(layer, "w2_bias", None))
 
 
 # ---------------------------------------------------------------- the torch experts

@@ -202,6 +202,7 @@ class SparseFusedMoEMethod(FusedMoEMethodBase, torch.nn.Module):
         # vLLM's kernel cannot expose the intermediate site (nor take routing from outside when
         # it is monolithic): the torch experts then run every step.
         self.torch_experts = "intermediate" in sites or inner.is_monolithic
+        self.act_and_mul = None  # the experts' activation, set after loading (torch experts)
         self.sites = torch.nn.ModuleDict({
             site: ExpertSite(site, layer_index, num_experts, state,
                              all_reduce if site == "intermediate" else None)
@@ -248,6 +249,8 @@ class SparseFusedMoEMethod(FusedMoEMethodBase, torch.nn.Module):
         # repack them for its kernel (CPU: its grouped-GEMM layout).
         if not self.torch_experts:
             self.inner.process_weights_after_loading(layer)
+        else:  # built once, outside the traced forward
+            self.act_and_mul = _vllm_compat.moe_act_and_mul(layer, self.inner)
 
     def apply(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               shared_experts=None, shared_experts_input=None):
@@ -270,7 +273,7 @@ class SparseFusedMoEMethod(FusedMoEMethodBase, torch.nn.Module):
 
         return experts_forward(
             x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids,
-            _vllm_compat.moe_act_and_mul(layer, self.inner),
+            self.act_and_mul,
             getattr(layer, "w13_bias", None), getattr(layer, "w2_bias", None),
             layer.apply_router_weight_on_input, intermediate)
 
