@@ -66,7 +66,9 @@ def main(model: str, out_path: str, mode: str) -> None:
     state.set(p=P_CHECK)
     state.reset_counters()
     records = []
-    methods = [(n, m) for n, m in model_.named_modules() if isinstance(m, SparseFusedMoEMethod)]
+    # Named after the RoutedExperts module that holds the method, as the state names its sites.
+    methods = [(n, m.quant_method) for n, m in model_.named_modules()
+               if isinstance(getattr(m, "quant_method", None), SparseFusedMoEMethod)]
     for name, method in methods:
         def recording(layer, x, topk_weights, topk_ids, *args, _apply=method.apply, _name=name,
                       _method=method, **kwargs):
