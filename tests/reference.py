@@ -162,3 +162,57 @@ def sort_lq_mask(x: torch.Tensor, p: float, q: float) -> torch.Tensor:
             threshold = abs(row[order[reached.index(True)]]) if cumsum[-1] > 0 else 0.0
         out.append([v != 0 and abs(v) >= threshold for v in row])
     return _as_mask(out, x)
+
+
+# --- Routed experts (fused MoE), one token and one routed expert at a time. ---------------------
+
+
+def loop_moe_reference(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor,
+                       weights: torch.Tensor, ids: torch.Tensor, p_input: float | None = None,
+                       p_inter: float | None = None, counted: list[bool] | None = None,
+                       w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None):
+    """SiLU-gated routed experts y[t] = sum_j weights[t, j] * w2[e] (silu(g) * u), [g; u] =
+    w13[e] x[t], e = ids[t, j], computed in float64 one (token, expert) pair at a time, with the
+    paper's sort rule (``paper_top_p_mask``) on each token's input (``p_input``) and on each
+    pair's silu(g) * u (``p_inter``); None leaves a site dense.
+
+    h, the activation and each expert's output are rounded to w13's dtype where a bf16/fp16 model
+    rounds them (no-op in fp32). ``counted[t]``: whether token t enters the counts (default all).
+
+    Returns:
+        (y float64 [M, H], {site: int64 [E, 2]}): per expert, activations zeroed and in all at
+        the ``input`` site (a token's input counted at each of its experts) and at
+        ``intermediate``.
+    """
+    dtype = w13.dtype
+    num_experts, inter = w2.shape[0], w2.shape[2]
+
+    def rnd(v):
+        return v.to(dtype).double()
+
+    w13d, w2d = w13.double(), w2.double()
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    counts = {s: torch.zeros(num_experts, 2, dtype=torch.int64)
+              for s in ("input", "intermediate")}
+    for t in range(x.shape[0]):
+        real = counted is None or counted[t]
+        xt = x[t].double()
+        if p_input is not None:
+            keep = paper_top_p_mask(x[t:t + 1].float(), p_input)[0]
+            xt = torch.where(keep, xt, 0)
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            h = rnd(w13d[e] @ xt)
+            h = rnd(h + w13_bias[e].double()) if w13_bias is not None else h
+            a = rnd(torch.nn.functional.silu(h[:inter]) * h[inter:])
+            if p_input is not None and real:
+                counts["input"][e] += torch.tensor([int((~keep).sum()), x.shape[1]])
+            if p_inter is not None:
+                keep_a = paper_top_p_mask(a[None].float(), p_inter)[0]
+                a = torch.where(keep_a, a, 0)
+                if real:
+                    counts["intermediate"][e] += torch.tensor([int((~keep_a).sum()), inter])
+            o = rnd(w2d[e] @ a)
+            o = rnd(o + w2_bias[e].double()) if w2_bias is not None else o
+            y[t] += float(weights[t, j]) * o
+    return y, counts

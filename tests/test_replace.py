@@ -402,7 +402,7 @@ def test_model_without_gated_mlp_is_served_dense(one_rank):
     assert one_rank["dense"] == [] and one_rank["dense_state"] and one_rank["dense_same"]
     assert one_rank["dense_log"] == [
         ("WARNING", "vllm-sparsity: Module has no gated MLP (gate_up_proj -> act-and-mul -> "
-         "down_proj); serving it dense")]
+         "down_proj) nor routed experts to sparsify; serving it dense")]
 
 
 def _mlp_on_rank(rank, world_size, ident):

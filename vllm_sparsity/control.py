@@ -12,7 +12,9 @@ Routes (opt-in: start the server with ``VLLM_PLUGINS=sparsity``; under ``/v1`` s
 - ``GET /v1/sparsity``: ``{"p", "target", "backend", "rule", "q", "targets", ...}`` plus
   ``"layers"``: per layer
   and site, the monotonic counters ``zeroed`` and ``total`` (activations since start-up), merged
-  over the workers as ``/metrics`` merges them (``counters.merge``).
+  over the workers as ``/metrics`` merges them (``counters.merge``); and ``"experts"``: per
+  fused-MoE layer and site, the same counters per routed expert (lists indexed by expert id;
+  empty without routed experts).
 - ``POST /v1/sparsity`` with ``Content-Type: application/json`` and a body such as
   ``{"p": 0.8, "target": "intermediate"}`` or ``{"p": {"input": 0.9, "intermediate": 0.8}}``
   (any key may be left out; at most ``MAX_BODY_BYTES``). ``rule`` and ``q`` are accepted when they
@@ -140,7 +142,8 @@ async def _state(engine) -> dict[str, Any]:
         raise RouteError(409, "sparsity is off: start the server with --sparsity-p to enable "
                          "runtime control")
     return {**merged["settings"], "unknown_phase_tokens": merged["unknown_phase_tokens"],
-            "layers": counters.route_layers(merged), "request_p": merged["request_p"]}
+            "layers": counters.route_layers(merged), "request_p": merged["request_p"],
+            "experts": counters.route_experts(merged)}
 
 
 async def arm_analysis(engine, tokens: int, rank_batch: int) -> dict[str, Any]:

@@ -22,6 +22,11 @@ every replica only when the reply holds every engine's workers: ``_vllm_compat.c
 asks each engine (vLLM's own ``collective_rpc`` answers with engine 0's workers alone under data
 parallelism).
 
+Routed experts (``sparse_moe``): each expert site also keeps ``sparsity_expert_stats`` int64
+[experts, 2] (zeroed, total over the real tokens); ``snapshot`` lists them under ``experts`` and
+``merge`` sums them by the rank rules above (the intermediate site is split under TP). They are
+analysis output (the route's ``experts``), never metric labels.
+
 Agreement (``merge``): every worker should run the same p, target and backend; a failed or partial
 ``vllm_sparsity_set`` could leave them apart. The merged ``settings`` are the first worker's, and
 ``settings["disagreement"]`` lists the distinct settings with the workers holding each (empty when
@@ -174,8 +179,9 @@ def snapshot(state, tp_rank: int, latency: dict | None) -> dict[str, Any]:
         ``settings`` (``state.settings()``), ``p_by_site``, ``tp_rank``, ``latency``, ``sites``
         (rows ``[layer, site, name, bytes per weight column on this rank, split]``, split: the
         input is split over K across TP ranks), ``stats`` (the matching int64 [3, WIDTH]
-        buffers as lists) and ``unknown_phase_tokens`` (tokens counted as prefill because their
-        phase could not be told, ``state.RuntimeState``).
+        buffers as lists), ``experts`` (per routed-expert site ``[layer, site, name, split,
+        zeroed per expert, total per expert]``) and ``unknown_phase_tokens`` (tokens counted as
+        prefill because their phase could not be told, ``state.RuntimeState``).
     """
     layers = [layer for _, layer in state.layers]
     stats = torch.stack([layer.sparsity_stats for layer in layers]).tolist() if layers else []
@@ -197,9 +203,16 @@ def snapshot(state, tp_rank: int, latency: dict | None) -> dict[str, Any]:
             per_column = 0
         sites.append([method.layer_index, method.site, name, per_column,
                       method.all_reduce is not None])
+    experts = []
+    for name, layer in state.layers:
+        if hasattr(layer, "sparsity_expert_stats"):
+            zeroed, total = layer.sparsity_expert_stats.t().tolist()
+            experts.append([layer.layer_index, layer.site, name, layer.all_reduce is not None,
+                            zeroed, total])
     return {"settings": state.settings(), "p_by_site": state.p_by_site(), "tp_rank": tp_rank,
             "sites": sites, "stats": stats, "latency": latency, "p_stats": p_stats,
             "p_slots": state.p_slots_by_key(), "request_p_applied": state.request_p_applied,
+            "experts": experts,
             "unknown_phase_tokens": int(state.unknown_phase_tokens.sum())}
 
 
@@ -268,6 +281,7 @@ def merge(per_worker: list[dict | None]) -> dict[str, Any] | None:
                     latency["counts"][phase], snap["latency"]["counts"][phase])]
                 latency["sums"][phase] += snap["latency"]["sums"][phase]
     merged["sites"] = {key: sites[key] for key in sorted(sites)}
+    merged["experts"] = _merge_experts(snaps)
     merged["latency"] = latency
     merged["request_p"] = merge_by_p(snaps)
     return merged
@@ -292,6 +306,32 @@ def merge_by_p(snaps: list[dict]) -> dict[str, Any]:
                     entry["total"] += rows[slot][TOTAL]
     return {"field": FIELD, "slots": P_SLOTS,
             "applied": all(s.get("request_p_applied", False) for s in snaps), "counters": by_p}
+
+
+def _merge_experts(snaps: list[dict]) -> dict[tuple[int, str], dict]:
+    """{(layer, site): {"name", "split", "zeroed": [E], "total": [E]}} over the workers' routed
+    experts: TP rank 0 speaks for a replicated input, a split one is summed over the ranks,
+    replicas are summed (as ``merge`` does for the sites)."""
+    experts: dict[tuple[int, str], dict] = {}
+    for snap in snaps:
+        for layer, site, name, split, zeroed, total in snap.get("experts", []):
+            if snap["tp_rank"] != 0 and not split:
+                continue
+            entry = experts.setdefault((layer, site), {
+                "name": name, "split": bool(split), "zeroed": [0] * len(zeroed),
+                "total": [0] * len(total)})
+            entry["zeroed"] = [a + b for a, b in zip(entry["zeroed"], zeroed)]
+            entry["total"] = [a + b for a, b in zip(entry["total"], total)]
+    return {key: experts[key] for key in sorted(experts)}
+
+
+def route_experts(merged: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``/v1/sparsity`` ``experts`` rows of a merged snapshot: per fused-MoE layer and site,
+    in order, the monotonic per-expert counters ``zeroed`` and ``total`` (lists indexed by
+    expert id) over the real tokens."""
+    return [{"layer": layer, "site": site, "name": entry["name"], "zeroed": entry["zeroed"],
+             "total": entry["total"], "split": entry["split"]}
+            for (layer, site), entry in merged.get("experts", {}).items()]
 
 
 def route_layers(merged: dict[str, Any]) -> list[dict[str, Any]]:

@@ -126,11 +126,12 @@ def vllm_sparsity_bind_step(self) -> None:
     """Worker RPC, before warm-up: take token phases from this worker's model-runner buffer.
 
     Raises:
-        RuntimeError: sparsity is configured and the model has gated MLPs, but none was sparsified:
+        RuntimeError: sparsity is configured and the model has gated MLPs or routed experts, but
+            none was sparsified:
             its loader built it without ``BaseModelLoader.create_model`` (``--load-format
             tensorizer``, the weight-cache IPC loader ``ipc_cache``), which would serve it dense.
     """
-    from vllm_sparsity.replace import find_gated_mlps
+    from vllm_sparsity.replace import find_gated_mlps, find_routed_experts
     from vllm_sparsity.state import runtime_state
 
     model = _vllm_compat.worker_model(self)
@@ -148,7 +149,7 @@ def vllm_sparsity_bind_step(self) -> None:
         return
     vllm_config = _vllm_compat.worker_vllm_config(self)
     if (cfg.SparsityConfig.from_additional_config(vllm_config.additional_config) is not None
-            and find_gated_mlps(model)[0]):
+            and (find_gated_mlps(model)[0] or find_routed_experts(model)[0])):
         raise RuntimeError(
             f"vllm-sparsity: --load-format {_vllm_compat.load_format(vllm_config)} built "
             f"{type(model).__name__} without BaseModelLoader.create_model, where the plugin "

@@ -8,6 +8,10 @@ only the language model's decoder MLPs are sparsified (vLLM's ``SupportsMultiMod
 .get_language_model``): encoder towers (e.g. Qwen2.5-VL's ``Qwen2_5_VisionMLP``, also gated) run
 outside the wrapped forward, on tokens the phase buffers do not describe, and their layer indices
 would collide with the decoder's.
+
+Routed experts (vLLM's fused-MoE layers, ``RoutedExperts``) are found by type and take the
+``input`` and ``intermediate`` sites through their fused-MoE method (``sparse_moe``); gated MLPs
+beside them (shared experts, dense layers) are sparsified as above.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import re
 
 import torch
 
-from vllm_sparsity import _vllm_compat, backends, sparse_act, sparse_linear
+from vllm_sparsity import _vllm_compat, backends, sparse_act, sparse_linear, sparse_moe
 from vllm_sparsity.clock import CUDA_NOTE, time_mlp
 from vllm_sparsity.config import SparsityConfig, describe_p
 from vllm_sparsity.sites import ANALYSIS_SITES, SITES
@@ -36,6 +40,31 @@ def _is_gated_mlp(module: torch.nn.Module, types) -> bool:
             and isinstance(getattr(module, "down_proj", None), row))
 
 
+def _in_language_model(name: str, lm: str | None) -> bool:
+    return lm is not None and (lm == "" or name == lm or name.startswith(lm + "."))
+
+
+def find_routed_experts(model: torch.nn.Module
+                        ) -> tuple[list[tuple[str, torch.nn.Module]], dict[str, str]]:
+    """The language model's fused-MoE experts (vLLM's ``RoutedExperts``).
+
+    Returns:
+        ``(found, refused)``: ``(qualified name, module)`` of those the plugin can serve, and
+        {qualified name: why not} for the others (``_vllm_compat.moe_refusal``; left dense).
+    """
+    experts_type = _vllm_compat.routed_experts_type()
+    lm = _vllm_compat.language_model_name(model)
+    found, refused = [], {}
+    for name, module in model.named_modules():
+        if isinstance(module, experts_type) and _in_language_model(name, lm):
+            reason = _vllm_compat.moe_refusal(module)
+            if reason is None:
+                found.append((name, module))
+            else:
+                refused[name] = reason
+    return found, refused
+
+
 def find_gated_mlps(model: torch.nn.Module
                     ) -> tuple[list[tuple[str, torch.nn.Module]], int, int]:
     """The gated MLPs to sparsify.
@@ -51,7 +80,7 @@ def find_gated_mlps(model: torch.nn.Module
     lm = _vllm_compat.language_model_name(model)
     found, candidates, outside = [], 0, 0
     for name, module in model.named_modules():
-        inside = lm is not None and (lm == "" or name == lm or name.startswith(lm + "."))
+        inside = _in_language_model(name, lm)
         gated = _is_gated_mlp(module, types)
         if not inside:
             outside += gated
@@ -82,7 +111,8 @@ def replace_mlp(model: torch.nn.Module, config: SparsityConfig, max_num_tokens: 
             the graph).
 
     Returns:
-        Qualified names of the linear layers that now apply the rule.
+        Qualified names of the sites that now apply the rule: linear layers, analysis sites,
+        routed experts' sites (``<experts>.input``, ``<experts>.intermediate``).
 
     Tensor parallelism: each rank's ``down_proj`` sees a shard of K, so the intermediate site
     applies the global rule (each level's histogram all-reduced over the TP group, see
@@ -91,18 +121,28 @@ def replace_mlp(model: torch.nn.Module, config: SparsityConfig, max_num_tokens: 
     Raises:
         ValueError: an explicit backend that cannot serve a layer (the reason says why).
     """
+    if runtime_state(model) is not None:
+        return []
     mlps, candidates, outside = find_gated_mlps(model)
-    if not mlps:
+    moes, refused_moes = find_routed_experts(model)
+    expert_sites = tuple(s for s in config.sites if s in sparse_moe.EXPERT_SITES)
+    if refused_moes:
+        logger.warning("vllm-sparsity: %d fused-MoE layers left dense (routed experts): %s",
+                       len(refused_moes), sorted(set(refused_moes.values())))
+    if moes and not expert_sites:
+        logger.warning("vllm-sparsity: routed experts take the sites %s only; target %s leaves "
+                       "its %d fused-MoE layers dense", ", ".join(sparse_moe.EXPERT_SITES),
+                       config.target, len(moes))
+        moes = []
+    if not mlps and not moes:
         if _vllm_compat.language_model_name(model) is None:
             logger.warning("vllm-sparsity: %s is multimodal and vLLM names no language model in "
                            "it (get_language_model); serving it dense", type(model).__name__)
         else:
             logger.warning(
                 "vllm-sparsity: %s has no gated MLP (gate_up_proj -> act-and-mul -> down_proj)"
-                "%s; serving it dense", type(model).__name__,
+                " nor routed experts to sparsify%s; serving it dense", type(model).__name__,
                 " in its language model" if outside else "")
-        return []
-    if runtime_state(model) is not None:
         return []
     state = RuntimeState(config, next(model.parameters()).device, max_num_tokens, metrics_on)
     model._vllm_sparsity = state
@@ -136,6 +176,9 @@ def replace_mlp(model: torch.nn.Module, config: SparsityConfig, max_num_tokens: 
         # clock marks around all of them would add two opaque ops per layer to each decode step.
         if state.clock and mlp is mlps[0][1]:
             time_mlp(mlp)
+    for name, experts in moes:
+        index = int(m.group(1)) if (m := _LAYER_INDEX.search(name + ".")) else len(state.layers)
+        sparse_moe.install(experts, name, expert_sites, index, state)
     _mark_phases_before_forward(model, state)
     if metrics_on and not state.clock:
         logger.info("vllm-sparsity: %s", CUDA_NOTE)
@@ -146,10 +189,16 @@ def replace_mlp(model: torch.nn.Module, config: SparsityConfig, max_num_tokens: 
     for (backend, other), reasons in sorted(refusals.items()):
         logger.warning("vllm-sparsity: %d layers use the %s backend instead of %s: %s",
                        len(reasons), backend, other, sorted(set(reasons.values())))
-    state.backend = "+".join(sorted(chosen))
+    state.backend = "+".join(sorted(chosen)) or "torch"  # a model of routed experts only
     lm = _vllm_compat.language_model_name(model)
     scope = (f" of its language model ({type(model.get_submodule(lm)).__name__}); {outside} gated "
              "MLPs outside it (vision/audio towers) left dense") if lm else ""
+    if moes:
+        # The torch experts are the only expert path with the intermediate site (no kernel).
+        how = ("torch experts, no speed-up" if "intermediate" in expert_sites
+               else "vLLM's fused kernel on the sparsified input")
+        scope += (f"; {len(moes)} of {len(moes) + len(refused_moes)} fused-MoE layers' routed "
+                  f"experts at {', '.join(expert_sites)} ({how})")
     logger.info(
         "vllm-sparsity: %s: sparsified %d of %d MLPs%s (target=%s, rule=%s, p=%s, backend=%s -> "
         "%s)", type(model).__name__, len(mlps), candidates, scope, config.target,

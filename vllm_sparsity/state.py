@@ -197,6 +197,8 @@ class RuntimeState:
         for _, layer in self.layers:
             layer.sparsity_stats.zero_()
             layer.sparsity_p_stats.zero_()
+            if hasattr(layer, "sparsity_expert_stats"):  # routed experts (sparse_moe)
+                layer.sparsity_expert_stats.zero_()
         self.unknown_phase_tokens.zero_()
         if self.clock:
             CLOCK.reset()
