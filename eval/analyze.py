@@ -21,7 +21,10 @@ time** (greedy, ``--decode-steps`` decode steps each, EOS ignored), fetches the 
   steps, and of each step with the request's first decode step ("drift"). One request at a time
   makes every decode step a one-row step of the same sequence as the step before.
 
-MoE models' per-expert sparsity has its place in ``analysis.json`` (``moe_experts``, null here).
+MoE models: the routed experts' sites are not recorded (their rows are (token, expert) pairs);
+``moe_experts`` holds, per point, fused-MoE layer and site, the per-expert sparsity from the
+route's per-expert counters (``experts``) and its min, mean and max over the experts that saw
+tokens (Sec. 4.5, Fig. 6a); null for a model without routed experts.
 """
 
 from __future__ import annotations
@@ -105,7 +108,8 @@ def run_point(server: Server, cfg: AnalyzeConfig, served_name: str, texts: list[
             "model": served_name, "prompt": text, "max_tokens": cfg.decode_steps + 1,
             "temperature": 0.0, "ignore_eos": True}, timeout=900)
     recorded = fetch_analysis(server)
-    deltas = layer_deltas(before, server.state())
+    after = server.state()
+    deltas = layer_deltas(before, after)
     layers = []
     for row in recorded["layers"]:
         if row["site"] not in sites_of(target):
@@ -118,7 +122,27 @@ def run_point(server: Server, cfg: AnalyzeConfig, served_name: str, texts: list[
             **{k: row[k] for k in MEANS}, "rank_rows": row["rows"],
             "rank_batches": row["rank_batches"], "decode_steps": row["decode_steps"],
             "consecutive_pairs": row["consecutive_pairs"], "drift_pairs": row["drift_pairs"]})
-    return {"p": p, "target": target, "layers": layers}
+    return {"p": p, "target": target, "layers": layers, "experts": expert_rows(before, after)}
+
+
+def expert_rows(before: dict, after: dict) -> list[dict]:
+    """Per-expert sparsity between two ``GET /v1/sparsity`` answers (their ``experts`` rows, the
+    routed experts' monotonic per-expert counters; paper Sec. 4.5, Fig. 6a): per fused-MoE layer
+    and site, ``min``, ``mean`` and ``max`` over the experts that saw tokens (the mean is over
+    experts, each expert's share counting once), ``experts_seen`` of ``experts``, and each
+    expert's ``sparsity`` (None for an expert that saw no token). [] for a model without routed
+    experts."""
+    rows = []
+    for b, a in zip(before.get("experts", []), after.get("experts", [])):
+        assert (b["layer"], b["site"]) == (a["layer"], a["site"]), "expert rows changed order"
+        shares = [(za - zb) / (ta - tb) if ta > tb else None
+                  for za, zb, ta, tb in zip(a["zeroed"], b["zeroed"], a["total"], b["total"])]
+        seen = [s for s in shares if s is not None]
+        rows.append({"layer": a["layer"], "site": a["site"], "experts": len(shares),
+                     "experts_seen": len(seen), "min": min(seen, default=None),
+                     "mean": sum(seen) / len(seen) if seen else None,
+                     "max": max(seen, default=None), "sparsity": shares})
+    return rows
 
 
 def summarise(point_layers: list[dict]) -> dict:
@@ -140,12 +164,14 @@ def analyze(cfg: AnalyzeConfig, out: Path, url: str | None = None,
     ``analysis.json``: the settings, then ``sites``: per site ``{"points": [{"p", "target",
     "mean": summarise(...), "layers": [per layer: sparsity, zeroed, total, mask_zeroed,
     mask_total, effective_rank, consecutive_jaccard, drift_jaccard and their counts]}]}``, and
-    ``moe_experts`` (per-expert sparsity of MoE models; null for dense models).
+    ``moe_experts``: ``{"points": [{"p", "target", "layers": expert_rows(...)}]}`` for MoE
+    models, null for dense ones.
     """
     out.mkdir(parents=True, exist_ok=True)
     texts = prompts(cfg.tasks, cfg.requests)
     runs = [cfg.target] if cfg.joint else list(sites_of(cfg.target))
     sites: dict[str, dict] = {s: {"points": []} for s in sites_of(cfg.target)}
+    experts: list[dict] = []
     flags = serve_flags(cfg.target, cfg.rule, cfg.q) + ANALYSIS_SERVE_FLAGS
     with served(cfg.model, out / "server.log", url, api_key, flags) as server:
         served_name, initial = server.served_model(cfg.model), server.state()
@@ -159,9 +185,12 @@ def analyze(cfg: AnalyzeConfig, out: Path, url: str | None = None,
                         rows = [r for r in point["layers"] if r["site"] == site]
                         sites[site]["points"].append({"p": p, "target": target,
                                                       "mean": summarise(rows), "layers": rows})
+                    if point["experts"]:
+                        experts.append({"p": p, "target": target, "layers": point["experts"]})
         finally:  # an attached server goes back to its owner's settings
             server.set(initial["p"], initial["target"])
-    result = {**asdict(cfg), "prompts": len(texts), "sites": sites, "moe_experts": None}
+    result = {**asdict(cfg), "prompts": len(texts), "sites": sites,
+              "moe_experts": {"points": experts} if experts else None}
     (out / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
     try:
         import matplotlib  # noqa: F401
@@ -185,6 +214,8 @@ def plot(result: dict, out: Path) -> list[Path]:
     for site, data in result["sites"].items():
         pts = sorted(data["points"], key=lambda pt: pt["p"])
         layers = [r["layer"] for r in pts[0]["layers"]]
+        if not layers:  # only routed experts at this site (their numbers: moe_experts)
+            continue
         grid = [[next(r["sparsity"] for r in pt["layers"] if r["layer"] == layer) for pt in pts]
                 for layer in layers]
         fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(pts), 1.2 + 0.28 * len(layers)))
@@ -302,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
             m = pt["mean"]
             print(f"{site} p={pt['p']:g}: " + ", ".join(
                 f"{k} {m[k]:.3f}" if m[k] is not None else f"{k} -" for k in ("sparsity", *MEANS)))
+    for pt in (result["moe_experts"] or {}).get("points", []):
+        for r in pt["layers"]:
+            if r["experts_seen"]:
+                print(f"experts layer {r['layer']} {r['site']} p={pt['p']:g}: per-expert sparsity "
+                      f"min {r['min']:.3f} mean {r['mean']:.3f} max {r['max']:.3f} "
+                      f"({r['experts_seen']} of {r['experts']} experts saw tokens)")
     print(args.out / "analysis.json")
     return 0
 

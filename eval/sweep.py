@@ -220,11 +220,13 @@ def check_rule(state: dict, cfg: SweepConfig) -> None:
 
 def layer_deltas(before: dict, after: dict) -> dict[tuple[int, str], tuple[int, int]]:
     """Activations zeroed and in all between two ``GET /v1/sparsity`` answers, per
-    ``(layer, site)`` (the route's monotonic counters, ``counters.route_layers``)."""
-    delta = {}
+    ``(layer, site)`` (the route's monotonic counters, ``counters.route_layers``); rows of one
+    layer and site (a dense MLP and routed experts beside it) are summed."""
+    delta: dict[tuple[int, str], tuple[int, int]] = {}
     for b, a in zip(before["layers"], after["layers"]):
         assert (b["layer"], b["site"]) == (a["layer"], a["site"]), "layer rows changed order"
-        delta[a["layer"], a["site"]] = (a["zeroed"] - b["zeroed"], a["total"] - b["total"])
+        z, t = delta.get((a["layer"], a["site"]), (0, 0))
+        delta[a["layer"], a["site"]] = (z + a["zeroed"] - b["zeroed"], t + a["total"] - b["total"])
     return delta
 
 

@@ -3,7 +3,8 @@
 vLLM start-up (Inductor compile included) takes minutes on this CPU, so the session starts at most
 two servers, in parallel, on first use: ``sparse_server`` (plugin on, ``--sparsity-p 0.9``, the
 runtime-control route enabled, an API key set, ``usage.prompt_tokens_details.cached_tokens`` in
-replies) and ``dense_server`` (plugin off), each only if a selected test uses it. Each is stopped
+replies) and ``dense_server`` (plugin off), each only if a selected test uses it.
+``serve_every_site`` (every site installed, eager) is for module fixtures. Each is stopped
 at the end of the session, whatever happened (also after a test killed one of its processes).
 Tests marked ``kills_server`` break ``sparse_server`` for good: they run after every other test
 (``pytest_collection_modifyitems``), and ``sparse_server`` keeps its API server up after its engine
@@ -31,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 VLLM = Path(sys.executable).with_name("vllm")
 API_KEY = "test-key"
 SERVED_NAME = "gemma-3-270m"
+SITES = ("input", "gate", "up", "intermediate")  # every site the plugin has, in model order
 START_TIMEOUT_S = float(os.environ.get("VLLM_SPARSITY_TEST_START_TIMEOUT", 900))
 
 
@@ -186,3 +188,20 @@ def sparse_server(_servers) -> Server:
 @pytest.fixture(scope="session")
 def dense_server(_servers) -> Server:
     return _servers["dense"].wait_ready()
+
+
+def serve_every_site(log_dir: Path):
+    """A module fixture's server (yields it, stopped after): plugin on at p = 1 with every site
+    installed (``--sparsity-target input,gate,up,intermediate``), eager and without prefix caching
+    (``analyze``'s flags, so that the analysis route works), API key set. Module-scoped where used,
+    not session-wide: beside the session's two servers and the vLLM processes of other modules, a
+    fourth would not fit in this machine's memory."""
+    from vllm_sparsity.eval.analyze import ANALYSIS_SERVE_FLAGS
+
+    server = start_server("sites", ["--sparsity-p", "1.0", "--sparsity-target", ",".join(SITES),
+                                    "--max-num-seqs", "8", *ANALYSIS_SERVE_FLAGS], log_dir,
+                          env={"VLLM_PLUGINS": "sparsity"}, api_key=API_KEY)
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()

@@ -52,15 +52,14 @@ def loop_top_p_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.bool).reshape(x.shape)
 
 
-SITES = {"input": ("input",), "intermediate": ("intermediate",),
-         "all_inputs": ("input", "intermediate")}
-
-
 class HFTopP:
-    """HF transformers running the paper's rule through forward pre-hooks (the paper's method).
+    """HF transformers running the paper's rule through forward hooks (the paper's method).
 
-    The rule sits on each decoder layer's MLP input ("input") and on ``down_proj``'s input
-    ("intermediate"); ``counts[(layer, site)]`` accumulates ``[zeroed, total]`` activations.
+    The rule sits on each decoder layer's MLP input ("input", a pre-hook on the MLP), on
+    act(gate_proj x) ("gate", a hook on the MLP's ``act_fn`` output), on up_proj x ("up", a hook on
+    ``up_proj``'s output) and on ``down_proj``'s input ("intermediate", a pre-hook), for the sites
+    of ``target`` (a named target or a comma list of sites, as the plugin takes it);
+    ``counts[(layer, site)]`` accumulates ``[zeroed, total]`` activations.
     """
 
     def __init__(self, path, dtype=torch.bfloat16):
@@ -71,21 +70,30 @@ class HFTopP:
         self.p, self.target = None, "all_inputs"
         self.counts: dict[tuple[int, str], list[int]] = {}
         for i, layer in enumerate(self.model.model.layers):
-            layer.mlp.register_forward_pre_hook(self._hook(i, "input"))
-            layer.mlp.down_proj.register_forward_pre_hook(self._hook(i, "intermediate"))
+            mlp = layer.mlp
+            mlp.register_forward_pre_hook(lambda m, args, i=i: self._pre(i, "input", args))
+            mlp.act_fn.register_forward_hook(lambda m, args, out, i=i: self._rule(i, "gate", out))
+            mlp.up_proj.register_forward_hook(lambda m, args, out, i=i: self._rule(i, "up", out))
+            mlp.down_proj.register_forward_pre_hook(
+                lambda m, args, i=i: self._pre(i, "intermediate", args))
 
-    def _hook(self, layer, site):
-        def hook(module, args):
-            if self.p is None or site not in SITES[self.target]:
-                return None
-            x = args[0]
-            flat = x.reshape(-1, x.shape[-1])
-            mask = paper_top_p_mask(flat, self.p)
-            c = self.counts.setdefault((layer, site), [0, 0])
-            c[0] += int((~mask).sum())
-            c[1] += mask.numel()
-            return (torch.where(mask, flat, 0).view_as(x), *args[1:])
-        return hook
+    def sites(self) -> tuple[str, ...]:
+        named = {"all_inputs": ("input", "intermediate")}
+        return named.get(self.target, tuple(self.target.split(",")))
+
+    def _pre(self, layer, site, args):
+        x = self._rule(layer, site, args[0])
+        return None if x is None else (x, *args[1:])
+
+    def _rule(self, layer, site, x):
+        if self.p is None or site not in self.sites():
+            return None
+        flat = x.reshape(-1, x.shape[-1])
+        mask = paper_top_p_mask(flat, self.p)
+        c = self.counts.setdefault((layer, site), [0, 0])
+        c[0] += int((~mask).sum())
+        c[1] += mask.numel()
+        return torch.where(mask, flat, 0).view_as(x)
 
     @torch.inference_mode()
     def greedy(self, prompt: str, max_tokens: int = 16) -> list[int]:

@@ -13,6 +13,7 @@ import torch
 from vllm_sparsity import analysis
 from vllm_sparsity.activation_stats import effective_rank, jaccard
 from vllm_sparsity.counters import DECODE, PAD, PREFILL
+from vllm_sparsity.eval.analyze import expert_rows
 from vllm_sparsity.eval.sweep import layer_deltas
 
 
@@ -174,11 +175,15 @@ def test_arm_body_is_checked():
 
 
 def fake_state(split: bool = False):
-    """A RuntimeState stand-in with two sites of one layer, one of them an ActSite-like object."""
+    """A RuntimeState stand-in with two sites of one layer, one of them an ActSite-like object,
+    and a routed experts' site (``sparse_moe.ExpertSite``-like: per-expert counters)."""
     linear = types.SimpleNamespace(quant_method=types.SimpleNamespace(
         observer=None, layer_index=0, site="input", all_reduce=(lambda t: t) if split else None))
     act = types.SimpleNamespace(observer=None, layer_index=0, site="gate", all_reduce=None)
-    return types.SimpleNamespace(layers=[("mlp.gate_up_proj", linear), ("mlp.act_fn.gate", act)],
+    experts = types.SimpleNamespace(observer=None, layer_index=1, site="input", all_reduce=None,
+                                    sparsity_expert_stats=torch.zeros(4, 2, dtype=torch.int64))
+    return types.SimpleNamespace(layers=[("mlp.gate_up_proj", linear), ("mlp.act_fn.gate", act),
+                                         ("mlp.experts.routed_experts.input", experts)],
                                  phase=torch.full((8,), DECODE, dtype=torch.int64), analysis=None)
 
 
@@ -193,7 +198,8 @@ def test_arm_refuses_a_compiled_model_and_split_sites():
 def test_arm_fetch_and_merge():
     state = fake_state()
     assert analysis.fetch(state) is None  # nothing armed
-    assert analysis.arm(state, 4, 2, None) == {"sites": 2}
+    assert analysis.arm(state, 4, 2, None) == {"sites": 2}  # not the routed experts' site
+    assert state.layers[2][1].observer is None
     linear, act = state.layers[0][1].quant_method.observer, state.layers[1][1].observer
     x = torch.arange(12.0).view(1, 12)
     for mask in ([True] * 6 + [False] * 6, [True] * 3 + [False] * 9):
@@ -218,6 +224,22 @@ def test_layer_deltas():
     after = {"layers": [{"layer": 0, "site": "input", "zeroed": 12, "total": 30},
                         {"layer": 0, "site": "gate", "zeroed": 1, "total": 8}]}
     assert layer_deltas(before, after) == {(0, "input"): (7, 20), (0, "gate"): (0, 4)}
+    # A dense MLP and routed experts at one layer and site: one row of their sums.
+    before["layers"].append({"layer": 0, "site": "input", "zeroed": 2, "total": 2})
+    after["layers"].append({"layer": 0, "site": "input", "zeroed": 3, "total": 12})
+    assert layer_deltas(before, after) == {(0, "input"): (8, 30), (0, "gate"): (0, 4)}
+
+
+def test_expert_rows_per_expert_sparsity_between_two_answers():
+    def answer(zeroed, total):
+        return {"experts": [{"layer": 2, "site": "intermediate", "name": "mlp.experts",
+                             "zeroed": zeroed, "total": total, "split": False}]}
+
+    rows = expert_rows(answer([1, 0, 5], [10, 0, 20]), answer([4, 0, 11], [20, 0, 30]))
+    assert rows == [{"layer": 2, "site": "intermediate", "experts": 3, "experts_seen": 2,
+                     "min": 3 / 10, "mean": (3 / 10 + 6 / 10) / 2, "max": 6 / 10,
+                     "sparsity": [3 / 10, None, 6 / 10]}]
+    assert expert_rows({"layers": []}, {"layers": []}) == []  # a dense model
 
 
 def test_eager_only_reason_reads_vllm_modes():

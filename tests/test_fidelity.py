@@ -14,12 +14,18 @@ greedy continuation), and asserts
 - at every position vLLM's greedy token is HF's argmax, or HF prefers its own argmax by less than
   ``MAX_FLIP_NATS`` (the size of the flip cascades measured); a wrong rule moves logits by several
   nats.
+
+All four sites (paper Sec. 2.2) are checked one at a time on this module's eager server with every
+site installed (``conftest.serve_every_site``): against the hooks at p = 0.9, and at p = 1 against
+the plugin off (``dense_server``, the same greedy text). ``all_inputs`` is checked on the session's
+compiled ``sparse_server``.
 """
 
 import pytest
 import requests
 import torch
 
+from conftest import SITES, serve_every_site
 from reference import HFTopP
 
 PROMPTS = [
@@ -38,6 +44,11 @@ def hf(demo_model):
     return HFTopP(demo_model, dtype=torch.float32)
 
 
+@pytest.fixture(scope="module")
+def sites_server(tmp_path_factory, demo_model):
+    yield from serve_every_site(tmp_path_factory.mktemp("sites"))
+
+
 def _set(server, **body):
     r = requests.post(f"{server.url}/v1/sparsity", json=body, headers=server.headers)
     assert r.status_code == 200, r.text
@@ -48,36 +59,58 @@ def _counters(server):
     return {(r["layer"], r["site"]): (r["zeroed"], r["total"]) for r in state["layers"]}
 
 
+def _matches_hf_hooks(server, hf, p, target):
+    hf.p, hf.target = p, target
+    _set(server, p=p, target=target)
+    for prompt in PROMPTS:
+        before = _counters(server)
+        out = server.completion(prompt, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                return_token_ids=True)
+        after = _counters(server)
+        tokens = out["choices"][0]["token_ids"]
+
+        # HF on the same rows vLLM processed: the prompt, then each generated token but the last.
+        hf.counts = {}
+        ids = hf.tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            logits = hf.model(torch.cat([ids, torch.tensor([tokens[:-1]])], 1)).logits
+        logprobs = logits[0, ids.shape[1] - 1:].float().log_softmax(-1)
+        preference = logprobs.max(-1).values - logprobs[torch.arange(MAX_TOKENS), tokens]
+        assert preference.max() < MAX_FLIP_NATS, (prompt, preference.tolist())
+
+        assert {key for key in after if key[1] in hf.sites()} == set(hf.counts)
+        for key, (hf_zeroed, hf_total) in hf.counts.items():
+            zeroed, total = (a - b for a, b in zip(after[key], before[key]))
+            assert total == hf_total, key  # the same rows went through the same layers
+            assert abs(zeroed / total - hf_zeroed / hf_total) < 0.005, (prompt, key)
+        mean = sum(z / t for z, t in hf.counts.values()) / len(hf.counts)
+        assert mean > (0.4 if p == 0.5 else 0.1)  # the rule really zeroed activations
+
+
 @pytest.mark.parametrize("p", [0.5, 0.9])
 def test_vllm_matches_hf_hooks(sparse_server, hf, p):
-    hf.p, hf.target = p, "all_inputs"
-    _set(sparse_server, p=p, target="all_inputs")
     try:
-        for prompt in PROMPTS:
-            before = _counters(sparse_server)
-            out = sparse_server.completion(prompt, max_tokens=MAX_TOKENS, ignore_eos=True,
-                                           return_token_ids=True)
-            after = _counters(sparse_server)
-            tokens = out["choices"][0]["token_ids"]
-
-            # HF on the same rows vLLM processed: the prompt, then each generated token but the last.
-            hf.counts = {}
-            ids = hf.tokenizer(prompt, return_tensors="pt").input_ids
-            with torch.inference_mode():
-                logits = hf.model(torch.cat([ids, torch.tensor([tokens[:-1]])], 1)).logits
-            logprobs = logits[0, ids.shape[1] - 1:].float().log_softmax(-1)
-            preference = logprobs.max(-1).values - logprobs[torch.arange(MAX_TOKENS), tokens]
-            assert preference.max() < MAX_FLIP_NATS, (prompt, preference.tolist())
-
-            assert set(hf.counts) == set(after)
-            for key, (hf_zeroed, hf_total) in hf.counts.items():
-                zeroed, total = (a - b for a, b in zip(after[key], before[key]))
-                assert total == hf_total, key  # the same rows went through the same layers
-                assert abs(zeroed / total - hf_zeroed / hf_total) < 0.005, (prompt, key)
-            mean = sum(z / t for z, t in hf.counts.values()) / len(hf.counts)
-            assert mean > (0.4 if p == 0.5 else 0.1)  # the rule really zeroed activations
+        _matches_hf_hooks(sparse_server, hf, p, "all_inputs")
     finally:
         _set(sparse_server, p=0.9)
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_every_site_matches_hf_hooks(sites_server, hf, site):
+    """One site at a time (paper Sec. 2.2), gate and up included, on a server with all four."""
+    try:
+        _matches_hf_hooks(sites_server, hf, 0.9, site)
+    finally:
+        _set(sites_server, p=1.0)
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_p_one_at_every_site_equals_plugin_off(sites_server, dense_server, site):
+    _set(sites_server, p=1.0, target=site)
+    for prompt in PROMPTS:
+        kw = dict(max_tokens=MAX_TOKENS, ignore_eos=True)
+        assert sites_server.completion(prompt, **kw)["choices"][0]["text"] == \
+            dense_server.completion(prompt, **kw)["choices"][0]["text"], (site, prompt)
 
 
 def test_p_one_equals_plugin_off(sparse_server, dense_server):

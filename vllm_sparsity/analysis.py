@@ -105,8 +105,12 @@ class SiteRecorder:
 
 
 def _methods(state) -> list[tuple[str, Any]]:
-    """``(name, object carrying observer/layer_index/site/all_reduce)`` of every sparse site."""
-    return [(name, getattr(layer, "quant_method", layer)) for name, layer in state.layers]
+    """``(name, object carrying observer/layer_index/site/all_reduce)`` of every sparse site of a
+    gated MLP. Routed experts' sites are left out: their rows are (token, expert) pairs, whose
+    masks across decode steps belong to different experts; their per-expert counters
+    (``GET /v1/sparsity``'s ``experts``) give the per-expert analysis."""
+    return [(name, getattr(layer, "quant_method", layer)) for name, layer in state.layers
+            if not hasattr(layer, "sparsity_expert_stats")]
 
 
 def check_arm_body(body: Any) -> tuple[int, int]:
@@ -149,7 +153,7 @@ def arm(state, tokens: int, rank_batch: int, not_eager: str | None) -> dict[str,
     state.analysis = (tokens, rank_batch)
     for _, method in _methods(state):
         method.observer = SiteRecorder(state.phase, tokens)
-    return {"sites": len(state.layers)}
+    return {"sites": len(_methods(state))}
 
 
 def fetch(state) -> dict[str, Any] | None:

@@ -1,5 +1,6 @@
-"""``vllm-sparsity analyze`` on the demo model in vLLM: one eager server, started here (run this
-file under the vLLM lock: ``flock /work/vllm.lock nice -n 10 ...``).
+"""``vllm-sparsity analyze`` on the demo model in vLLM: one eager server with every site, started
+here (``conftest.serve_every_site``; run this file under the vLLM lock: ``flock /work/vllm.lock
+nice -n 10 ...``).
 
 The per-layer sparsity of ``analysis.json`` comes from the route's counters; the workers' recorder
 counts the masks it was handed on its own, and the test's own ``GET /v1/sparsity`` before and after
@@ -14,11 +15,10 @@ import json
 import pytest
 import requests
 
-from conftest import API_KEY, start_server
-from vllm_sparsity.eval.analyze import ANALYSIS_SERVE_FLAGS, AnalyzeConfig, analyze
+from conftest import API_KEY, SITES, serve_every_site
+from vllm_sparsity.eval.analyze import AnalyzeConfig, analyze
 from vllm_sparsity.eval.sweep import layer_deltas
 
-SITES = ("input", "gate", "up", "intermediate")
 LAYERS = 18  # Gemma 3 270M
 CFG = AnalyzeConfig(model="", tasks=["piqa", "arc_easy"], grid=[0.5, 0.9],
                     target=",".join(SITES), joint=True, requests=2, decode_steps=8,
@@ -26,18 +26,12 @@ CFG = AnalyzeConfig(model="", tasks=["piqa", "arc_easy"], grid=[0.5, 0.9],
 
 
 @pytest.fixture(scope="module")
-def eager_server(tmp_path_factory, demo_model):
-    server = start_server("eager", ["--sparsity-p", "1.0", "--sparsity-target", CFG.target,
-                                    *ANALYSIS_SERVE_FLAGS], tmp_path_factory.mktemp("eager"),
-                          env={"VLLM_PLUGINS": "sparsity"}, api_key=API_KEY)
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
+def sites_server(tmp_path_factory, demo_model):
+    yield from serve_every_site(tmp_path_factory.mktemp("sites"))
 
 
-def test_analysis_routes_refuse_bad_use(eager_server):
-    url, headers = f"{eager_server.url}/v1/sparsity/analysis", eager_server.headers
+def test_analysis_routes_refuse_bad_use(sites_server):
+    url, headers = f"{sites_server.url}/v1/sparsity/analysis", sites_server.headers
     r = requests.get(url, headers=headers, timeout=60)
     assert r.status_code == 409 and "POST /v1/sparsity/analysis first" in r.json()["error"]
     r = requests.post(url, json={"tokens": 8, "rank_batch": 9}, headers=headers, timeout=60)
@@ -45,14 +39,14 @@ def test_analysis_routes_refuse_bad_use(eager_server):
         r.json()["error"]
 
 
-def test_analysis_json_agrees_with_the_counters(eager_server, demo_model, tmp_path):
+def test_analysis_json_agrees_with_the_counters(sites_server, demo_model, tmp_path):
     def state():
-        return requests.get(f"{eager_server.url}/v1/sparsity", headers=eager_server.headers,
+        return requests.get(f"{sites_server.url}/v1/sparsity", headers=sites_server.headers,
                             timeout=60).json()
 
     cfg = AnalyzeConfig(**{**CFG.__dict__, "model": str(demo_model)})
     before = state()
-    result = analyze(cfg, tmp_path, eager_server.url, API_KEY)
+    result = analyze(cfg, tmp_path, sites_server.url, API_KEY)
     everything = layer_deltas(before, state())
     assert json.loads((tmp_path / "analysis.json").read_text()) == result
     assert result["moe_experts"] is None
