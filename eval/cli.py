@@ -39,6 +39,7 @@ def parse_grid(values: list[str], name: str = "--p-grid") -> list[float | dict[s
 
 
 def deployed_p(value: str) -> float | dict[str, float]:
+    """``--deployed-p``: a number or a per-site p, as ``--p-grid`` takes them (argparse type)."""
     try:
         return parse_p_sites(value, "--deployed-p")
     except SparsityConfigError as e:
@@ -202,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             swept = ", ".join(describe_p(pt["p"]) for pt in results["points"])
             raise SystemExit(f"--deployed-p {describe_p(args.deployed_p)}: {e} ({args.results} "
-                             f"has p = "
-                             f"{swept})") from None
+                             f"has p = {swept})") from None
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(base, indent=1) + "\n")
         return 0
