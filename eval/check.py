@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vllm_sparsity.config import describe_p
 from vllm_sparsity.eval.stats import THRESHOLD, mean_shift
 
 TOLERANCE = 0.01  # absolute sparsity
@@ -98,10 +99,20 @@ def differences(results: dict, baseline: dict) -> list[str]:
             for key in COMPARED if results[key] != baseline[key]]
 
 
-def make_baseline(results: dict, deployed_p: float, source: str) -> dict:
-    """The parts of a sweep's results.json that later sweeps are checked against."""
-    if not any(math.isclose(pt["p"], deployed_p) for pt in results["points"]):
-        raise ValueError(f"the results have no point at p={deployed_p}")
+def same_p(a: float | dict[str, float], b: float | dict[str, float]) -> bool:
+    """Whether two points' p are the same: two numbers, or two per-site p naming the same sites,
+    equal to float rounding (``math.isclose``); a number never equals a per-site p."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        return (isinstance(a, dict) and isinstance(b, dict) and set(a) == set(b)
+                and all(math.isclose(a[site], b[site]) for site in a))
+    return math.isclose(a, b)
+
+
+def make_baseline(results: dict, deployed_p: float | dict[str, float], source: str) -> dict:
+    """The parts of a sweep's results.json that later sweeps are checked against; ``deployed_p``
+    (a number or per site) must be the p of one of its points (``same_p``), else ValueError."""
+    if not any(same_p(pt["p"], deployed_p) for pt in results["points"]):
+        raise ValueError(f"the results have no point at p={describe_p(deployed_p)}")
     return {
         "model": Path(results["model"]).name, "target": results["target"],
         "tasks": results["tasks"], "limit": results["limit"], "grid": results["grid"],
@@ -113,11 +124,11 @@ def make_baseline(results: dict, deployed_p: float, source: str) -> dict:
     }
 
 
-def _at(points: list[dict], p: float) -> dict | None:
-    return next((pt for pt in points if math.isclose(pt["p"], p)), None)
+def _at(points: list[dict], p: float | dict[str, float]) -> dict | None:
+    return next((pt for pt in points if same_p(pt["p"], p)), None)
 
 
-def loglik_shift(results: dict, baseline: dict, p: float, n_boot: int = 2000,
+def loglik_shift(results: dict, baseline: dict, p: float | dict[str, float], n_boot: int = 2000,
                  level: float = LOGLIK_LEVEL) -> dict | None:
     """Paired per-document gold log-likelihood (nats) of the results minus the baseline's, both
     at ``p``: ``stats.mean_shift``'s dict plus ``p``; None when either side has no point at ``p``
@@ -141,9 +152,11 @@ def loglik_shift(results: dict, baseline: dict, p: float, n_boot: int = 2000,
     return {"p": p, **mean_shift(diff, n_boot, level)} if diff else None
 
 
-def check(results: dict, baseline: dict, deployed_p: float | None = None, strict: bool = False,
-          tolerance: float = TOLERANCE, loglik_tol: float = 0.0) -> tuple[list[str], list[str]]:
+def check(results: dict, baseline: dict, deployed_p: float | dict[str, float] | None = None,
+          strict: bool = False, tolerance: float = TOLERANCE, loglik_tol: float = 0.0
+          ) -> tuple[list[str], list[str]]:
     """(failures, warnings) of the results against the baseline; no failures means it passes.
+    ``deployed_p`` (default the baseline's): a number or per site, matched with ``same_p``.
 
     Raises:
         ValueError: the results are not comparable to the baseline (``differences``).
@@ -154,12 +167,13 @@ def check(results: dict, baseline: dict, deployed_p: float | None = None, strict
     p = baseline["deployed_p"] if deployed_p is None else deployed_p
     point = _at(results["points"], p)
     if point is None:
-        failures.append(f"no point at the deployed p={p:g} in the results")
+        failures.append(f"no point at the deployed p={describe_p(p)} in the results")
     elif point["normalized_average"] < THRESHOLD:
         lo, hi = point["normalized_average_interval"]
-        line = (f"accuracy at the deployed p={p:g} is {point['normalized_average']:.3f} of dense "
-                f"(paired 95% interval [{lo:.3f}, {hi:.3f}]; limit {THRESHOLD}) at measured "
-                f"sparsity {point['sparsity']['overall']:.3f}; per task: "
+        line = (f"accuracy at the deployed p={describe_p(p)} is "
+                f"{point['normalized_average']:.3f} of dense (paired 95% interval [{lo:.3f}, "
+                f"{hi:.3f}]; limit {THRESHOLD}) at measured sparsity "
+                f"{point['sparsity']['overall']:.3f}; per task: "
                 + ", ".join(f"{t} {v:.3f}" for t, v in sorted(point["normalized"].items(),
                                                              key=lambda kv: kv[1])))
         (failures if strict or hi < THRESHOLD else warnings).append(line)
@@ -167,7 +181,9 @@ def check(results: dict, baseline: dict, deployed_p: float | None = None, strict
     crit, base = results["critical_sparsity"]["average"], baseline["critical_sparsity"]["average"]
     value = crit["sparsity"] if crit["sparsity"] is not None else 0.0
     if value < base["interval"][0] - tolerance:
-        line = (f"critical sparsity {value:.3f} (p={crit.get('p')}, interval "
+        p_crit = crit.get("p")
+        line = (f"critical sparsity {value:.3f} (p="
+                f"{describe_p(p_crit) if isinstance(p_crit, dict) else p_crit}, interval "
                 f"[{crit['interval'][0]:.3f}, {crit['interval'][1]:.3f}]) is below the baseline's "
                 f"interval [{base['interval'][0]:.3f}, {base['interval'][1]:.3f}] "
                 f"(tolerance {tolerance})")
@@ -176,21 +192,23 @@ def check(results: dict, baseline: dict, deployed_p: float | None = None, strict
 
     shift = loglik_shift(results, baseline, p) if point is not None else None
     if shift is None and point is not None:
-        warnings.append(f"no per-document log-likelihoods at p={p:g} in both the results and "
-                        "the baseline (generative tasks only, or a file from before they were "
-                        "recorded): the log-likelihood comparison was skipped")
+        warnings.append(f"no per-document log-likelihoods at p={describe_p(p)} in both the "
+                        "results and the baseline (generative tasks only, or a file from before "
+                        "they were recorded): the log-likelihood comparison was skipped")
     elif shift is not None and shift["interval"][1] < -loglik_tol:
         lo, hi = shift["interval"]
         failures.append(
-            f"gold log-likelihood at the deployed p={p:g} is {shift['shift']:+.3f} nats per "
-            f"document against the baseline's same documents (paired {shift['level']:.0%} "
-            f"interval [{lo:+.3f}, {hi:+.3f}]; limit {-loglik_tol:+g}); per task: "
+            f"gold log-likelihood at the deployed p={describe_p(p)} is {shift['shift']:+.3f} "
+            f"nats per document against the baseline's same documents (paired "
+            f"{shift['level']:.0%} interval [{lo:+.3f}, {hi:+.3f}]; limit {-loglik_tol:+g}); "
+            "per task: "
             + ", ".join(f"{t} {v:+.3f}" for t, v in sorted(shift["tasks"].items(),
                                                             key=lambda kv: kv[1])))
     return failures, warnings
 
 
-def summary(results: dict, baseline: dict, deployed_p: float | None = None) -> str:
+def summary(results: dict, baseline: dict, deployed_p: float | dict[str, float] | None = None
+            ) -> str:
     p = baseline["deployed_p"] if deployed_p is None else deployed_p
     point = _at(results["points"], p)
     crit, base = results["critical_sparsity"]["average"], baseline["critical_sparsity"]["average"]
@@ -199,7 +217,8 @@ def summary(results: dict, baseline: dict, deployed_p: float | None = None) -> s
     ll = ("" if shift is None else f"; gold log-likelihood {shift['shift']:+.3f} nats per "
           f"document [{shift['interval'][0]:+.3f}, {shift['interval'][1]:+.3f}] against the "
           "baseline")
-    return (f"ok: at the deployed p={p:g} (measured sparsity {point['sparsity']['overall']:.3f}) "
+    return (f"ok: at the deployed p={describe_p(p)} (measured sparsity "
+            f"{point['sparsity']['overall']:.3f}) "
             f"accuracy is {point['normalized_average']:.3f} of dense [{lo:.3f}, {hi:.3f}]; "
             f"critical sparsity {crit['sparsity'] or 0.0:.3f} [{crit['interval'][0]:.3f}, "
             f"{crit['interval'][1]:.3f}], baseline {base['sparsity']:.3f} "

@@ -1,7 +1,8 @@
 """``vllm-sparsity eval``: critical-sparsity sweeps and the regression check.
 
   vllm-sparsity eval sweep --model M [--url URL --api-key K] [--tasks arc_easy,piqa,gsm8k,mmlu,...]
-                           [--include-path DIR] [--p-grid 1.0,0.99,...] [--target all_inputs]
+                           [--include-path DIR] [--p-grid 1.0,0.99,... [input=0.95,...] ...]
+                           [--target all_inputs]
                            [--limit N] [--search [--tol 0.02] [--max-points N]]
                            [--p-mode auto|request|global] --out DIR
   vllm-sparsity eval check --results DIR/results.json --baseline FILE [--deployed-p P] [--strict]
@@ -17,12 +18,32 @@ import json
 import sys
 from pathlib import Path
 
-from vllm_sparsity.config import RULES, SparsityConfigError, check_together, parse_target
+from vllm_sparsity.config import (RULES, SparsityConfigError, check_together, describe_p,
+                                  parse_p_sites, parse_target)
 from vllm_sparsity.eval import convert
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
+def parse_grid(values: list[str], name: str = "--p-grid") -> list[float | dict[str, float]]:
+    """The points of ``--p-grid``'s arguments: each a comma list of numbers (``1.0,0.9``) or one
+    per-site point (``input=0.95,intermediate=0.85``), in ``--sparsity-p``'s syntax
+    (``config.parse_p_sites``). Raises SparsityConfigError naming ``name``."""
+    points = []
+    for value in values:
+        if "=" in value:
+            points.append(parse_p_sites(value, name))
+        else:
+            points += [parse_p_sites(x.strip(), name) for x in value.split(",") if x.strip()]
+    if not points:
+        raise SparsityConfigError(f"{name} must give at least one p, got {values}")
+    return points
+
+
+def deployed_p(value: str) -> float | dict[str, float]:
+    """``--deployed-p``: a number or a per-site p, as ``--p-grid`` takes them (argparse type)."""
+    try:
+        return parse_p_sites(value, "--deployed-p")
+    except SparsityConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _names(text: str) -> list[str]:
@@ -64,8 +85,12 @@ def parser() -> argparse.ArgumentParser:
                    "offline log-likelihood suite: %(default)s)")
     s.add_argument("--include-path", type=Path,
                    help="a folder of your own lm-eval task YAMLs (lm-eval's --include_path)")
-    s.add_argument("--p-grid", type=_floats, default=list(PAPER_GRID),
-                   help="comma-separated p values (default: the paper's grid without 0)")
+    s.add_argument("--p-grid", nargs="+", metavar="P",
+                   help="the points: comma lists of p (one p for every site of --target) and/or "
+                   "per-site points, one per argument, written as --sparsity-p takes them "
+                   "(input=0.95,intermediate=0.85; exactly the sites of --target; run through "
+                   "POST /v1/sparsity, so not with --p-mode request or --search); the dense "
+                   "point 1.0 is always added (default: the paper's grid without 0)")
     s.add_argument("--target", default="all_inputs", type=target_arg,
                    help="input, intermediate, all_inputs (default) or a comma list of the sites "
                    "input, gate, up, intermediate")
@@ -91,7 +116,8 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="exit 1 when results regress against a baseline")
     c.add_argument("--results", type=Path, required=True)
     c.add_argument("--baseline", type=Path, required=True)
-    c.add_argument("--deployed-p", type=float, help="default: the baseline's deployed_p")
+    c.add_argument("--deployed-p", type=deployed_p, help="the p (a number, or per site as in "
+                   "--p-grid) whose point is judged (default: the baseline's deployed_p)")
     c.add_argument("--strict", action="store_true", help="judge point estimates, not paired "
                    "intervals (for large samples)")
     c.add_argument("--loglik-tol", type=float, default=0.0, help="fail when the paired 99%% "
@@ -100,7 +126,9 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("baseline", help="write a baseline file from a sweep's results")
     b.add_argument("--results", type=Path, required=True)
-    b.add_argument("--deployed-p", type=float, required=True)
+    b.add_argument("--deployed-p", type=deployed_p, required=True,
+                   help="the p deployed (a number, or per site as in --p-grid): a point of the "
+                   "results")
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--source", default="", help="how the results were produced (recorded)")
 
@@ -112,11 +140,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "sweep":
-        from vllm_sparsity.eval.sweep import SweepConfig, sweep
+        from vllm_sparsity.eval.sweep import PAPER_GRID, SweepConfig, ordered_grid, sweep
 
-        grid = sorted(set(args.p_grid) | {1.0}, reverse=True)  # the dense point comes first
-        if not all(0 < p <= 1 for p in grid):
-            raise SystemExit(f"--p-grid: every p must be in (0, 1], got {args.p_grid}")
+        try:
+            grid = ordered_grid(parse_grid(args.p_grid) if args.p_grid else list(PAPER_GRID))
+        except SparsityConfigError as e:
+            raise SystemExit(str(e)) from None
         if not 0 < args.tol < 1:
             raise SystemExit(f"--tol: a width of measured sparsity in (0, 1), got {args.tol}")
         if args.max_points is not None and args.max_points < 2:
@@ -132,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                           args.search, args.tol, args.max_points, args.rule, args.q)
         result = sweep(cfg, args.out, args.url, args.api_key, mode=args.p_mode)
         crit = result["critical_sparsity"]["average"]
-        print(f"critical sparsity {crit['sparsity']} (p={crit['p']}), interval {crit['interval']}"
+        p = "none" if crit["p"] is None else describe_p(crit["p"])
+        print(f"critical sparsity {crit['sparsity']} (p={p}), interval {crit['interval']}"
               f"; {args.out / 'results.json'}")
         if "search_trace" in result:
             sr = result["search_trace"]
@@ -171,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             base = make_baseline(results, args.deployed_p, args.source)
         except ValueError as e:
-            swept = ", ".join(f"{pt['p']:g}" for pt in results["points"])
-            raise SystemExit(f"--deployed-p {args.deployed_p}: {e} ({args.results} has p = "
-                             f"{swept})") from None
+            swept = ", ".join(describe_p(pt["p"]) for pt in results["points"])
+            raise SystemExit(f"--deployed-p {describe_p(args.deployed_p)}: {e} ({args.results} "
+                             f"has p = {swept})") from None
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(base, indent=1) + "\n")
         return 0

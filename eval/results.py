@@ -1,6 +1,10 @@
 """From a sweep folder's points to ``results.json``, ``critical_sparsity.json``, ``curves.png`` and
 ``report.md``. lm-eval's own files (``points/p<p>/lm_eval/<model>/results_*.json`` and
-``samples_<task>_*.jsonl``) are read, never rewritten."""
+``samples_<task>_*.jsonl``) are read, never rewritten.
+
+A point's p is a number or per site (``{site: p}``, ``sweep.Point``); critical sparsity is judged
+on the measured sparsity of each point (``stats.paired_bootstrap``), so both kinds enter alike.
+Curves are drawn against measured sparsity, and points are named with ``config.describe_p``."""
 
 from __future__ import annotations
 
@@ -11,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from vllm_sparsity.config import describe_p
 from vllm_sparsity.eval import convert, registry, stats
-from vllm_sparsity.eval.sweep import point_dir
+from vllm_sparsity.eval.sweep import ordered_grid, point_dir
 from vllm_sparsity.sites import sites_of
 
 
@@ -134,7 +139,7 @@ def build(out: Path, n_boot: int = 2000) -> dict:
     count = (token_counter(cfg["model"]) if any(leaf.generative for s in specs for leaf in s.leaves)
              else None)
     points, correct = [], {t: [] for t in tasks}
-    for p in sorted(cfg["grid"], reverse=True):
+    for p in ordered_grid(cfg["grid"]):
         if (point_dir(out, p) / "point.json").exists():
             point, docs = load_point(point_dir(out, p), specs, count)
             points.append(point)
@@ -173,7 +178,8 @@ def build(out: Path, n_boot: int = 2000) -> dict:
     if (out / "search.json").exists():
         result["search_trace"] = json.loads((out / "search.json").read_text())
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    files = {f"p{pt['p']:g}": {k: str(Path(v).relative_to(out)) for k, v in pt["files"].items()}
+    files = {point_dir(Path(), pt["p"]).name: {k: str(Path(v).relative_to(out))
+                                               for k, v in pt["files"].items()}
              for pt in points}
     (out / "critical_sparsity.json").write_text(json.dumps(
         {"model": cfg["model"], "target": cfg["target"], "tasks": tasks, "limit": cfg["limit"],
@@ -190,12 +196,25 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     pts = sorted(result["points"], key=lambda pt: pt["sparsity"]["overall"])
-    x = [pt["sparsity"]["overall"] for pt in pts]
+    # Points of one p for every site make the curves; a per-site point is off that axis of p, so
+    # it is a marker of its own (same colour per task), named with describe_p.
+    line = [pt for pt in pts if not isinstance(pt["p"], dict)]
+    sites = [pt for pt in pts if isinstance(pt["p"], dict)]
+    x, xs = ([pt["sparsity"]["overall"] for pt in group] for group in (line, sites))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for t in result["tasks"]:
-        ax.plot(x, [pt["normalized"][t] for pt in pts], marker=".", lw=1, alpha=0.7, label=t)
-    ax.plot(x, [pt["normalized_average"] for pt in pts], marker="o", lw=2.5, color="black",
+        (drawn,) = ax.plot(x, [pt["normalized"][t] for pt in line], marker=".", lw=1, alpha=0.7,
+                           label=t)
+        ax.plot(xs, [pt["normalized"][t] for pt in sites], "d", ms=4, alpha=0.7,
+                color=drawn.get_color())
+    ax.plot(x, [pt["normalized_average"] for pt in line], marker="o", lw=2.5, color="black",
             label="average")
+    if sites:
+        ax.plot(xs, [pt["normalized_average"] for pt in sites], "D", ms=7, color="black",
+                label="average, per-site p")
+    for pt in sites:
+        ax.annotate(describe_p(pt["p"]), (pt["sparsity"]["overall"], pt["normalized_average"]),
+                    textcoords="offset points", xytext=(6, -10), fontsize=6)
     ax.axhline(stats.THRESHOLD, color="grey", ls="--", lw=1, label="99% of dense")
     crit = result["critical_sparsity"]["average"]
     if crit["sparsity"] is not None:
@@ -220,7 +239,8 @@ def report(result: dict) -> str:
 
     def fmt(c):
         s = "fails at the first point" if c["sparsity"] is None else f"{c['sparsity']:.3f}"
-        return (f"{s} (p={c.get('p')}), {crit['level']:.0%} interval "
+        p = "none" if c.get("p") is None else describe_p(c["p"])
+        return (f"{s} (p={p}), {crit['level']:.0%} interval "
                 f"[{c['interval'][0]:.3f}, {c['interval'][1]:.3f}]")
 
     lines = [
@@ -247,8 +267,9 @@ def report(result: dict) -> str:
                   + (f" ({pt['tasks'][t]['generated_tokens']:.0f} tok)"
                      if "generated_tokens" in pt["tasks"][t] else "") for t in tasks]
         lo, hi = pt["normalized_average_interval"]
-        lines.append(f"| {pt['p']:g} | " + " | ".join(cells) + f" | {pt['average']:.3f} | "
-                     f"{pt['normalized_average']:.3f} [{lo:.3f}, {hi:.3f}] | {pt['wall_s']:.0f} |")
+        lines.append(f"| {describe_p(pt['p'])} | " + " | ".join(cells)
+                     + f" | {pt['average']:.3f} | {pt['normalized_average']:.3f} [{lo:.3f}, "
+                     f"{hi:.3f}] | {pt['wall_s']:.0f} |")
     lines += ["", "Primary metric per task: " + ", ".join(
         f"{t} {result['points'][0]['tasks'][t]['primary']}" for t in tasks)
         + " (acc_norm: log-likelihood per character). Generative tasks: mean generated tokens "

@@ -12,6 +12,11 @@ Two ways to run a point at p (``--p-mode``):
   lm-eval's ``local-completions`` scores the tasks; the server's counters, read before and after,
   give the sparsity. Nothing else may use the server meanwhile.
 
+A point's p is one number for every site of the target, or one per site (``{"input": 0.95,
+"intermediate": 0.85}``, written ``input=0.95,intermediate=0.85`` as ``--sparsity-p`` takes it).
+A per-site point runs in global mode only (a request carries one number), and not with ``search``
+(``check_grid``); its folder is ``points/pinput=0.95,intermediate=0.85`` (``config.describe_p``).
+
 Either way lm-eval keeps per-document outputs (``--log_samples``), a finished point leaves
 ``points/p<p>/point.json`` (with its mode) and is skipped when the sweep runs again, and
 ``results.build`` then turns the points into ``results.json``. Greedy scoring is deterministic,
@@ -39,6 +44,7 @@ from pathlib import Path
 
 import requests
 
+from vllm_sparsity.config import describe_p
 from vllm_sparsity.eval import convert, registry
 from vllm_sparsity.request_p import counter_key
 from vllm_sparsity.sites import sites_of, target_of
@@ -57,7 +63,7 @@ class SweepConfig:
 
     model: str  # model (or, with --url, tokenizer) path
     tasks: list[str]
-    grid: list[float]  # with search: the p values it may pick from
+    grid: list[float | dict[str, float]]  # p per point (``Point``); search: the p it picks from
     target: str
     limit: int | None
     include_path: str | None = None  # the user's task YAMLs (lm-eval's --include_path)
@@ -68,8 +74,31 @@ class SweepConfig:
     q: float | None = None  # the server's --sparsity-q (lq only)
 
 
-def point_dir(out: Path, p: float) -> Path:
-    return out / "points" / f"p{p:g}"
+# A point's p: one number for every site of the target, or one per site ({site: p}, in model
+# order, as ``config.parse_p_sites`` gives it). A per-site point runs through the global route only:
+# a request carries one number (``vllm_xargs.sparsity_p``).
+Point = float | dict[str, float]
+
+
+def per_site(grid: list[Point]) -> list[dict[str, float]]:
+    """The grid's per-site points."""
+    return [p for p in grid if isinstance(p, dict)]
+
+
+def ordered_grid(grid: list[Point]) -> list[Point]:
+    """The grid as a sweep runs and reports it: the dense point 1.0 first (added when missing),
+    the numbers descending, then the per-site points in the order given; duplicates (same
+    ``describe_p``) dropped."""
+    numbers = sorted({float(p) for p in grid if not isinstance(p, dict)} | {1.0}, reverse=True)
+    sites = {}
+    for p in per_site(grid):
+        sites.setdefault(describe_p(p), p)
+    return [*numbers, *sites.values()]
+
+
+def point_dir(out: Path, p: Point) -> Path:
+    """``<out>/points/p<describe_p(p)>``: ``p0.9``, ``pinput=0.95,intermediate=0.85``."""
+    return out / "points" / f"p{describe_p(p)}"
 
 
 # ---------------------------------------------------------------- the server
@@ -111,11 +140,11 @@ class Server:
                                "(start the server with VLLM_PLUGINS=sparsity and --sparsity-p)")
         return r.json()
 
-    def set(self, p: float, target: str) -> dict:
+    def set(self, p: Point, target: str) -> dict:
         r = requests.post(f"{self.url}/v1/sparsity", json={"p": p, "target": target},
                           headers=self.headers, timeout=60)
         if r.status_code != 200:
-            raise RuntimeError(f"POST {self.url}/v1/sparsity p={p} target={target}: "
+            raise RuntimeError(f"POST {self.url}/v1/sparsity p={describe_p(p)} target={target}: "
                                f"HTTP {r.status_code} {r.text[:300]}")
         return r.json()
 
@@ -233,7 +262,8 @@ def layer_deltas(before: dict, after: dict) -> dict[tuple[int, str], tuple[int, 
 def p_mode(state: dict, asked: str, target_fits: bool = True) -> str:
     """The mode a sweep runs in: ``asked`` unless "auto", which is "request" when the server
     applies a request's own p (``request_p.applied`` in its ``GET /v1/sparsity`` answer) and
-    ``target_fits`` (the sweep may run at the server's target), else "global". SystemExit for
+    ``target_fits`` (the sweep may run at the server's target, and its grid holds no per-site
+    point), else "global". SystemExit for
     "request" on a server that does not apply it."""
     applies = bool(state.get("request_p", {}).get("applied"))
     if asked == "auto":
@@ -313,12 +343,12 @@ def lm_eval_env(api_key: str | None) -> dict:
 # ---------------------------------------------------------------- the sweep
 
 
-def _score(server: Server, cfg: SweepConfig, ps: list[float], out: Path, include_path: Path,
-           served_name: str, lm_tasks: list[str], per_request: bool) -> dict[float, float]:
+def _score(server: Server, cfg: SweepConfig, ps: list[Point], out: Path, include_path: Path,
+           served_name: str, lm_tasks: list[str], per_request: bool) -> list[float]:
     """lm-eval at each p of ``ps``, all at once (one subprocess per p; its requests carry p when
-    ``per_request``), into each point's folder; returns each one's wall time in seconds.
-    RuntimeError naming the p and its log when one fails."""
-    runs = {}
+    ``per_request``: numbers only), into each point's folder; returns each one's wall time in
+    seconds, in the order of ``ps``. RuntimeError naming the p and its log when one fails."""
+    runs = []
     for p in ps:
         pdir = point_dir(out, p)
         shutil.rmtree(pdir, ignore_errors=True)  # an unfinished point starts over
@@ -326,17 +356,18 @@ def _score(server: Server, cfg: SweepConfig, ps: list[float], out: Path, include
         cmd = lm_eval_command(lm_tasks, include_path, served_name, server.url, cfg.model,
                               pdir / "lm_eval", cfg.limit, sparsity_p=p if per_request else None)
         log = (pdir / "lm_eval.log").open("w")
-        runs[p] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                    env=lm_eval_env(server.api_key)), log, time.monotonic())
-    walls, failed = {}, []
+        runs.append((p, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         env=lm_eval_env(server.api_key)), log, time.monotonic()))
+    walls, failed = [], []
     try:
-        for p, (proc, log, t0) in runs.items():
+        for p, proc, log, t0 in runs:
             rc = proc.wait()
-            walls[p] = time.monotonic() - t0
+            walls.append(time.monotonic() - t0)
             if rc != 0:
-                failed.append(f"p={p} (exit {rc}; log: {point_dir(out, p) / 'lm_eval.log'})")
+                failed.append(f"p={describe_p(p)} (exit {rc}; log: "
+                              f"{point_dir(out, p) / 'lm_eval.log'})")
     finally:
-        for proc, log, _ in runs.values():
+        for _, proc, log, _ in runs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
@@ -346,7 +377,7 @@ def _score(server: Server, cfg: SweepConfig, ps: list[float], out: Path, include
     return walls
 
 
-def run_point(server: Server, cfg: SweepConfig, p: float, out: Path, include_path: Path,
+def run_point(server: Server, cfg: SweepConfig, p: Point, out: Path, include_path: Path,
               served_name: str, lm_tasks: list[str], set_p=None) -> dict:
     """``--p-mode global``: set the server's p, score every task at it and record the sparsity
     measured for those requests (the server's counters before and after).
@@ -356,7 +387,7 @@ def run_point(server: Server, cfg: SweepConfig, p: float, out: Path, include_pat
     """
     state = (set_p or Server.set)(server, p, cfg.target)
     before = server.state()
-    wall = _score(server, cfg, [p], out, include_path, served_name, lm_tasks, False)[p]
+    wall, = _score(server, cfg, [p], out, include_path, served_name, lm_tasks, False)
     after = server.state()
     point = {"p": p, "target": cfg.target, "p_mode": "global", "server_p": state["p"],
              "server_target": state["target"], "sparsity": measured_sparsity(before, after,
@@ -377,7 +408,7 @@ def run_points_by_request(server: Server, cfg: SweepConfig, ps: list[float], out
     walls = _score(server, cfg, ps, out, include_path, served_name, lm_tasks, True)
     after = server.state()
     points = {}
-    for p in ps:
+    for p, wall in zip(ps, walls):
         sparsity = measured_sparsity(before, after, cfg.target, p)
         if not sparsity["activations"]:
             raise RuntimeError(
@@ -386,7 +417,7 @@ def run_points_by_request(server: Server, cfg: SweepConfig, ps: list[float], out
                 "per start-up) are all taken; rerun with --p-mode global")
         points[p] = {"p": p, "target": cfg.target, "p_mode": "request", "server_p": p,
                      "server_target": after["target"], "sparsity": sparsity,
-                     "wall_s": round(walls[p], 1)}
+                     "wall_s": round(wall, 1)}
         (point_dir(out, p) / "point.json").write_text(json.dumps(points[p], indent=1) + "\n")
     return points
 
@@ -416,6 +447,29 @@ def _stored_config(cfg_file: Path) -> dict:
             **json.loads(cfg_file.read_text())}
 
 
+def check_grid(cfg: SweepConfig, mode: str) -> None:
+    """SystemExit, in one sentence naming the flag, for per-site points the sweep cannot run: one
+    that does not name exactly the sites of the target; any with ``mode`` "request" (a request
+    carries one p, ``vllm_xargs.sparsity_p``) or with ``search`` (bisection needs the points on
+    one ordered axis of p)."""
+    points = per_site(cfg.grid)
+    want = sites_of(cfg.target)
+    for p in points:
+        if set(p) != set(want):
+            raise SystemExit(f"--p-grid point {describe_p(p)} names the sites {', '.join(p)} but "
+                             f"--target {cfg.target} has the sites {', '.join(want)}: a per-site "
+                             "point names exactly the target's sites")
+    if points and mode == "request":
+        raise SystemExit(f"--p-mode request: a request carries one p for every site "
+                         f"(vllm_xargs.sparsity_p), and --p-grid has the per-site point "
+                         f"{describe_p(points[0])}; use --p-mode global or auto (which runs such a "
+                         "grid through POST /v1/sparsity)")
+    if points and cfg.search:
+        raise SystemExit(f"--search: bisection needs the points on one ordered axis of p, and "
+                         f"--p-grid has the per-site point {describe_p(points[0])}; drop "
+                         "--search (every point is scored) or give only numbers")
+
+
 def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | None = None,
           set_p=None, mode: str = "auto") -> dict:
     """Run (or resume) the sweep into ``out`` and write its results; returns results.json's dict.
@@ -423,12 +477,14 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
 
     Raises:
         SystemExit: a user error (a task that cannot be scored, a folder holding another sweep, a
-            server that does not fit: see ``registry`` and ``Server``), in one sentence.
+            server that does not fit: see ``registry`` and ``Server``; per-site points it cannot
+            run: ``check_grid``), in one sentence.
     """
     from tqdm import tqdm
 
     from vllm_sparsity.eval import results, search
 
+    check_grid(cfg, mode)
     out = out.resolve()  # lm-eval's file names are recorded relative to it
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "sweep.json"
@@ -447,9 +503,10 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
                     serve_flags(cfg.target, cfg.rule, cfg.q)) as server:
             served_name, initial = server.served_model(cfg.model), server.state()
             check_rule(initial, cfg)
-            # An attached server at another target keeps it in request mode: auto goes global.
-            mode = p_mode(initial, mode, server.proc is not None or
-                          initial["target"] == cfg.target)
+            # An attached server at another target keeps it in request mode, and a request
+            # carries one p: auto goes global for either.
+            mode = p_mode(initial, mode, not per_site(cfg.grid) and (
+                server.proc is not None or initial["target"] == cfg.target))
             restore = mode == "global"  # request mode changes nothing of an attached server
             if mode == "request" and initial["target"] != cfg.target:
                 if server.proc is None:
@@ -461,8 +518,8 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
             bar = tqdm(total=None if cfg.search else len(cfg.grid), unit="p", file=sys.stderr,
                        desc=f"{'search' if cfg.search else 'sweep'} {cfg.target}")
 
-            def measure(p: float) -> dict:
-                bar.set_postfix_str(f"p={p:g}")
+            def measure(p: Point) -> dict:
+                bar.set_postfix_str(f"p={describe_p(p)}")
                 if (point_dir(out, p) / "point.json").exists():
                     point = json.loads((point_dir(out, p) / "point.json").read_text())
                 elif mode == "request":
@@ -472,7 +529,8 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
                     point = run_point(server, cfg, p, out, include_path, served_name, lm_tasks,
                                       set_p)
                 bar.update()
-                bar.set_postfix_str(f"p={p:g} sparsity={point['sparsity']['overall']:.3f} "
+                bar.set_postfix_str(f"p={describe_p(p)} "
+                                    f"sparsity={point['sparsity']['overall']:.3f} "
                                     f"{point['wall_s']:.0f}s")
                 return point
 

@@ -86,18 +86,47 @@ def test_check_fails_when_the_server_runs_another_p(good_sweep, baseline, sparse
     assert capsys.readouterr().out.count("FAIL: ") == len(failures)
 
 
-def test_request_and_global_p_modes_give_the_same_results(sparse_server, demo_model, tmp_path):
+@pytest.fixture(scope="module")
+def two_modes(sparse_server, demo_model, tmp_path_factory):
+    """The same tiny sweep (piqa, 6 documents, p 1.0 and 0.7) in both --p-modes: folder, results
+    per mode."""
+    out = tmp_path_factory.mktemp("p-modes")
+    cfg = SweepConfig(str(demo_model), ["piqa"], [1.0, 0.7], "all_inputs", 6)
+    return out, {mode: sweep(cfg, out / mode, sparse_server.url, API_KEY, mode=mode)
+                 for mode in ("global", "request")}
+
+
+def test_request_and_global_p_modes_give_the_same_results(two_modes, sparse_server):
     """The same tiny sweep both ways on one server: per-request p (both points scored at once)
     and the global p set through the route give each point the same per-document scores and the
     same measured sparsity; request mode leaves the server's own p and target alone."""
-    cfg = SweepConfig(str(demo_model), ["piqa"], [1.0, 0.7], "all_inputs", 6)
-    got = {mode: sweep(cfg, tmp_path / mode, sparse_server.url, API_KEY, mode=mode)
-           for mode in ("global", "request")}
+    _, got = two_modes
     for g, r in zip(got["global"]["points"], got["request"]["points"]):
         assert (g["p"], g["p_mode"], r["p_mode"]) == (r["p"], "global", "request")
         assert g["tasks"]["piqa"]["acc_norm"] == r["tasks"]["piqa"]["acc_norm"], g["p"]
         assert g["tasks"]["piqa"]["loglik"] == r["tasks"]["piqa"]["loglik"], g["p"]
         assert g["sparsity"] == r["sparsity"], g["p"]
     assert got["request"]["points"][1]["sparsity"]["overall"] > 0.05  # p = 0.7 did something
+    state = Server(sparse_server.url, API_KEY).state()
+    assert (state["p"], state["target"]) == (0.9, "all_inputs")
+
+
+def test_a_per_site_point_with_one_p_everywhere_scores_as_that_p(two_modes, sparse_server,
+                                                                 demo_model, tmp_path):
+    """A per-site point giving every site of the target the same p goes to the server as the
+    route's p object (auto mode: global, as the grid holds a per-site point) and scores exactly
+    as that p given as a number: the same per-document log-likelihoods and measured sparsity.
+    The number's points come from ``two_modes`` (global): only the per-site point is scored."""
+    same = {"input": 0.7, "intermediate": 0.7}
+    for p in (1.0, 0.7):
+        shutil.copytree(point_dir(two_modes[0] / "global", p), point_dir(tmp_path, p))
+    cfg = SweepConfig(str(demo_model), ["piqa"], [1.0, 0.7, same], "all_inputs", 6)
+    result = sweep(cfg, tmp_path, sparse_server.url, API_KEY)
+    _, number, sites = result["points"]
+    assert (sites["p"], sites["server_p"], sites["p_mode"]) == (same, same, "global")
+    assert number["p_mode"] == "global"
+    assert sites["tasks"]["piqa"]["loglik"] == number["tasks"]["piqa"]["loglik"]
+    assert sites["sparsity"] == number["sparsity"] and number["sparsity"]["overall"] > 0.05
+    assert (tmp_path / "points" / "pinput=0.7,intermediate=0.7" / "point.json").exists()
     state = Server(sparse_server.url, API_KEY).state()
     assert (state["p"], state["target"]) == (0.9, "all_inputs")
