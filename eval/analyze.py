@@ -122,7 +122,8 @@ def run_point(server: Server, cfg: AnalyzeConfig, served_name: str, texts: list[
             **{k: row[k] for k in MEANS}, "rank_rows": row["rows"],
             "rank_batches": row["rank_batches"], "decode_steps": row["decode_steps"],
             "consecutive_pairs": row["consecutive_pairs"], "drift_pairs": row["drift_pairs"]})
-    return {"p": p, "target": target, "layers": layers, "experts": expert_rows(before, after)}
+    experts = [r for r in expert_rows(before, after) if r["site"] in sites_of(target)]
+    return {"p": p, "target": target, "layers": layers, "experts": experts}
 
 
 def expert_rows(before: dict, after: dict) -> list[dict]:
@@ -330,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     result = analyze(cfg, args.out, args.url, args.api_key)
     for site, data in result["sites"].items():
         for pt in data["points"]:
+            if not pt["layers"]:  # only routed experts at this site: see below
+                continue
             m = pt["mean"]
             print(f"{site} p={pt['p']:g}: " + ", ".join(
                 f"{k} {m[k]:.3f}" if m[k] is not None else f"{k} -" for k in ("sparsity", *MEANS)))
