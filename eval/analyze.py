@@ -205,7 +205,9 @@ def analyze(cfg: AnalyzeConfig, out: Path, url: str | None = None,
 
 def plot(result: dict, out: Path) -> list[Path]:
     """``sparsity_<site>.png`` (per-layer sparsity heatmap, layers x p, App. A.3),
-    ``effective_rank.png`` and ``stability.png`` (per layer, one line per p) into ``out``."""
+    ``effective_rank.png`` and ``stability.png`` (per layer, one line per p) into ``out``, for
+    the sites recorded; ``experts.png`` (per layer, per-expert mean with bars from min to max, one
+    line per p; Fig. 6a) for MoE models. Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,9 +237,12 @@ def plot(result: dict, out: Path) -> list[Path]:
         written.append(out / f"sparsity_{site}.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
+    names = [site for site, data in result["sites"].items()
+             if any(pt["layers"] for pt in data["points"])]
     for name, keys in (("effective_rank", ("effective_rank",)),
                        ("stability", ("consecutive_jaccard", "drift_jaccard"))):
-        names = list(result["sites"])
+        if not names:  # only routed experts: nothing recorded
+            break
         fig, axes = plt.subplots(len(keys), len(names), figsize=(3.2 * len(names), 2.8 * len(keys)),
                                  squeeze=False)
         for col, site in enumerate(names):
@@ -253,6 +258,28 @@ def plot(result: dict, out: Path) -> list[Path]:
                 ax.legend(fontsize=7)
         fig.tight_layout()
         written.append(out / f"{name}.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    if result["moe_experts"]:  # per-expert sparsity per layer: mean, bars from min to max
+        points = result["moe_experts"]["points"]
+        names = list(dict.fromkeys(r["site"] for pt in points for r in pt["layers"]))
+        fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3), squeeze=False)
+        for ax, site in zip(axes[0], names):
+            for pt in sorted(points, key=lambda pt: pt["p"]):
+                rows = [r for r in pt["layers"] if r["site"] == site and r["experts_seen"]]
+                if not rows:
+                    continue
+                mean = [r["mean"] for r in rows]
+                ax.errorbar([r["layer"] for r in rows], mean, capsize=3, marker="o", lw=1,
+                            yerr=[[m - r["min"] for m, r in zip(mean, rows)],
+                                  [r["max"] - m for m, r in zip(mean, rows)]],
+                            label=f"p={pt['p']:g}")
+            ax.set_title(f"routed experts, {site}: per-expert sparsity", fontsize=9)
+            ax.set_xlabel("layer")
+            ax.set_ylim(0, 1.02)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out / "experts.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     return written

@@ -13,7 +13,7 @@ import torch
 from vllm_sparsity import analysis
 from vllm_sparsity.activation_stats import effective_rank, jaccard
 from vllm_sparsity.counters import DECODE, PAD, PREFILL
-from vllm_sparsity.eval.analyze import expert_rows
+from vllm_sparsity.eval.analyze import expert_rows, plot
 from vllm_sparsity.eval.sweep import layer_deltas
 
 
@@ -278,3 +278,16 @@ def test_the_seam_hands_an_armed_recorder_the_rule_mask_and_compiles_without_one
     result = analysis.fetch(state)["sites"][0][3]
     mask = paper_top_p_mask(x.float(), p)
     assert (result["zeroed"], result["total"], result["rows"]) == (int((~mask).sum()), 5 * K, 4)
+
+
+def test_plot_of_a_model_with_only_routed_experts(tmp_path):
+    pytest.importorskip("matplotlib")
+    before = {"experts": [{"layer": layer, "site": "input", "name": f"l{layer}", "split": False,
+                           "zeroed": [0, 0], "total": [0, 0]} for layer in (0, 1)]}
+    after = {"experts": [{"layer": layer, "site": "input", "name": f"l{layer}", "split": False,
+                          "zeroed": [3, 5], "total": [10, 10]} for layer in (0, 1)]}
+    result = {"sites": {"input": {"points": [{"p": 0.9, "target": "input", "layers": []}]}},
+              "moe_experts": {"points": [{"p": 0.9, "target": "input",
+                                          "layers": expert_rows(before, after)}]}}
+    assert [f.name for f in plot(result, tmp_path)] == ["experts.png"]
+    assert (tmp_path / "experts.png").stat().st_size > 1000
