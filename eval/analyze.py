@@ -274,6 +274,7 @@ def plot(result: dict, out: Path) -> list[Path]:
                             yerr=[[m - r["min"] for m, r in zip(mean, rows)],
                                   [r["max"] - m for m, r in zip(mean, rows)]],
                             label=f"p={pt['p']:g}")
+            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.set_title(f"routed experts, {site}: per-expert sparsity", fontsize=9)
             ax.set_xlabel("layer")
             ax.set_ylim(0, 1.02)
