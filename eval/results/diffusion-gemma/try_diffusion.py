@@ -203,11 +203,17 @@ def run_vllm(dest: Path, v2: bool, shim_dir: Path | None, p: float | None = None
         exec(SITECUSTOMIZE, {})
     if v2:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+    # diffusion_gemma.py wraps four small helpers in torch.compile (inductor); with
+    # enforce_eager the rest is eager anyway, and compiling C++ on 2 cores costs minutes.
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     extra = {}
     if p is not None:
         os.environ["VLLM_PLUGINS"] = "sparsity"
-        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model ships callables
+        # Engine and worker in this process: apply_model then calls _arm/_collect directly
+        # (a spawned engine re-imports this script as __mp_main__ and cannot pickle them).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        extra["distributed_executor_backend"] = "uni"
         extra["additional_config"] = {"sparsity": {"p": p}}
     from vllm import LLM, SamplingParams
 
