@@ -3,7 +3,8 @@
 Stretch goal of issue 14: if it generates, measure top-p mask Jaccard across denoising steps.
 
     python try_diffusion.py build DIR          # tiny random-weight checkpoint (transformers init)
-    python try_diffusion.py hf DIR             # transformers forward + generate (reference sanity)
+    python try_diffusion.py hf DIR [--p P]     # transformers generate; with --p the mask Jaccard
+                                               # across denoising steps, from forward hooks
     python try_diffusion.py shims SHIMDIR      # the two import workarounds below
     python try_diffusion.py vllm DIR [--v2] [--shims SHIMDIR] [--p P]   # vllm.LLM + one generate
                                                # (run under the vLLM lock); with --p the plugin
@@ -91,17 +92,57 @@ def build(dest: Path) -> None:
     print(f"built {dest}: {n} parameters;", sorted(k for k, _ in model.named_parameters())[:40])
 
 
-def hf(dest: Path) -> None:
+def hf(dest: Path, p: float | None = None) -> None:
+    """transformers generate; with ``p``, the top-p kept sets (vllm_sparsity.rule.kept_mask) of
+    the decoder MLPs' two inputs (input: the MLP's x; intermediate: down_proj's input) at each
+    denoising forward, and their Jaccard across denoising steps, per canvas position."""
+    import statistics
+
     import torch
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(dest, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(dest)
     ids = tok("The capital of France is", return_tensors="pt").input_ids
+    masks: dict[str, list] = {}  # site -> [(block, bool [canvas, K])]
+    block = [0]
+    if p is not None:
+        from vllm_sparsity.rule import kept_mask
+
+        def record(site):
+            def hook(module, args):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                masks.setdefault(site, []).append((block[0], kept_mask(x, p)))
+            return hook
+
+        def next_block(module, args):  # the encoder runs on the prompt and on each commit
+            block[0] += 1
+
+        model.model.encoder.language_model.layers[0].mlp.register_forward_pre_hook(next_block)
+        for n, layer in enumerate(model.model.decoder.layers):
+            layer.mlp.register_forward_pre_hook(record(f"layers.{n}.input"))
+            layer.mlp.down_proj.register_forward_pre_hook(record(f"layers.{n}.intermediate"))
     t = time.time()
-    out = model.generate(ids, max_new_tokens=CANVAS)
+    out = model.generate(ids, max_new_tokens=2 * CANVAS)
     seq = out.sequences if hasattr(out, "sequences") else out
-    print("hf generate ok", seq.shape, f"{time.time() - t:.1f}s", seq[0, -CANVAS:].tolist())
+    print("hf generate ok", seq.shape, f"{time.time() - t:.1f}s", seq[0, ids.shape[1]:].tolist())
+    from vllm_sparsity.activation_stats import jaccard
+
+    for site, steps in masks.items():
+        cons, drift, first, prev = [], [], None, None
+        for b, m in steps:
+            if first is None or b != first[0]:
+                first = prev = (b, m)
+                continue
+            cons.append(float(jaccard(m, prev[1]).mean()))
+            drift.append(float(jaccard(m, first[1]).mean()))
+            prev = (b, m)
+        zeroed = sum(int((~m).sum()) for _, m in steps) / sum(m.numel() for _, m in steps)
+        blocks = sorted({b for b, _ in steps})
+        print(f"{site}: {len(steps)} denoising forwards in {len(blocks)} blocks, rows "
+              f"{steps[0][1].shape[0]}, sparsity {zeroed:.3f}, consecutive Jaccard "
+              f"{statistics.mean(cons):.3f} [{min(cons):.3f}, {max(cons):.3f}] ({len(cons)} "
+              f"pairs), drift {statistics.mean(drift):.3f} [{min(drift):.3f}, {max(drift):.3f}]")
 
 
 SITECUSTOMIZE = """\
@@ -247,7 +288,7 @@ def main() -> None:
     parser.add_argument("--shims", type=Path, help="directory made by the shims step")
     parser.add_argument("--p", type=float, help="plugin on at this top-p; report mask Jaccard")
     args = parser.parse_args()
-    {"build": lambda: build(args.dir), "hf": lambda: hf(args.dir),
+    {"build": lambda: build(args.dir), "hf": lambda: hf(args.dir, args.p),
      "shims": lambda: shims(args.dir),
      "vllm": lambda: run_vllm(args.dir, args.v2, args.shims, args.p)}[args.step]()
 
