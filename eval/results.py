@@ -100,7 +100,8 @@ def load_point(pdir: Path, specs: list[registry.TaskSpec],
             record = {}
             for m in metrics:
                 record[m] = row[f"{m},{leaf.filter}"]
-                record[f"{m}_stderr"] = row[f"{m}_stderr,{leaf.filter}"]
+                stderr = row[f"{m}_stderr,{leaf.filter}"]  # "N/A" for a single document
+                record[f"{m}_stderr"] = stderr if isinstance(stderr, (int, float)) else None
         else:
             v = np.array(values)
             record = {primary: float(v.mean()),
@@ -233,6 +234,10 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def report(result: dict) -> str:
     tasks, crit = result["tasks"], result["critical_sparsity"]
     sites = [*sites_of(result["target"]), "overall"]
@@ -263,7 +268,7 @@ def report(result: dict) -> str:
     for pt in result["points"]:
         cells = [f"{pt['sparsity'].get(s) or 0:.3f}" for s in sites]
         cells += [f"{pt['tasks'][t][pt['tasks'][t]['primary']]:.3f} ± "
-                  f"{pt['tasks'][t][pt['tasks'][t]['primary'] + '_stderr']:.3f}"
+                  + _number(pt['tasks'][t][pt['tasks'][t]['primary'] + '_stderr'])
                   + (f" ({pt['tasks'][t]['generated_tokens']:.0f} tok)"
                      if "generated_tokens" in pt["tasks"][t] else "") for t in tasks]
         lo, hi = pt["normalized_average_interval"]

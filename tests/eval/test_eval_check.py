@@ -109,6 +109,28 @@ def test_cli_exit_codes_and_messages(tmp_path, baseline, capsys):
 # ------------------------------------------------ paired per-document log-likelihood comparison
 
 
+def test_a_point_of_one_document_has_no_stderr_and_still_reports(tmp_path):
+    """lm-eval writes its stderr as "N/A" for a single document (``--limit 1``)."""
+    from vllm_sparsity.eval import registry, results as results_mod
+
+    write_samples(tmp_path, "my_mc", [([-3.5, -1.25], 1)])
+    lm_results = next((tmp_path / "lm_eval" / "model").glob("results_*.json"))
+    lm_results.write_text(json.dumps({"results": {"my_mc": {"acc,none": 1.0,
+                                                            "acc_stderr,none": "N/A"}}}))
+    spec = registry.TaskSpec("my_mc", "my_mc", (registry.Leaf("my_mc", "acc"),))
+    point, _ = results_mod.load_point(tmp_path, [spec])
+    assert point["tasks"]["my_mc"]["acc"] == 1.0 and point["tasks"]["my_mc"]["acc_stderr"] is None
+    crit = {"sparsity": 0.0, "p": 1.0, "interval": [0.0, 0.0]}
+    result = {"model": "m", "target": "input", "tasks": ["my_mc"], "docs": {"my_mc": 1},
+              "critical_sparsity": {"average": crit, "tasks": {"my_mc": crit}, "level": 0.95,
+                                    "n_boot": 10, "threshold": 0.99},
+              "points": [{**point, "p": 1.0, "sparsity": {"input": 0.0, "overall": 0.0},
+                          "average": 1.0,
+                          "normalized_average": 1.0, "normalized_average_interval": [1, 1],
+                          "wall_s": 1.0}]}
+    assert "| 1 | 0.000 | 0.000 | 1.000 ± n/a |" in results_mod.report(result)
+
+
 def write_samples(pdir, task, docs):
     """One point of lm-eval output by hand: ``docs`` is [(choice logliks, gold index)] per
     document, in lm-eval's samples format (strings, one [loglik, is_greedy] per choice)."""
