@@ -385,7 +385,6 @@ KEYLESS_HEADERS = [
     {"Authorization": "Basic test-key"},
     {"Authorization": "Token test-key"},
     {"Authorization": "Bearer  test-key"},
-    {"Authorization": "Bearer test-key "},
     {"Authorization": "Bearer test-keyx"},
     {"Authorization": "Bearer test-key, Bearer test-key"},
     {"Authorization": "Bearer TEST-KEY"},
@@ -395,6 +394,21 @@ KEYLESS_HEADERS = [
 ]
 
 
+# Not in the list: "Bearer test-key " (trailing space). RFC 9110 section 5.5 excludes trailing
+# whitespace from a field's value, and uvicorn >= 0.55 strips it (0.54 kept it), so that header
+# carries the valid key.
+
+
+@pytest.fixture
+def restored(sparse_server):
+    """Puts the start-up settings back after the test whatever it asserted, so that a route that
+    wrongly accepts a change fails this test only, not every later test on the shared server."""
+    yield sparse_server
+    if settings(get_state(sparse_server)) != (START["p"], START["target"]):
+        restore(sparse_server)
+
+
+@pytest.mark.usefixtures("restored")
 @pytest.mark.parametrize("headers", KEYLESS_HEADERS, ids=lambda h: repr(h) or "none")
 def test_no_valid_key_no_change(sparse_server, headers):
     headers = {"Content-Type": "application/json", **headers}
@@ -411,6 +425,7 @@ PATH_VARIANTS = ["/v1/sparsity/", "//v1/sparsity", "/V1/sparsity", "/v1/Sparsity
                  "http://127.0.0.1/v1/sparsity", "/v1/sparsity%00", "/v1/sparsity#x"]
 
 
+@pytest.mark.usefixtures("restored")
 @pytest.mark.parametrize("path", PATH_VARIANTS)
 def test_path_variants_without_the_key_are_refused_or_not_routed(sparse_server, path):
     """Refused (401) where vLLM's key check sees the /v1 prefix, else not routed (404/405): no
