@@ -4,7 +4,7 @@
                            [--include-path DIR] [--p-grid 1.0,0.99,... [input=0.95,...] ...]
                            [--target all_inputs]
                            [--limit N] [--search [--tol 0.02] [--max-points N]]
-                           [--p-mode auto|request|global] --out DIR
+                           [--p-mode auto|request|global] [--dtype auto|float32|...] --out DIR
   vllm-sparsity eval check --results DIR/results.json --baseline FILE [--deployed-p P] [--strict]
                            [--loglik-tol NATS]
   vllm-sparsity eval baseline --results DIR/results.json --deployed-p P --out FILE
@@ -21,6 +21,7 @@ from pathlib import Path
 from vllm_sparsity.config import (RULES, SparsityConfigError, check_together, describe_p,
                                   parse_p_sites, parse_target)
 from vllm_sparsity.eval import convert
+from vllm_sparsity.eval.sweep import DTYPES
 
 
 def parse_grid(values: list[str], name: str = "--p-grid") -> list[float | dict[str, float]]:
@@ -106,6 +107,9 @@ def parser() -> argparse.ArgumentParser:
                    "set through POST /v1/sparsity (nothing else may use the server meanwhile); "
                    "auto (default): request where the server applies a request's p "
                    "(GET /v1/sparsity says so), else global")
+    s.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the server the "
+                   "sweep starts (not with --url); auto (default): float32 on a CPU without "
+                   "AVX-512-BF16 or AMX (2x faster there), else the checkpoint's")
     s.add_argument("--search", action="store_true", help="bisect over --p-grid for the critical "
                    "point instead of scoring every p (see eval/search.py)")
     s.add_argument("--tol", type=float, default=0.02, help="--search: stop when the bracket is "
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         except SparsityConfigError as e:
             raise SystemExit(str(e)) from None
         cfg = SweepConfig(str(args.model), args.tasks, grid, args.target, args.limit, include,
-                          args.search, args.tol, args.max_points, args.rule, args.q)
+                          args.search, args.tol, args.max_points, args.rule, args.q, args.dtype)
         result = sweep(cfg, args.out, args.url, args.api_key, mode=args.p_mode)
         crit = result["critical_sparsity"]["average"]
         p = "none" if crit["p"] is None else describe_p(crit["p"])

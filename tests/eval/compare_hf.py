@@ -2,13 +2,14 @@
 
 Not a test (pytest does not collect it): a script for two checks against a sweep folder.
 
-    PYTHONPATH=tests python tests/eval/compare_hf.py --sweep DIR --p 1.0 [--p 0.9] --out HF_DIR
+    PYTHONPATH=tests python tests/eval/compare_hf.py --sweep DIR --p 1.0 [--p 0.9] --out HF_DIR \
+        [--dtype bfloat16|float32]
 
 (``PYTHONPATH=tests``: it imports ``reference.py`` from there, as the tests do.)
 
-For each p it scores the sweep's tasks and limit with HF transformers (bf16, the demo model) through
-lm-eval, the rule applied by ``tests/reference.py::HFTopP``'s hooks (the paper's sort recipe; none at
-p = 1.0), and prints accuracy, the per-document agreement with the sweep's point at that p, and the
+For each p it scores the sweep's tasks and limit with HF transformers (``--dtype``, default bf16)
+through lm-eval, the rule applied by ``tests/reference.py::HFTopP``'s hooks (the paper's sort
+recipe; none at p = 1.0), and prints accuracy, the per-document agreement with the sweep's point at that p, and the
 wall time of the evaluation (model load excluded) beside the sweep's wall time for that point.
 """
 
@@ -26,6 +27,7 @@ def main() -> None:
     ap.add_argument("--p", type=float, action="append", required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     args = ap.parse_args()
 
     import lm_eval
@@ -41,7 +43,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
     cfg = json.loads((args.sweep / "sweep.json").read_text())
-    hf = HFTopP(cfg["model"], dtype=torch.bfloat16)
+    hf = HFTopP(cfg["model"], dtype=getattr(torch, args.dtype))
     hf.target = cfg["target"]
     lm = HFLM(pretrained=hf.model, tokenizer=hf.tokenizer, batch_size=args.batch_size,
               add_bos_token=True)

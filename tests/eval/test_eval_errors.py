@@ -210,6 +210,47 @@ def test_a_started_server_gets_the_rule_and_every_site_of_the_target():
         "--sparsity-rule", "lq", "--sparsity-q", "2.0"]
 
 
+def test_a_started_server_gets_every_cpu_of_a_small_machine_unless_the_user_chose():
+    """vLLM-CPU reserves one core for its scheduler: on <= 4 CPUs the sweep's server binds the
+    model's threads to all of them; a user's own binding or reservation, or a larger machine,
+    keeps vLLM's."""
+    from vllm_sparsity.eval.sweep import serve_env
+
+    env = serve_env({"PATH": "/bin"}, {1, 0})
+    assert env == {"PATH": "/bin", "VLLM_PLUGINS": "sparsity", "VLLM_CPU_KVCACHE_SPACE": "1",
+                   "VLLM_CPU_OMP_THREADS_BIND": "0,1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert serve_env({}, {0, 2, 5, 7})["VLLM_CPU_OMP_THREADS_BIND"] == "0,2,5,7"
+    for own in ({"VLLM_CPU_OMP_THREADS_BIND": "1"}, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}):
+        env = serve_env({**own, "VLLM_CPU_KVCACHE_SPACE": "4"}, {0, 1})
+        assert env == {**own, "VLLM_PLUGINS": "sparsity", "VLLM_CPU_KVCACHE_SPACE": "4"}
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in serve_env({}, set(range(5)))
+
+
+def test_dtype_auto_computes_in_float32_only_on_a_cpu_without_16_bit_units(monkeypatch):
+    """auto: float32 where vLLM runs on a CPU lacking both AVX-512-BF16 and AMX; else the
+    checkpoint's dtype; a dtype the user names is kept."""
+    import torch
+    from vllm.platforms import current_platform
+
+    from vllm_sparsity.eval.sweep import serve_dtype
+
+    for cpu, bf16, amx, want in ((True, False, False, "float32"), (True, True, False, "auto"),
+                                 (True, False, True, "auto"), (False, False, False, "auto")):
+        monkeypatch.setattr(type(current_platform), "is_cpu", lambda self, cpu=cpu: cpu)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda bf16=bf16: bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert serve_dtype("auto") == want, (cpu, bf16, amx)
+        assert serve_dtype("bfloat16") == "bfloat16"
+
+
+def test_dtype_with_url_is_refused_before_anything_is_written(tmp_path):
+    url = "http://127.0.0.1:9"
+    assert run(sweep_args(url, tmp_path, MODEL_ROOT, "--dtype", "float32")) == (
+        f"--dtype float32: applies to a server the sweep starts; the server at --url {url} "
+        "computes in the dtype it was started with")
+    assert not (tmp_path / "out").exists()
+
+
 def test_p_mode_request_on_a_server_that_does_not_apply_it(fake_server, own_task):
     url = fake_server()  # its GET /v1/sparsity has no request_p: a plugin from before it
     assert run(sweep_args(url, own_task, MODEL_ROOT, "--p-mode", "request")) == (
