@@ -108,8 +108,9 @@ def parser() -> argparse.ArgumentParser:
                    "auto (default): request where the server applies a request's p "
                    "(GET /v1/sparsity says so), else global")
     s.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the server the "
-                   "sweep starts (not with --url); auto (default): float32 on a CPU without "
-                   "AVX-512-BF16 or AMX (2x faster there), else the checkpoint's")
+                   "sweep starts (not with --url); auto (default): float32 on an x86 CPU without "
+                   "AVX-512-BF16 or AMX (2x faster there, twice the weights' memory), else the "
+                   "checkpoint's")
     s.add_argument("--search", action="store_true", help="bisect over --p-grid for the critical "
                    "point instead of scoring every p (see eval/search.py)")
     s.add_argument("--tol", type=float, default=0.02, help="--search: stop when the bracket is "

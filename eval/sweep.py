@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import requests
@@ -72,7 +72,9 @@ class SweepConfig:
     max_points: int | None = None  # search: budget of scored points, dense included
     rule: str = "top-p"  # the server's --sparsity-rule (fixed at its start-up)
     q: float | None = None  # the server's --sparsity-q (lq only)
-    dtype: str = "auto"  # --dtype of a server the sweep starts (``serve_dtype``)
+    # --dtype of the server the sweep starts, as ``serve_dtype`` resolves it (so that a folder is
+    # never resumed in another dtype); "auto": the checkpoint's, or with --url the server's own
+    dtype: str = "auto"
 
 
 # A point's p: one number for every site of the target, or one per site ({site: p}, in model
@@ -192,29 +194,27 @@ def serve_flags(target: str = "all_inputs", rule: str = "top-p", q: float | None
     return flags + (["--sparsity-q", f"{q!r}"] if q is not None else [])
 
 
-# At most this many CPUs: the sweep's server gives the model every one of them (``serve_env``).
+# At most this many CPUs: the sweep's server keeps no core back from the model (``serve_env``).
 ALL_CPUS_UP_TO = 4
 
 
-def serve_env(environ: dict[str, str], cpus: set[int]) -> dict[str, str]:
+def serve_env(environ: dict[str, str], cpus: int) -> dict[str, str]:
     """The environment of a ``vllm serve`` started for a sweep: ``environ`` plus the plugin
     (``VLLM_PLUGINS=sparsity``), a 1 GiB KV cache and, on a machine of at most ``ALL_CPUS_UP_TO``
-    CPUs (``cpus``: the ids of those this process may run on, ``os.sched_getaffinity(0)``), the
-    model's OpenMP threads on all of them.
+    CPUs (``cpus``: how many this process may run on), ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``.
 
-    vLLM-CPU keeps one core for its scheduler and API server (``VLLM_CPU_NUM_OF_RESERVED_CPU``,
-    default one per TP rank; ``vllm/utils/ompmultiprocessing.py``): on a 2-core machine the model
-    then runs on one thread. Scoring is prefill-bound and the scheduler mostly waits, so there
-    ``VLLM_CPU_OMP_THREADS_BIND=<cpus>`` with ``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` scores a point
-    in about 0.6 of the time (eval/README.md). On larger machines the one reserved core costs
-    little and vLLM's own binding (one thread per physical core, per NUMA node) is kept. A value
-    the user set is never replaced.
+    vLLM-CPU's own thread binding (one OpenMP thread per physical core of the rank's NUMA node)
+    keeps one core back for its scheduler and API server (``vllm/utils/ompmultiprocessing.py``):
+    on a 2-core machine the model then runs on one thread. Scoring is prefill-bound and the
+    scheduler mostly waits, so there a point takes about 0.6 of the time with both cores
+    (eval/README.md); vLLM logs a warning that the reservation is below its minimum. On larger
+    machines the reserved core costs little and is kept. Where the user set
+    ``VLLM_CPU_NUM_OF_RESERVED_CPU`` or ``VLLM_CPU_OMP_THREADS_BIND`` nothing is changed.
     """
     env = {**environ, "VLLM_PLUGINS": "sparsity"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    if len(cpus) <= ALL_CPUS_UP_TO and not {"VLLM_CPU_OMP_THREADS_BIND",
+    if cpus <= ALL_CPUS_UP_TO and not {"VLLM_CPU_OMP_THREADS_BIND",
                                        "VLLM_CPU_NUM_OF_RESERVED_CPU"} & environ.keys():
-        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(cpus)))
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     return env
 
@@ -223,40 +223,42 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def serve_dtype(dtype: str) -> str:
-    """The ``--dtype`` of a ``vllm serve`` started here: ``dtype`` unless it is ``auto``; then
-    ``float32`` on a CPU without native 16-bit matrix units (neither AVX-512-BF16 nor AMX, what
-    vLLM-CPU itself tests, ``vllm/platforms/cpu.py``), else ``auto`` (the checkpoint's dtype).
+    """The ``--dtype`` of a ``vllm serve`` started for a sweep: ``dtype`` unless it is ``auto``;
+    then ``float32`` on an x86 CPU without native 16-bit matrix units (neither AVX-512-BF16 nor
+    AMX, the tests vLLM-CPU itself makes, ``vllm/platforms/cpu.py``), else ``auto`` (the
+    checkpoint's dtype). Needs vLLM (the server's platform).
 
-    Without those units a 16-bit checkpoint's linear layers run through torch's emulated path,
-    while float32 runs through oneDNN: a point scored in about half the time (eval/README.md), and
-    a deployment on such a CPU would compute in float32 too. Needs vLLM (the server's platform)."""
+    Without those units a 16-bit checkpoint's linear layers take torch's emulated path, while
+    float32 takes oneDNN's: a point scored in about half the time (eval/README.md), at twice the
+    weights' memory. A deployment on such a CPU would compute in float32 too."""
     if dtype != "auto":
         return dtype
     import torch
-    from vllm.platforms import current_platform
+    from vllm.platforms import CpuArchEnum, current_platform
 
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return "float32" if current_platform.is_cpu() and not native else "auto"
+    x86 = current_platform.is_cpu() and current_platform.get_cpu_architecture() == CpuArchEnum.X86
+    return "float32" if x86 and not native else "auto"
 
 
 @contextmanager
 def served(model: str, log: Path, url: str | None = None, api_key: str | None = None,
-           flags: list[str] | None = None, dtype: str = "auto"):
+           flags: list[str] | None = None, dtype: str | None = None):
     """Yield a Server: the one at ``url``, or a ``vllm serve`` subprocess started here with
     ``flags`` (default ``serve_flags()``: plugin on at p = 1.0 with target all_inputs, so that
-    every target can be set at runtime) and ``--dtype serve_dtype(dtype)``, stopped on exit
-    whatever happened. An attached server computes in its own dtype (``dtype`` is not used)."""
+    every target can be set at runtime) and ``--dtype dtype`` (None: the checkpoint's), stopped
+    on exit whatever happened. An attached server computes in its own dtype (``dtype`` unused)."""
     if url:
         yield Server(url.rstrip("/"), api_key)
         return
-    port, api_key, dtype = _free_port(), secrets.token_hex(16), serve_dtype(dtype)
+    port, api_key = _free_port(), secrets.token_hex(16)
     cmd = [str(Path(sys.executable).with_name("vllm")), "serve", model, "--host", "127.0.0.1",
-           "--port", str(port), "--max-model-len", "2048", "--dtype", dtype,
+           "--port", str(port), "--max-model-len", "2048", "--dtype", dtype or "auto",
            *(flags or serve_flags()), "--api-key", api_key]
-    env = serve_env(dict(os.environ), os.sched_getaffinity(0))
+    env = serve_env(dict(os.environ), len(os.sched_getaffinity(0)))
     log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"starting vllm serve on port {port}, dtype {dtype} (minutes: compile; log: {log})",
-          file=sys.stderr)
+    print(f"starting vllm serve on port {port}, --dtype {dtype or 'auto'} (minutes: compile; "
+          f"log: {log})", file=sys.stderr)
     with log.open("w") as f:  # own process group: stopping it stops the engine's children too
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
@@ -537,6 +539,8 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
     if url and cfg.dtype != "auto":
         raise SystemExit(f"--dtype {cfg.dtype}: applies to a server the sweep starts; the server "
                          f"at --url {url} computes in the dtype it was started with")
+    if not url:
+        cfg = replace(cfg, dtype=serve_dtype(cfg.dtype))
     out = out.resolve()  # lm-eval's file names are recorded relative to it
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "sweep.json"

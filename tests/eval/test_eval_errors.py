@@ -210,36 +210,90 @@ def test_a_started_server_gets_the_rule_and_every_site_of_the_target():
         "--sparsity-rule", "lq", "--sparsity-q", "2.0"]
 
 
-def test_a_started_server_gets_every_cpu_of_a_small_machine_unless_the_user_chose():
-    """vLLM-CPU reserves one core for its scheduler: on <= 4 CPUs the sweep's server binds the
-    model's threads to all of them; a user's own binding or reservation, or a larger machine,
-    keeps vLLM's."""
+def test_a_started_server_keeps_no_core_back_on_a_small_machine_unless_the_user_chose():
+    """vLLM-CPU reserves one core for its scheduler: on <= 4 CPUs the sweep's server reserves
+    none; a user's own binding or reservation, or a larger machine, keeps vLLM's."""
     from vllm_sparsity.eval.sweep import serve_env
 
-    env = serve_env({"PATH": "/bin"}, {1, 0})
-    assert env == {"PATH": "/bin", "VLLM_PLUGINS": "sparsity", "VLLM_CPU_KVCACHE_SPACE": "1",
-                   "VLLM_CPU_OMP_THREADS_BIND": "0,1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    assert serve_env({}, {0, 2, 5, 7})["VLLM_CPU_OMP_THREADS_BIND"] == "0,2,5,7"
+    assert serve_env({"PATH": "/bin"}, 2) == {
+        "PATH": "/bin", "VLLM_PLUGINS": "sparsity", "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert serve_env({}, 4)["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     for own in ({"VLLM_CPU_OMP_THREADS_BIND": "1"}, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}):
-        env = serve_env({**own, "VLLM_CPU_KVCACHE_SPACE": "4"}, {0, 1})
+        env = serve_env({**own, "VLLM_CPU_KVCACHE_SPACE": "4"}, 2)
         assert env == {**own, "VLLM_PLUGINS": "sparsity", "VLLM_CPU_KVCACHE_SPACE": "4"}
-    assert "VLLM_CPU_OMP_THREADS_BIND" not in serve_env({}, set(range(5)))
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in serve_env({}, 5)
+
+
+def test_a_started_server_gets_the_dtype_and_the_environment(monkeypatch, tmp_path):
+    """``served`` starts ``vllm serve`` with ``--dtype`` and ``serve_env``'s environment."""
+    from vllm_sparsity.eval import sweep as sweep_mod
+
+    started = {}
+
+    class Exited:  # a vllm serve that exits at once: served() then raises, naming the log
+        def __init__(self, cmd, env, **kw):
+            started.update(cmd=cmd, env=env)
+            self.returncode = self.pid = 1
+
+        def poll(self):
+            return 1
+
+    monkeypatch.setattr(sweep_mod.subprocess, "Popen", Exited)
+    monkeypatch.setattr(sweep_mod.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    for dtype, want in (("float32", "float32"), (None, "auto")):
+        with pytest.raises(RuntimeError, match="vllm serve exited with 1"):
+            with sweep_mod.served("m", tmp_path / "server.log", dtype=dtype):
+                pass
+        cmd = started["cmd"]
+        assert cmd[cmd.index("--dtype") + 1] == want
+        assert started["env"]["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+
+
+def test_a_folder_is_never_resumed_in_another_dtype(monkeypatch, tmp_path):
+    """A folder written before --dtype (bf16, the checkpoint's) is refused where auto now means
+    float32; the dtype recorded is the resolved one."""
+    from dataclasses import asdict
+
+    from vllm_sparsity.eval import sweep as sweep_mod
+
+    cfg = sweep_mod.SweepConfig(MODEL_ROOT, ["piqa"], [1.0, 0.9], "all_inputs", 2)
+    old = {k: v for k, v in asdict(cfg).items() if k != "dtype"}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "sweep.json").write_text(json.dumps(old))
+    monkeypatch.setattr(sweep_mod, "serve_dtype", lambda dtype: "float32")
+    with pytest.raises(SystemExit, match="holds a sweep with other settings"):
+        sweep_mod.sweep(cfg, tmp_path / "out")
+    monkeypatch.setattr(sweep_mod, "serve_dtype", lambda dtype: "auto")
+    monkeypatch.setattr(sweep_mod, "prepare_tasks", lambda cfg, out: (_ for _ in ()).throw(
+        SystemExit("resumed")))  # past the settings check: the folder was accepted
+    with pytest.raises(SystemExit, match="resumed"):
+        sweep_mod.sweep(cfg, tmp_path / "out")
 
 
 def test_dtype_auto_computes_in_float32_only_on_a_cpu_without_16_bit_units(monkeypatch):
-    """auto: float32 where vLLM runs on a CPU lacking both AVX-512-BF16 and AMX; else the
+    """auto: float32 where vLLM runs on an x86 CPU lacking both AVX-512-BF16 and AMX; else the
     checkpoint's dtype; a dtype the user names is kept."""
     import torch
     from vllm.platforms import current_platform
 
     from vllm_sparsity.eval.sweep import serve_dtype
 
-    for cpu, bf16, amx, want in ((True, False, False, "float32"), (True, True, False, "auto"),
-                                 (True, False, True, "auto"), (False, False, False, "auto")):
+    from vllm.platforms import CpuArchEnum
+
+    for cpu, arch, bf16, amx, want in (
+            (True, CpuArchEnum.X86, False, False, "float32"),
+            (True, CpuArchEnum.X86, True, False, "auto"), (True, CpuArchEnum.X86, False, True, "auto"),
+            (True, CpuArchEnum.ARM, False, False, "auto"),
+            (False, CpuArchEnum.X86, False, False, "auto")):
         monkeypatch.setattr(type(current_platform), "is_cpu", lambda self, cpu=cpu: cpu)
+        monkeypatch.setattr(type(current_platform), "get_cpu_architecture",
+                            classmethod(lambda cls, arch=arch: arch))
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda bf16=bf16: bf16)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
-        assert serve_dtype("auto") == want, (cpu, bf16, amx)
+        assert serve_dtype("auto") == want, (cpu, arch, bf16, amx)
         assert serve_dtype("bfloat16") == "bfloat16"
 
 
