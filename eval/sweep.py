@@ -243,22 +243,22 @@ def serve_dtype(dtype: str) -> str:
 
 @contextmanager
 def served(model: str, log: Path, url: str | None = None, api_key: str | None = None,
-           flags: list[str] | None = None, dtype: str | None = None):
+           flags: list[str] | None = None, dtype: str = "auto"):
     """Yield a Server: the one at ``url``, or a ``vllm serve`` subprocess started here with
     ``flags`` (default ``serve_flags()``: plugin on at p = 1.0 with target all_inputs, so that
-    every target can be set at runtime) and ``--dtype dtype`` (None: the checkpoint's), stopped
-    on exit whatever happened. An attached server computes in its own dtype (``dtype`` unused)."""
+    every target can be set at runtime) and ``--dtype dtype`` as vLLM reads it (auto: the
+    checkpoint's), stopped on exit whatever happened. An attached server computes in its own dtype (``dtype`` unused)."""
     if url:
         yield Server(url.rstrip("/"), api_key)
         return
     port, api_key = _free_port(), secrets.token_hex(16)
     cmd = [str(Path(sys.executable).with_name("vllm")), "serve", model, "--host", "127.0.0.1",
-           "--port", str(port), "--max-model-len", "2048", "--dtype", dtype or "auto",
+           "--port", str(port), "--max-model-len", "2048", "--dtype", dtype,
            *(flags or serve_flags()), "--api-key", api_key]
     env = serve_env(dict(os.environ), len(os.sched_getaffinity(0)))
     log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"starting vllm serve on port {port}, --dtype {dtype or 'auto'} (minutes: compile; "
-          f"log: {log})", file=sys.stderr)
+    print(f"starting vllm serve on port {port}, --dtype {dtype} (minutes: compile; log: {log})",
+          file=sys.stderr)
     with log.open("w") as f:  # own process group: stopping it stops the engine's children too
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)

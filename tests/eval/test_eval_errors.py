@@ -243,7 +243,7 @@ def test_a_started_server_gets_the_dtype_and_the_environment(monkeypatch, tmp_pa
     monkeypatch.setattr(sweep_mod.os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-    for dtype, want in (("float32", "float32"), (None, "auto")):
+    for dtype, want in (("float32", "float32"), ("auto", "auto")):
         with pytest.raises(RuntimeError, match="vllm serve exited with 1"):
             with sweep_mod.served("m", tmp_path / "server.log", dtype=dtype):
                 pass
