@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from route_client import START, complete, get_state, healthy, post, restore, settings
 
-from vllm_sparsity import config, control
+from vllm_sparsity import config, control, worker_rpc
 from vllm_sparsity.config import SparsityConfig
 from vllm_sparsity.state import RuntimeState
 
@@ -21,7 +21,7 @@ from vllm_sparsity.state import RuntimeState
 
 class FakeEngine:
     """The ``EngineClient`` calls the route makes, over real ``RuntimeState`` objects driven by
-    the real worker methods (``control.WORKER_METHODS``). ``log`` records the calls in order.
+    the real worker methods (``worker_rpc.WORKER_METHODS``). ``log`` records the calls in order.
 
     drain_s: how long ``pause_generation`` takes (requests in flight finishing);
     pause_error / reset_ok / deaf: a pause that raises, a prefix-cache reset that returns False,
@@ -68,7 +68,7 @@ class FakeEngine:
                 if rank in self.deaf:
                     replies.append(self.states[rank].settings())
                     continue
-            replies.append(control.WORKER_METHODS[method](wrapper, *args))
+            replies.append(worker_rpc.WORKER_METHODS[method](wrapper, *args))
         return replies
 
 

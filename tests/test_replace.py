@@ -304,7 +304,7 @@ def _loader_bypass_case(GatedMLP):
     (tensorizer, the weight-cache IPC loader): sparsity configured, gated MLPs, no plugin state."""
     from types import SimpleNamespace
 
-    from vllm_sparsity import plugin
+    from vllm_sparsity import worker_rpc
 
     model = torch.nn.Module()
     model.layers = torch.nn.ModuleList([GatedMLP()])
@@ -314,7 +314,7 @@ def _loader_bypass_case(GatedMLP):
             additional_config={"sparsity": {"p": P, "target": "all_inputs", "backend": "auto"}},
             load_config=SimpleNamespace(load_format="tensorizer"))))
     try:
-        plugin.vllm_sparsity_bind_step(worker)
+        worker_rpc.vllm_sparsity_bind_step(worker)
     except RuntimeError as e:
         return str(e)
     return None

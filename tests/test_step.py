@@ -103,7 +103,7 @@ def test_bind_step_takes_the_model_runners_buffer():
     ``query_start_loc.gpu`` (the CPU runner's is exercised by the engine below)."""
     from types import SimpleNamespace
 
-    from vllm_sparsity import plugin
+    from vllm_sparsity import worker_rpc
 
     v1 = SimpleNamespace(query_start_loc=SimpleNamespace(gpu=torch.zeros(5, dtype=torch.int32)))
     v2 = SimpleNamespace(input_buffers=SimpleNamespace(
@@ -112,7 +112,7 @@ def test_bind_step_takes_the_model_runners_buffer():
         model = torch.nn.Module()
         model._vllm_sparsity = _state()
         runner.get_model = lambda model=model: model
-        plugin.vllm_sparsity_bind_step(SimpleNamespace(worker=SimpleNamespace(model_runner=runner)))
+        worker_rpc.vllm_sparsity_bind_step(SimpleNamespace(worker=SimpleNamespace(model_runner=runner)))
         assert model._vllm_sparsity.query_start_loc is buffer
 
 

@@ -62,10 +62,8 @@ from typing import Any
 
 from vllm_sparsity import _vllm_compat, analysis, counters
 from vllm_sparsity import config as cfg
-from vllm_sparsity.clock import CLOCK
 from vllm_sparsity.config import (RULES, SparsityConfigError, parse_p_sites, parse_q,
                                   parse_target, quote)
-from vllm_sparsity.state import runtime_state
 
 logger = logging.getLogger("vllm.vllm_sparsity")
 
@@ -74,53 +72,6 @@ MAX_BODY_BYTES = 4096  # a valid body is under 60 bytes
 # minutes on a CPU, far past the 10 s of the other RPCs.
 ANALYSIS_FETCH_TIMEOUT_S = 900.0
 BODY_KEYS = ("p", "target", "rule", "q")
-
-# ---------------------------------------------------------------- worker side
-
-
-def vllm_sparsity_snapshot(self) -> dict[str, Any] | None:
-    """This worker's settings and counters (``counters.snapshot``), None when the plugin is off.
-    Read by the route and polled by the API server's metrics publisher."""
-    state = runtime_state(_vllm_compat.worker_model(self))
-    if state is None:
-        return None
-    return counters.snapshot(state, _vllm_compat.tp_rank(),
-                             CLOCK.snapshot() if state.clock else None)
-
-
-def vllm_sparsity_set(self, p: float | None, target: str | None) -> dict[str, Any] | None:
-    """Set p and/or target in this worker (values already validated by the caller); returns the
-    worker's settings after the change (``RuntimeState.settings``), None when the plugin is off."""
-    state = runtime_state(_vllm_compat.worker_model(self))
-    if state is None:
-        return None
-    state.set(p=p, target=target)
-    return state.settings()
-
-
-def vllm_sparsity_analysis_arm(self, tokens: int, rank_batch: int) -> dict[str, Any] | None:
-    """Start recording the analyses in this worker (``analysis.arm``); None when the plugin is
-    off. TP ranks past 0 record nothing: their rows are rank 0's (split sites are refused)."""
-    state = runtime_state(_vllm_compat.worker_model(self))
-    if state is None:
-        return None
-    if _vllm_compat.tp_rank() != 0:
-        return {"sites": 0}
-    return analysis.arm(state, tokens, rank_batch, _vllm_compat.eager_only_reason(
-        _vllm_compat.worker_vllm_config(self)))
-
-
-def vllm_sparsity_analysis_fetch(self) -> dict[str, Any] | None:
-    """Stop recording and return this worker's analyses (``analysis.fetch``); None when the
-    plugin is off or nothing was armed here."""
-    state = runtime_state(_vllm_compat.worker_model(self))
-    return None if state is None else analysis.fetch(state)
-
-
-WORKER_METHODS = {f.__name__: f for f in (vllm_sparsity_snapshot, vllm_sparsity_set,
-                                          vllm_sparsity_analysis_arm,
-                                          vllm_sparsity_analysis_fetch)}
-
 
 # ---------------------------------------------------------------- API server side
 

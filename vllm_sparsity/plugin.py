@@ -60,7 +60,7 @@ def register() -> None:
     """Install the plugin's hooks into vLLM (idempotent)."""
     if not _vllm_compat.first_install():
         return
-    from vllm_sparsity import control, versions
+    from vllm_sparsity import versions, worker_rpc
 
     versions.warn_if_unchecked_vllm()
 
@@ -68,7 +68,7 @@ def register() -> None:
     _vllm_compat.on_from_cli_args(_resolve_flags)
     _vllm_compat.on_create_engine_config(_resolve_offline)
     _vllm_compat.on_create_model(_sparsify_model)
-    _vllm_compat.add_worker_methods({**control.WORKER_METHODS, **WARM_UP_METHODS})
+    _vllm_compat.add_worker_methods(worker_rpc.WORKER_METHODS)
     _vllm_compat.around_warm_up(
         lambda executor: _vllm_compat.executor_rpc(executor, "vllm_sparsity_bind_step"),
         lambda executor: _vllm_compat.executor_rpc(executor, "vllm_sparsity_start_counting"))
@@ -120,53 +120,6 @@ def _salt_request_p(request) -> None:
     p = request_p.requested_p(getattr(request.sampling_params, "extra_args", None))
     if p is not None:
         request.cache_salt = request_p.salted(request.cache_salt, p)
-
-
-def vllm_sparsity_bind_step(self) -> None:
-    """Worker RPC, before warm-up: take token phases from this worker's model-runner buffer.
-
-    Raises:
-        RuntimeError: sparsity is configured and the model has gated MLPs or routed experts, but
-            none was sparsified:
-            its loader built it without ``BaseModelLoader.create_model`` (``--load-format
-            tensorizer``, the weight-cache IPC loader ``ipc_cache``), which would serve it dense.
-    """
-    from vllm_sparsity.replace import find_gated_mlps, find_routed_experts
-    from vllm_sparsity.state import runtime_state
-
-    model = _vllm_compat.worker_model(self)
-    state = runtime_state(model)
-    if state is not None:
-        state.bind_query_start_loc(_vllm_compat.runner_query_start_loc(self),
-                                   _vllm_compat.runner_name(self))
-        state.request_p_applied = _vllm_compat.before_runner_forward(
-            self, lambda req_ids, params_of: state.set_request_p(
-                request_p.request_ps(req_ids, params_of)))
-        if not state.request_p_applied:
-            logger.warning("vllm-sparsity: %s has no per-step hook the plugin knows: requests' "
-                           "own %s is not applied (they run at the server's p)",
-                           _vllm_compat.runner_name(self), request_p.FIELD)
-        return
-    vllm_config = _vllm_compat.worker_vllm_config(self)
-    if (cfg.SparsityConfig.from_additional_config(vllm_config.additional_config) is not None
-            and (find_gated_mlps(model)[0] or find_routed_experts(model)[0])):
-        raise RuntimeError(
-            f"vllm-sparsity: --load-format {_vllm_compat.load_format(vllm_config)} built "
-            f"{type(model).__name__} without BaseModelLoader.create_model, where the plugin "
-            "installs sparsity, so it would be served dense: load it with another --load-format "
-            "(e.g. auto or safetensors), or unset --sparsity-p")
-
-
-def vllm_sparsity_start_counting(self) -> None:
-    """Worker RPC, after warm-up: zero the counters (warm-up and capture runs are no traffic)."""
-    from vllm_sparsity.state import runtime_state
-
-    state = runtime_state(_vllm_compat.worker_model(self))
-    if state is not None:
-        state.reset_counters()
-
-
-WARM_UP_METHODS = {f.__name__: f for f in (vllm_sparsity_bind_step, vllm_sparsity_start_counting)}
 
 
 def _start_metrics(engine_client, vllm_config) -> None:
