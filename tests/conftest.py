@@ -52,6 +52,9 @@ class Server:
     log: Path
     api_key: str | None
     model: str = SERVED_NAME
+    # Test-only switch of the workers (worker_rpc.TEST_DELAY_ENV): write {method: seconds} here
+    # to make them answer that method late.
+    rpc_delay_file: Path | None = None
 
     @property
     def url(self) -> str:
@@ -167,10 +170,13 @@ def _servers(tmp_path_factory, demo_model, pytestconfig):
     needed = pytestconfig.stash.get(_NEEDED, {"sparse", "dense"})
     servers = {}
     if "sparse" in needed:
+        delay = log_dir / "rpc-delay.json"
         servers["sparse"] = start_server(
             "sparse", ["--sparsity-p", "0.9", "--enable-prompt-tokens-details"], log_dir,
-            env={"VLLM_PLUGINS": "sparsity", "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"},
+            env={"VLLM_PLUGINS": "sparsity", "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1",
+                 "VLLM_SPARSITY_TEST_RPC_DELAY_FILE": str(delay)},
             api_key=API_KEY)
+        servers["sparse"].rpc_delay_file = delay
     if "dense" in needed:
         servers["dense"] = start_server("dense", [], log_dir)
     try:

@@ -4,6 +4,8 @@ and hand-computed cases, and the workers' recorder (``analysis``) against a naiv
 from __future__ import annotations
 
 import math
+import threading
+import time
 import types
 
 import numpy as np
@@ -184,7 +186,19 @@ def fake_state(split: bool = False):
                                     sparsity_expert_stats=torch.zeros(4, 2, dtype=torch.int64))
     return types.SimpleNamespace(layers=[("mlp.gate_up_proj", linear), ("mlp.act_fn.gate", act),
                                          ("mlp.experts.routed_experts.input", experts)],
-                                 phase=torch.full((8,), DECODE, dtype=torch.int64), analysis=None)
+                                 phase=torch.full((8,), DECODE, dtype=torch.int64), analysis=None,
+                                 analysis_job=None)
+
+
+def fetch_done(state, timeout_s: float = 60.0):
+    """``analysis.fetch`` asked again until the worker's background computation has finished."""
+    deadline = time.monotonic() + timeout_s
+    reply = analysis.fetch(state)
+    while analysis.is_pending(reply):
+        assert time.monotonic() < deadline, "analysis still computing"
+        time.sleep(0.01)
+        reply = analysis.fetch(state)
+    return reply
 
 
 def test_arm_refuses_a_compiled_model_and_split_sites():
@@ -205,7 +219,8 @@ def test_arm_fetch_and_merge():
     for mask in ([True] * 6 + [False] * 6, [True] * 3 + [False] * 9):
         linear(x, torch.tensor([mask]))
     act(x[:, :4], torch.tensor([[True, False, False, False]]))
-    reply = analysis.fetch(state)
+    reply = fetch_done(state)
+    assert analysis.fetch(state) is None  # the results were handed over once
     assert state.layers[0][1].quant_method.observer is None and state.analysis is None
     merged = analysis.merge([None, reply, reply])  # two workers with the same numbers: summed
     first, second = merged["layers"]
@@ -275,7 +290,7 @@ def test_the_seam_hands_an_armed_recorder_the_rule_mask_and_compiles_without_one
     assert torch.equal(compiled(x), off)
     assert analysis.arm(state, 4, 2, None) == {"sites": 1}
     assert torch.equal(layer.quant_method.apply(layer, x), off)  # recording changes no output
-    result = analysis.fetch(state)["sites"][0][3]
+    result = fetch_done(state)["sites"][0][3]
     mask = paper_top_p_mask(x.float(), p)
     assert (result["zeroed"], result["total"], result["rows"]) == (int((~mask).sum()), 5 * K, 4)
 
@@ -291,3 +306,31 @@ def test_plot_of_a_model_with_only_routed_experts(tmp_path):
                                           "layers": expert_rows(before, after)}]}}
     assert [f.name for f in plot(result, tmp_path)] == ["experts.png"]
     assert (tmp_path / "experts.png").stat().st_size > 1000
+
+
+def test_fetch_computes_off_the_callers_thread_and_answers_pending_meanwhile(monkeypatch):
+    """The worker RPC must return at once (the engine loop waits on it): the effective ranks are
+    computed in a thread of their own, and every fetch until then answers PENDING."""
+    release, started = threading.Event(), threading.Event()
+    real = analysis.SiteRecorder.result
+
+    def slow_result(self, rank_batch):
+        started.set()
+        assert release.wait(30)
+        return real(self, rank_batch)
+
+    monkeypatch.setattr(analysis.SiteRecorder, "result", slow_result)
+    state = fake_state()
+    analysis.arm(state, 4, 2, None)
+    state.layers[0][1].quant_method.observer(torch.ones(2, 6), torch.ones(2, 6, dtype=torch.bool))
+    t0 = time.monotonic()
+    assert analysis.is_pending(analysis.fetch(state))
+    assert started.wait(30)
+    assert analysis.is_pending(analysis.fetch(state))  # still computing: asked again, same answer
+    assert time.monotonic() - t0 < 5 and state.analysis is None  # disarmed at the first call
+    release.set()
+    reply = fetch_done(state)
+    assert [row[:2] for row in reply["sites"]] == [[0, "input"], [0, "gate"]]
+    assert reply["sites"][0][3]["total"] == 12
+    analysis.arm(state, 4, 2, None)  # armed, then disarmed: nothing is left to fetch
+    assert analysis.disarm(state) is not None and analysis.fetch(state) is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 import re
@@ -78,7 +79,8 @@ def test_collector_exposition_names_labels_and_histograms():
 
 class FakeEngine:
     """An engine client whose workers answer the metrics poll with a growing counter; ``fail``
-    makes the RPC raise, ``hang`` never answer, ``errored`` is vLLM's dead-engine flag."""
+    makes the RPC raise, ``hang`` not answer until it is cleared, ``errored`` is vLLM's
+    dead-engine flag."""
 
     def __init__(self):
         self.polls = 0
@@ -86,9 +88,10 @@ class FakeEngine:
 
     async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
         assert method == "vllm_sparsity_snapshot"
+        assert timeout is None  # no deadline inside the engine (engine_rpc)
         self.polls += 1
-        if self.hang:
-            await asyncio.sleep(3600)
+        while self.hang:
+            await asyncio.sleep(0.005)
         if self.fail or self.errored:
             raise RuntimeError("worker gone")
         rows = site_rows(30 * self.polls, 100 * self.polls, 0, 0)
@@ -197,6 +200,7 @@ class DataParallelEngine(FakeEngine):
         class Core:
             async def call_utility_all_async(self, utility, method, timeout, args, kwargs):
                 assert (utility, method) == ("collective_rpc", "vllm_sparsity_snapshot")
+                assert timeout is None  # no deadline inside the engine (engine_rpc)
                 engine.polls += 1
                 return [[worker(0, [[0, "input", 10, 0]], [site_rows(z, t, 0, 0)])]
                         for z, t in engine.replicas]
@@ -242,7 +246,7 @@ def stamp(collector):
 
 
 def test_failed_polls_age_the_snapshot_and_a_dead_engine_drops_the_series(monkeypatch):
-    monkeypatch.setattr(metrics, "POLL_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(metrics, "POLL_WAIT_S", 0.05)
     engine = FakeEngine()
     collector = metrics.SparsityCollector("m", engine)
     before = time.time()
@@ -251,13 +255,12 @@ def test_failed_polls_age_the_snapshot_and_a_dead_engine_drops_the_series(monkey
     assert before <= fresh <= time.time()
     assert "vllm_sparsity_activations" in families
 
-    # Failing and hanging RPCs: the poller goes on (the hung one times out), the timestamp stays.
-    for mode in ("fail", "hang"):
-        setattr(engine, mode, True)
-        polls = engine.polls
-        poll_until(engine, collector, lambda: engine.polls >= polls + 2)
-        setattr(engine, mode, False)
-        assert stamp(collector)[0] == fresh
+    # Failing RPCs: the poller goes on, the timestamp stays (late ones: the next test).
+    engine.fail = True
+    polls = engine.polls
+    poll_until(engine, collector, lambda: engine.polls >= polls + 2)
+    engine.fail = False
+    assert stamp(collector)[0] == fresh
     assert "vllm_sparsity_activations" in stamp(collector)[1]  # counters: true lower bounds
 
     # The engine dies: every series but the frozen timestamp goes, at once and for good.
@@ -267,6 +270,42 @@ def test_failed_polls_age_the_snapshot_and_a_dead_engine_drops_the_series(monkey
     collector.engine_client = None  # the poller's own finding suffices too
     poll_until(engine, collector, lambda: collector.dead)
     assert set(scrape(collector)) == {"vllm_sparsity_last_poll_timestamp_seconds"}
+
+
+def test_a_late_poll_is_waited_for_not_stacked_and_logged_with_its_reason(monkeypatch):
+    """Workers slower than the poll's wait: the poll fails with a log line that says why, the
+    next rounds wait for that same call (one call in flight, however many rounds pass), and its
+    late reply is used when it comes."""
+    monkeypatch.setattr(metrics, "POLL_WAIT_S", 0.05)
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("vllm.vllm_sparsity").addHandler(handler)
+    engine = FakeEngine()
+    collector = metrics.SparsityCollector("m", engine)
+
+    async def run():
+        task = asyncio.create_task(metrics._poll(engine, collector, 0.2))
+        while collector.snapshot is None:
+            await asyncio.sleep(0.01)
+        fresh, engine.hang, polls = collector.polled_at, True, engine.polls
+        await asyncio.sleep(1.2)  # about five rounds of a 0.05 s wait and a 0.2 s interval
+        assert engine.polls <= polls + 1 and collector.polled_at == fresh
+        engine.hang = False
+        while collector.polled_at == fresh:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        return polls
+
+    try:
+        polls = asyncio.run(run())
+    finally:
+        logging.getLogger("vllm.vllm_sparsity").removeHandler(handler)
+    assert engine.polls == polls + 1  # the late call's reply was used: no second call
+    late = [line for line in lines if "poll failed" in line]
+    assert late and ("poll failed (WorkersLate: the workers did not answer "
+                     "vllm_sparsity_snapshot within 0.05 s") in late[0]
+    assert "1 in a row" in late[0]
 
 
 @pytest.mark.parametrize("raw", ["1e-9", "0.01", "0.49", "3601", "inf", "-5"])
@@ -286,7 +325,7 @@ def test_poll_interval_bounds_are_inclusive(raw, value):
 
 SCRAPE_S = 1
 # Oldest a healthy server's snapshot may be: a poll interval, one poll at its deadline, scrapes.
-FRESH_S = config.DEFAULT_INTERVAL_S + metrics.POLL_TIMEOUT_S + 3 * SCRAPE_S
+FRESH_S = config.DEFAULT_INTERVAL_S + metrics.POLL_WAIT_S + 3 * SCRAPE_S
 
 
 @pytest.fixture(scope="module")

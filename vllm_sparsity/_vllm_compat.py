@@ -220,26 +220,24 @@ def on_async_llm(callback) -> None:
     AsyncLLM.__init__ = _async_llm_init
 
 
-async def collective_rpc(engine_client, method: str, args: tuple = (),
-                         timeout_s: float = 10.0) -> list:
-    """``method`` on every worker of every engine (data-parallel replica), with a deadline.
+async def collective_rpc(engine_client, method: str, args: tuple = ()) -> list:
+    """``method`` on every worker of every engine (data-parallel replica), with **no deadline**.
 
     Returns one reply per worker, replicas concatenated in engine order. ``AsyncLLM.collective_rpc``
     returns only engine 0's reply under data parallelism (``DPLBAsyncMPClient.call_utility_async``),
-    so this asks each engine through ``call_utility_all_async`` where the client has it. Raises
-    ``TimeoutError`` after ``timeout_s`` seconds (a stuck worker or engine core must not hang the
-    caller), and whatever the engine client raises when the engine is dead."""
-    import asyncio
+    so this asks each engine through ``call_utility_all_async`` where the client has it.
 
+    The executor's ``timeout`` is always None: ``MultiprocExecutor.collective_rpc`` reads replies
+    from a first-in, first-out queue without call ids, so a reply that arrives after its deadline
+    is taken as the reply of the next call (the next ``execute_model``: the engine dies). The
+    caller bounds its own wait instead (``engine_rpc.call``); the engine core client matches
+    utility replies by call id, so a late one reaches only its own, abandoned future."""
     core = getattr(engine_client, "engine_core", None)
     if hasattr(core, "call_utility_all_async"):
-        call = core.call_utility_all_async("collective_rpc", method, timeout_s, args, None)
-    else:  # in-process client, or a test double
-        call = engine_client.collective_rpc(method, timeout=timeout_s, args=args)
-    replies = await asyncio.wait_for(call, timeout_s)
-    if replies and hasattr(core, "call_utility_all_async"):
+        replies = await core.call_utility_all_async("collective_rpc", method, None, args, None)
         return [worker for engine in replies for worker in engine]
-    return list(replies)
+    # in-process client, or a test double
+    return list(await engine_client.collective_rpc(method, timeout=None, args=args))
 
 
 def worker_model(worker_wrapper):

@@ -30,6 +30,7 @@ row: ``arm`` refuses such servers rather than report per-shard numbers.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -150,26 +151,60 @@ def arm(state, tokens: int, rank_batch: int, not_eager: str | None) -> dict[str,
     if split:
         return {"error": f"analysis runs without tensor parallelism: {split[0]} and "
                 f"{len(split) - 1} more sites hold a shard of each row"}
-    state.analysis = (tokens, rank_batch)
+    state.analysis, state.analysis_job = (tokens, rank_batch), None
     for _, method in _methods(state):
         method.observer = SiteRecorder(state.phase, tokens)
     return {"sites": len(_methods(state))}
 
 
-def fetch(state) -> dict[str, Any] | None:
-    """Stop recording and return what was recorded: ``tokens``, ``rank_batch`` and ``sites``,
-    rows ``[layer, site, name, result]`` (``SiteRecorder.result``), in model order; None when not
-    armed. Frees the rows."""
-    armed = getattr(state, "analysis", None)
+# One thread per worker process computes fetched results, off the model's thread (the engine loop
+# waits on the worker while an RPC runs).
+_COMPUTE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-sparsity-analysis")
+PENDING = {"pending": True}  # a worker's fetch reply while it computes
+
+
+def disarm(state) -> list[tuple[int, str, str, SiteRecorder]] | None:
+    """Stop recording: ``[layer, site, name, recorder]`` per site, in model order; None when not
+    armed. Forgets any earlier fetch still being computed."""
+    state.analysis_job = None
+    armed, state.analysis = state.analysis, None
     if armed is None:
         return None
-    tokens, rank_batch = armed
-    sites = []
+    recorders = []
     for name, method in _methods(state):
-        recorder, method.observer = method.observer, None
-        sites.append([method.layer_index, method.site, name, recorder.result(rank_batch)])
-    state.analysis = None
-    return {"tokens": tokens, "rank_batch": rank_batch, "sites": sites}
+        recorders.append((method.layer_index, method.site, name, method.observer))
+        method.observer = None
+    return recorders
+
+
+def fetch(state) -> dict[str, Any] | None:
+    """Stop recording and return what was recorded, computed in a background thread: the first
+    call after recording starts the computation and returns ``PENDING``, as does every call while
+    it runs; the call after it finished returns ``tokens``, ``rank_batch`` and ``sites``, rows
+    ``[layer, site, name, result]`` (``SiteRecorder.result``) in model order, and forgets them.
+    None when neither armed nor computing. Frees the rows once computed."""
+    job = state.analysis_job
+    if job is None:
+        tokens, rank_batch = state.analysis or (0, 0)
+        recorders = disarm(state)
+        if recorders is None:
+            return None
+        job = state.analysis_job = _COMPUTE.submit(_results, tokens, rank_batch, recorders)
+    if not job.done():
+        return PENDING
+    state.analysis_job = None
+    return job.result()
+
+
+def _results(tokens: int, rank_batch: int, recorders: list) -> dict[str, Any]:
+    return {"tokens": tokens, "rank_batch": rank_batch,
+            "sites": [[layer, site, name, recorder.result(rank_batch)]
+                      for layer, site, name, recorder in recorders]}
+
+
+def is_pending(reply: Any) -> bool:
+    """Whether a worker's ``fetch`` reply says it is still computing."""
+    return reply == PENDING
 
 
 def merge(per_worker: list[dict | None]) -> dict[str, Any]:

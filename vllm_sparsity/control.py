@@ -2,9 +2,10 @@
 
 The model runs in worker processes; HTTP arrives at the API server. As vLLM's endpoint-plugin
 contract prescribes (``vllm/plugins/endpoint_plugins/interface.py``), the general plugin installs
-worker-side RPC methods (``WORKER_METHODS``, installed by ``plugin.py``) and the endpoint plugin
+worker-side RPC methods (``worker_rpc.WORKER_METHODS``, installed by ``plugin.py``) and the endpoint plugin
 (entry point ``vllm.endpoint_plugins: sparsity``) reaches them through the engine client
-(``_vllm_compat.collective_rpc``: every worker of every engine, with a deadline).
+(``engine_rpc.call``: every worker of every engine; no deadline inside the engine, the route
+waits ``engine_rpc.WAIT_S`` and answers 503 when the workers are late).
 
 Routes (opt-in: start the server with ``VLLM_PLUGINS=sparsity``; under ``/v1`` so that vLLM's
 ``--api-key`` check guards them):
@@ -48,7 +49,8 @@ long), and the prefix cache starts empty. If the requests in flight do not finis
 503. Errors: 400 bad value (the message names the field and the allowed values), 409 sparsity off
 or the engine paused by someone else, 413 body too large, 415 not ``application/json``, 500 the
 engine could not confirm an empty prefix cache or a worker did not take the change, 503 drain
-timeout. The server keeps serving after every one of them.
+timeout or workers that did not answer within ``engine_rpc.WAIT_S`` (a late change still applies
+before generation resumes; GET shows it). The server keeps serving after every one of them.
 
 The lock is per API server process: with ``--api-server-count`` > 1 send changes to one of them.
 """
@@ -60,7 +62,7 @@ import json
 import logging
 from typing import Any
 
-from vllm_sparsity import _vllm_compat, analysis, counters
+from vllm_sparsity import analysis, counters, engine_rpc
 from vllm_sparsity import config as cfg
 from vllm_sparsity.config import (RULES, SparsityConfigError, parse_p_sites, parse_q,
                                   parse_target, quote)
@@ -68,9 +70,11 @@ from vllm_sparsity.config import (RULES, SparsityConfigError, parse_p_sites, par
 logger = logging.getLogger("vllm.vllm_sparsity")
 
 MAX_BODY_BYTES = 4096  # a valid body is under 60 bytes
-# Fetching computes every site's effective rank (one eigenproblem per batch of rows): seconds to
-# minutes on a CPU, far past the 10 s of the other RPCs.
-ANALYSIS_FETCH_TIMEOUT_S = 900.0
+# The workers compute the analyses off their model thread (``analysis.fetch``): seconds to minutes
+# of eigenproblems on a CPU. The route asks every ANALYSIS_POLL_S whether they are done, and gives
+# up (503, the results stay in the workers for the next GET) after ANALYSIS_WAIT_S.
+ANALYSIS_POLL_S = 0.5
+ANALYSIS_WAIT_S = 900.0
 BODY_KEYS = ("p", "target", "rule", "q")
 
 # ---------------------------------------------------------------- API server side
@@ -85,10 +89,21 @@ class RouteError(Exception):
         self.message = message
 
 
+async def _workers(engine, method: str, args: tuple = ()) -> list[Any]:
+    """``method`` on every worker (``engine_rpc.call``, caller ``"route"``). RouteError 503 when
+    the workers answer late, or an earlier route call is still unanswered: the engine goes on
+    serving, and a retry later gets an answer."""
+    try:
+        return await engine_rpc.call(engine, method, args, caller="route")
+    except (engine_rpc.WorkersLate, engine_rpc.WorkersBusy) as e:
+        raise RouteError(503, f"{e}; the engine goes on serving, retry later") from None
+
+
 async def _state(engine) -> dict[str, Any]:
     """The route's answer: the settings and per-layer counters of all workers, merged (plus
-    whatever ``counters.merge`` reports of disagreeing workers). RouteError 409 when off."""
-    merged = counters.merge(await _vllm_compat.collective_rpc(engine, "vllm_sparsity_snapshot"))
+    whatever ``counters.merge`` reports of disagreeing workers). RouteError 409 when off, 503
+    when the workers answer late."""
+    merged = counters.merge(await _workers(engine, "vllm_sparsity_snapshot"))
     if merged is None:
         raise RouteError(409, "sparsity is off: start the server with --sparsity-p to enable "
                          "runtime control")
@@ -100,26 +115,42 @@ async def _state(engine) -> dict[str, Any]:
 async def arm_analysis(engine, tokens: int, rank_batch: int) -> dict[str, Any]:
     """``POST /v1/sparsity/analysis``: arm every worker (``analysis.arm``). RouteError 409 when
     sparsity is off or a worker cannot record (the message says why; none stays armed)."""
-    replies = await _vllm_compat.collective_rpc(engine, "vllm_sparsity_analysis_arm",
-                                                (tokens, rank_batch))
+    replies = await _workers(engine, "vllm_sparsity_analysis_arm", (tokens, rank_batch))
     if not any(replies):
         raise RouteError(409, "sparsity is off: start the server with --sparsity-p to analyse")
     errors = [r["error"] for r in replies if r and "error" in r]
     if errors:
-        await _vllm_compat.collective_rpc(engine, "vllm_sparsity_analysis_fetch", (),
-                                          ANALYSIS_FETCH_TIMEOUT_S)
+        await _workers(engine, "vllm_sparsity_analysis_disarm")
         raise RouteError(409, errors[0])
     return {"armed": True, "tokens": tokens, "rank_batch": rank_batch,
             "sites": sum(r["sites"] for r in replies if r)}
 
 
-async def fetch_analysis(engine) -> dict[str, Any]:
+async def fetch_analysis(engine, poll_s: float = ANALYSIS_POLL_S,
+                         wait_s: float = ANALYSIS_WAIT_S) -> dict[str, Any]:
     """``GET /v1/sparsity/analysis``: disarm every worker and answer their merged analyses
-    (``analysis.merge``). RouteError 409 when nothing is armed."""
-    replies = await _vllm_compat.collective_rpc(engine, "vllm_sparsity_analysis_fetch", (),
-                                                ANALYSIS_FETCH_TIMEOUT_S)
+    (``analysis.merge``). Each worker computes its results in a thread of its own
+    (``analysis.fetch``): the route asks again every ``poll_s`` seconds, each call a quick one,
+    until every worker has answered. RouteError 409 when nothing is armed, 503 past ``wait_s``
+    seconds (the workers keep computing; a later GET collects the results)."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    results: list[Any] = []
+    pending: list[int] | None = None  # workers still computing (None: not asked yet)
+    while True:
+        replies = await _workers(engine, "vllm_sparsity_analysis_fetch")
+        if pending is None:
+            results, pending = list(replies), list(range(len(replies)))
+        for i in pending:  # a worker that answered once has forgotten its results: keep them
+            results[i] = replies[i]
+        pending = [i for i in pending if analysis.is_pending(replies[i])]
+        if not pending:
+            break
+        if asyncio.get_running_loop().time() > deadline:
+            raise RouteError(503, f"the workers are still computing the analyses after "
+                             f"{wait_s:g} s; GET again later to collect them")
+        await asyncio.sleep(poll_s)
     try:
-        return analysis.merge(replies)
+        return analysis.merge(results)
     except ValueError as e:
         raise RouteError(409, str(e)) from None
 
@@ -204,7 +235,7 @@ async def change(engine, p: float | dict | None, target: str | None, drain_timeo
                              f"{drain_timeout_s:g} s ({cfg.DRAIN_TIMEOUT_ENV}); nothing changed, "
                              "generation resumed") from None
         if isinstance(e, Exception):
-            raise RouteError(500, f"the engine could not pause and clear its caches ({_why(e)}); "
+            raise RouteError(500, f"the engine could not pause and clear its caches ({engine_rpc.why(e)}); "
                              "nothing changed, generation resumed") from None
         raise
     try:
@@ -214,9 +245,17 @@ async def change(engine, p: float | dict | None, target: str | None, drain_timeo
         want_p, want_target = wanted.p, wanted.target
         asked = f"p={cfg.describe_p(want_p)}, target={want_target}"
         try:
-            replies = await _vllm_compat.collective_rpc(engine, "vllm_sparsity_set", (p, target))
-        except Exception as e:  # a worker timed out or died: some may have taken the change
-            raise RouteError(500, f"setting {asked} on the workers failed ({_why(e)}); GET "
+            replies = await engine_rpc.call(engine, "vllm_sparsity_set", (p, target),
+                                            caller="route")
+        except engine_rpc.WorkersLate:
+            # Still queued in the engine ahead of the resume below: it applies before any new
+            # request runs, and the late reply is dropped.
+            raise RouteError(503, f"the workers did not confirm {asked} within "
+                             f"{engine_rpc.WAIT_S:g} s; the change is still being applied "
+                             "before generation resumes: GET /v1/sparsity shows the state"
+                             ) from None
+        except Exception as e:  # a worker failed: some may have taken the change
+            raise RouteError(500, f"setting {asked} on the workers failed ({engine_rpc.why(e)}); GET "
                              "/v1/sparsity shows the state, POST again to retry") from None
         wrong = [rank for rank, r in enumerate(replies)
                  if not r or (r["p"], r["target"]) != (want_p, want_target)]
@@ -256,14 +295,10 @@ async def _resume(engine, pause: asyncio.Future) -> None:
         await engine.resume_generation()
     except Exception as e:
         if pause.done():
-            raise RouteError(500, f"generation could not be resumed ({_why(e)})") from None
+            raise RouteError(500, f"generation could not be resumed ({engine_rpc.why(e)})") from None
         logger.warning("vllm-sparsity: resume refused while the pause is pending (%s); resuming "
                        "once it completes", e)
         pause.add_done_callback(lambda _: asyncio.ensure_future(engine.resume_generation()))
-
-
-def _why(e: Exception) -> str:
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 class SparsityEndpoint:

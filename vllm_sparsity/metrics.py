@@ -41,12 +41,13 @@ Data flow, with no host synchronisation on the forward path:
    CPU, opaque ``mlp_clock`` ops around each MLP feed a host-side histogram (``clock``).
 3. API server (this module): ``start_publisher`` (started when vLLM builds its ``AsyncLLM``) asks
    every worker of every engine (data-parallel replicas included) for its snapshot every
-   ``VLLM_SPARSITY_METRICS_INTERVAL_S`` seconds through ``_vllm_compat.collective_rpc``, with a
-   deadline of ``POLL_TIMEOUT_S``, merges the ranks and replicas (``counters.merge``), and a custom
+   ``VLLM_SPARSITY_METRICS_INTERVAL_S`` seconds through ``engine_rpc.call`` (no deadline inside
+   the engine; the poll waits ``POLL_WAIT_S`` and never has two calls in flight), merges the
+   ranks and replicas (``counters.merge``), and a custom
    collector in prometheus-client's default registry serves the latest merge. It lives in the API
    server's memory: a restart starts from nothing, and no series outlives the server.
 
-Freshness: a failed poll (timeout, worker error) keeps the last merge, whose counters remain true
+Freshness: a failed poll (late workers, worker error) keeps the last merge, whose counters remain true
 lower bounds, and ``vllm_sparsity_last_poll_timestamp_seconds`` stops advancing, so its age shows.
 Once the engine is dead (``EngineClient.errored``: vLLM then refuses every request and ``/health``
 answers 503), every series but that timestamp is dropped: nothing claims to describe a model that
@@ -62,7 +63,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from vllm_sparsity import _vllm_compat
+from vllm_sparsity import engine_rpc
 from vllm_sparsity.clock import LATENCY_BUCKETS_S
 from vllm_sparsity.config import DEFAULT_INTERVAL_S, SparsityConfig, interval_s, metrics_enabled
 from vllm_sparsity.counters import (COLS_READ, COLS_TOTAL, HIST, PHASES, SPARSITY_BUCKETS, TOTAL,
@@ -98,8 +99,9 @@ METRICS = {
     "boundaries from the model runner), counted as prefill; nonzero = the phase split is wrong.",
 }
 METRIC_NAMES = tuple(METRICS)
-# Deadline of one poll's RPC: a stuck worker or engine core fails the poll instead of hanging it.
-POLL_TIMEOUT_S = 10.0
+# How long one poll waits for the workers, in seconds: a late poll fails (the series keep their
+# last values) and the next round waits for its reply (``engine_rpc``); the engine never sees it.
+POLL_WAIT_S = 10.0
 
 
 # ---------------------------------------------------------------- API server: collector
@@ -205,11 +207,14 @@ _publisher: tuple[SparsityCollector, asyncio.Task] | None = None
 
 
 async def _poll(engine_client, collector: SparsityCollector, interval: float) -> None:
+    """Every ``interval`` seconds, the workers' snapshots merged into ``collector``. A poll the
+    workers answer late is not repeated: the next round waits for that same reply
+    (``engine_rpc.call(join=True)``), so at most one poll is ever in flight."""
     failures = 0
     while True:
         try:
-            merged = merge(await _vllm_compat.collective_rpc(
-                engine_client, "vllm_sparsity_snapshot", timeout_s=POLL_TIMEOUT_S))
+            merged = merge(await engine_rpc.call(engine_client, "vllm_sparsity_snapshot",
+                                                 caller="metrics", wait_s=POLL_WAIT_S, join=True))
         except asyncio.CancelledError:
             raise
         except Exception as e:  # keep the last snapshot; its timestamp shows its age
@@ -220,9 +225,13 @@ async def _poll(engine_client, collector: SparsityCollector, interval: float) ->
                 return
             failures += 1
             (logger.warning if failures == 1 else logger.debug)(
-                "vllm-sparsity metrics: poll failed (%s: %s); retrying",
-                type(e).__name__, e or "timed out")
+                "vllm-sparsity metrics: poll failed (%s), %d in a row; the series keep the last "
+                "poll's values (vllm_sparsity_last_poll_timestamp_seconds gives their age)",
+                engine_rpc.why(e), failures)
         else:
+            if failures:
+                logger.info("vllm-sparsity metrics: the workers answered again after %d failed "
+                            "polls", failures)
             if merged is None:
                 logger.info("vllm-sparsity metrics: no worker runs the sparsity rule; not polling")
                 return

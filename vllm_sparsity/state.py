@@ -89,6 +89,7 @@ class RuntimeState:
             CLOCK.batch_phase = self.batch_phase
         self.layers: list[tuple[str, torch.nn.Module]] = []  # filled by sparse_linear.install
         self.analysis: tuple[int, int] | None = None  # (tokens, rank_batch) while armed (analysis)
+        self.analysis_job = None  # a Future of fetched results being computed (analysis.fetch)
         self.set(p=config.p, target=config.target)
 
     def bind_query_start_loc(self, query_start_loc: torch.Tensor | None, source: str) -> None:

@@ -9,7 +9,12 @@ worker's own thread between two model steps, so each must return quickly.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+import os
+import time
+from pathlib import Path
 from typing import Any
 
 from vllm_sparsity import _vllm_compat, analysis, counters, request_p
@@ -94,12 +99,40 @@ def vllm_sparsity_analysis_arm(self, tokens: int, rank_batch: int) -> dict[str, 
 
 
 def vllm_sparsity_analysis_fetch(self) -> dict[str, Any] | None:
-    """Stop recording and return this worker's analyses (``analysis.fetch``); None when the
-    plugin is off or nothing was armed here."""
+    """Stop recording and return this worker's analyses once computed (``analysis.fetch``: in a
+    thread of its own, ``analysis.PENDING`` until then); None when the plugin is off or nothing
+    was armed here."""
     state = runtime_state(_vllm_compat.worker_model(self))
     return None if state is None else analysis.fetch(state)
 
 
-WORKER_METHODS = {f.__name__: f for f in (
+def vllm_sparsity_analysis_disarm(self) -> None:
+    """Stop recording and drop what was recorded (``analysis.disarm``)."""
+    state = runtime_state(_vllm_compat.worker_model(self))
+    if state is not None:
+        analysis.disarm(state)
+
+
+def _test_delay(method):
+    """A test-only switch: while the file named by ``TEST_DELAY_ENV`` exists and holds a JSON
+    object {method name: seconds}, that worker method sleeps so long before it runs (how the
+    suite makes a worker answer later than the API server waits). Unset in production."""
+    @functools.wraps(method)
+    def delayed(self, *args, **kwargs):
+        path = os.environ.get(TEST_DELAY_ENV)
+        if path:
+            try:
+                seconds = json.loads(Path(path).read_text()).get(method.__name__, 0)
+            except (OSError, ValueError):
+                seconds = 0
+            time.sleep(seconds)
+        return method(self, *args, **kwargs)
+
+    return delayed
+
+
+TEST_DELAY_ENV = "VLLM_SPARSITY_TEST_RPC_DELAY_FILE"
+WORKER_METHODS = {f.__name__: _test_delay(f) for f in (
     vllm_sparsity_bind_step, vllm_sparsity_start_counting, vllm_sparsity_snapshot,
-    vllm_sparsity_set, vllm_sparsity_analysis_arm, vllm_sparsity_analysis_fetch)}
+    vllm_sparsity_set, vllm_sparsity_analysis_arm, vllm_sparsity_analysis_fetch,
+    vllm_sparsity_analysis_disarm)}
