@@ -4,8 +4,9 @@ vLLM start-up (Inductor compile included) takes minutes on this CPU, so the sess
 two servers, in parallel, on first use: ``sparse_server`` (plugin on, ``--sparsity-p 0.9``, the
 runtime-control route enabled, an API key set, ``usage.prompt_tokens_details.cached_tokens`` in
 replies) and ``dense_server`` (plugin off), each only if a selected test uses it.
-``serve_every_site`` (every site installed, eager) is for module fixtures. Each is stopped
-at the end of the session, whatever happened (also after a test killed one of its processes).
+``sites_server`` (every site installed, eager) is started when first needed and stopped after its
+last user. Each is stopped at the end of the session, whatever happened (also after a test killed
+one of its processes).
 Tests marked ``kills_server`` break ``sparse_server`` for good: they run after every other test
 (``pytest_collection_modifyitems``), and ``sparse_server`` keeps its API server up after its engine
 dies (``VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1``) so that they can read ``/health`` and ``/metrics``
@@ -34,6 +35,10 @@ API_KEY = "test-key"
 SERVED_NAME = "gemma-3-270m"
 SITES = ("input", "gate", "up", "intermediate")  # every site the plugin has, in model order
 START_TIMEOUT_S = float(os.environ.get("VLLM_SPARSITY_TEST_START_TIMEOUT", 900))
+# Every vLLM process the suite starts: a small KV cache, and every CPU for the model (vLLM-CPU
+# reserves one core for the API server and engine core by default, which leaves a 2-core machine
+# one core for the model while the other idles between requests).
+SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 def free_port() -> int:
@@ -111,7 +116,7 @@ def start_server(name: str, args: list[str], log_dir: Path, env: dict | None = N
            *args]
     if api_key:
         cmd += ["--api-key", api_key]
-    full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
+    full_env = {**os.environ, **SERVER_ENV, **(env or {})}
     for k in list(full_env):  # start from a clean sparsity environment
         if k.startswith("VLLM_SPARSITY_") and k not in (env or {}):
             del full_env[k]
@@ -140,6 +145,15 @@ def pytest_collection_modifyitems(config, items):
     """Run the ``kills_server`` tests last, in their collected order, and note which servers the
     selected tests use (fixtures named in their closure)."""
     items.sort(key=lambda item: item.get_closest_marker("kills_server") is not None)
+    # The users of a lazily stopped server run one after the other, at the first one's place, so
+    # that the server is stopped after its last user (pytest_runtest_teardown) instead of living
+    # beside the session's servers to the end.
+    for name in LAZY_SERVERS:
+        users = [item for item in items if name in getattr(item, "fixturenames", ())]
+        if users:
+            first = items.index(users[0])
+            rest = [item for item in items if name not in getattr(item, "fixturenames", ())]
+            items[:] = rest[:first] + users + rest[first:]
     config.stash[_NEEDED] = {name.removesuffix("_server") for item in items
                              for name in ("sparse_server", "dense_server")
                              if name in getattr(item, "fixturenames", ())}
@@ -153,7 +167,8 @@ def vllm_process(tmp_path_factory, demo_model) -> dict:
 
     tmp = tmp_path_factory.mktemp("vllm_process")
     out, log = tmp / "results.pt", tmp / "vllm_process.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SPARSITY_")}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("VLLM_SPARSITY_")},
+           **SERVER_ENV}
     with log.open("w") as f:
         proc = subprocess.run([sys.executable, str(REPO / "tests" / "vllm_process.py"), str(out),
                                str(tmp)], stdout=f, stderr=subprocess.STDOUT, env=env,
@@ -196,18 +211,32 @@ def dense_server(_servers) -> Server:
     return _servers["dense"].wait_ready()
 
 
-def serve_every_site(log_dir: Path):
-    """A module fixture's server (yields it, stopped after): plugin on at p = 1 with every site
-    installed (``--sparsity-target input,gate,up,intermediate``), eager and without prefix caching
-    (``analyze``'s flags, so that the analysis route works), API key set. Module-scoped where used,
-    not session-wide: beside the session's two servers and the vLLM processes of other modules, a
-    fourth would not fit in this machine's memory."""
+# Session servers stopped right after their last user (``pytest_runtest_teardown``), their users
+# grouped together (``pytest_collection_modifyitems``): fixture name -> the running server.
+LAZY_SERVERS: dict[str, Server | None] = {"sites_server": None}
+
+
+@pytest.fixture(scope="session")
+def sites_server(tmp_path_factory, demo_model):
+    """Plugin on at p = 1 with every site installed (``--sparsity-target input,gate,up,
+    intermediate``), eager and without prefix caching (``analyze``'s flags, so that the analysis
+    route works), API key set. Shared by every test that needs it and stopped after the last
+    one: beside the session's two servers it would not fit in a 24 GiB machine for long."""
     from vllm_sparsity.eval.analyze import ANALYSIS_SERVE_FLAGS
 
     server = start_server("sites", ["--sparsity-p", "1.0", "--sparsity-target", ",".join(SITES),
-                                    "--max-num-seqs", "8", *ANALYSIS_SERVE_FLAGS], log_dir,
-                          env={"VLLM_PLUGINS": "sparsity"}, api_key=API_KEY)
+                                    "--max-num-seqs", "8", *ANALYSIS_SERVE_FLAGS],
+                          tmp_path_factory.mktemp("sites"), env={"VLLM_PLUGINS": "sparsity"},
+                          api_key=API_KEY)
+    LAZY_SERVERS["sites_server"] = server
     try:
         yield server.wait_ready()
     finally:
         server.stop()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    for name, server in LAZY_SERVERS.items():
+        if (server is not None and name in getattr(item, "fixturenames", ())
+                and (nextitem is None or name not in getattr(nextitem, "fixturenames", ()))):
+            server.stop()  # its last user (users run together): free its memory now

@@ -15,8 +15,8 @@ greedy continuation), and asserts
   ``MAX_FLIP_NATS`` (the size of the flip cascades measured); a wrong rule moves logits by several
   nats.
 
-All four sites (paper Sec. 2.2) are checked one at a time on this module's eager server with every
-site installed (``conftest.serve_every_site``): against the hooks at p = 0.9, and at p = 1 against
+All four sites (paper Sec. 2.2) are checked one at a time on the session's eager server with every
+site installed (``conftest.sites_server``): against the hooks at p = 0.9, and at p = 1 against
 the plugin off (``dense_server``, the same greedy text). ``all_inputs`` is checked on the session's
 compiled ``sparse_server``.
 """
@@ -25,7 +25,7 @@ import pytest
 import requests
 import torch
 
-from conftest import SITES, serve_every_site
+from conftest import SITES
 from reference import HFTopP
 
 PROMPTS = [
@@ -42,11 +42,6 @@ MAX_FLIP_NATS = 1.0
 @pytest.fixture(scope="module")
 def hf(demo_model):
     return HFTopP(demo_model, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def sites_server(tmp_path_factory, demo_model):
-    yield from serve_every_site(tmp_path_factory.mktemp("sites"))
 
 
 def _set(server, **body):

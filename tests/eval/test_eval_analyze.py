@@ -1,6 +1,5 @@
-"""``vllm-sparsity analyze`` on the demo model in vLLM: one eager server with every site, started
-here (``conftest.serve_every_site``; run this file under the vLLM lock: ``flock /work/vllm.lock
-nice -n 10 ...``).
+"""``vllm-sparsity analyze`` on the demo model in vLLM: the session's eager server with every site
+(``conftest.sites_server``).
 
 The per-layer sparsity of ``analysis.json`` comes from the route's counters; the workers' recorder
 counts the masks it was handed on its own, and the test's own ``GET /v1/sparsity`` before and after
@@ -12,10 +11,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import requests
 
-from conftest import API_KEY, SITES, serve_every_site
+from conftest import API_KEY, SITES
 from vllm_sparsity.eval.analyze import AnalyzeConfig, analyze
 from vllm_sparsity.eval.sweep import layer_deltas
 
@@ -23,11 +21,6 @@ LAYERS = 18  # Gemma 3 270M
 CFG = AnalyzeConfig(model="", tasks=["piqa", "arc_easy"], grid=[0.5, 0.9],
                     target=",".join(SITES), joint=True, requests=2, decode_steps=8,
                     rank_tokens=48, rank_batch=16)
-
-
-@pytest.fixture(scope="module")
-def sites_server(tmp_path_factory, demo_model):
-    yield from serve_every_site(tmp_path_factory.mktemp("sites"))
 
 
 def test_analysis_routes_refuse_bad_use(sites_server):
