@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     port, log = free_port(), work / "server.log"
     cmd = [str(VLLM), "serve", str(model), "--served-model-name", "soak", "--host", "127.0.0.1",
            "--port", str(port), "--max-model-len", "1024", "--dtype", "bfloat16",
-           "--max-num-seqs", str(args.streams), "--sparsity-p", "0.7"]
+           "--max-num-seqs", str(args.streams), "--sparsity-p", "0.7",
+           "--enable-prompt-tokens-details"]  # cached tokens per reply: exact counts
     env = {**os.environ, "VLLM_PLUGINS": "sparsity", "VLLM_SPARSITY_METRICS_INTERVAL_S": "0.5",
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,

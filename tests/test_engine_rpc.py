@@ -117,10 +117,17 @@ def test_a_late_call_is_never_stacked_upon_and_its_reply_reaches_a_joining_calle
         assert await engine_rpc.call(engine, "b", caller="route", wait_s=1, join=True) == ["a w0"]
         assert await other == ["c w0"]
         assert [m for m, _, _ in engine.calls] == ["a", "c"]
+        # A late reply that comes between two calls of a joining caller is its next reply.
+        with pytest.raises(engine_rpc.WorkersLate):
+            await engine_rpc.call(engine, "e", caller="metrics", wait_s=0.05)
+        await asyncio.sleep(0.4)
+        assert await engine_rpc.call(engine, "f", caller="metrics", wait_s=1, join=True) == \
+            ["e w0"]
+        assert [m for m, _, _ in engine.calls] == ["a", "c", "e"]
         # Answered: the caller's next call goes out as usual.
         engine.delay_s = 0
         assert await engine_rpc.call(engine, "d", caller="route", wait_s=1) == ["d w0"]
-        assert [m for m, _, _ in engine.calls] == ["a", "c", "d"]
+        assert [m for m, _, _ in engine.calls] == ["a", "c", "e", "d"]
 
     asyncio.run(run())
 

@@ -90,11 +90,12 @@ class FakeEngine:
         assert method == "vllm_sparsity_snapshot"
         assert timeout is None  # no deadline inside the engine (engine_rpc)
         self.polls += 1
+        n = self.polls  # this call's own number: its reply says which call it is
         while self.hang:
             await asyncio.sleep(0.005)
         if self.fail or self.errored:
             raise RuntimeError("worker gone")
-        rows = site_rows(30 * self.polls, 100 * self.polls, 0, 0)
+        rows = site_rows(30 * n, 100 * n, 0, 0)
         return [worker(0, [[0, "input", 10, 0]], [rows])]
 
 
@@ -272,36 +273,56 @@ def test_failed_polls_age_the_snapshot_and_a_dead_engine_drops_the_series(monkey
     assert set(scrape(collector)) == {"vllm_sparsity_last_poll_timestamp_seconds"}
 
 
+class RecordingCollector(metrics.SparsityCollector):
+    """A collector that keeps every snapshot the poller gives it, in order."""
+
+    def __init__(self, *args):
+        self.history = []
+        super().__init__(*args)
+
+    @property
+    def snapshot(self):
+        return self.history[-1] if self.history else None
+
+    @snapshot.setter
+    def snapshot(self, value):
+        if value is not None:
+            self.history.append(value)
+
+
 def test_a_late_poll_is_waited_for_not_stacked_and_logged_with_its_reason(monkeypatch):
     """Workers slower than the poll's wait: the poll fails with a log line that says why, the
     next rounds wait for that same call (one call in flight, however many rounds pass), and its
-    late reply is used when it comes."""
+    late reply is the next snapshot."""
     monkeypatch.setattr(metrics, "POLL_WAIT_S", 0.05)
     lines = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
     logging.getLogger("vllm.vllm_sparsity").addHandler(handler)
     engine = FakeEngine()
-    collector = metrics.SparsityCollector("m", engine)
+    collector = RecordingCollector("m", engine)
 
     async def run():
-        task = asyncio.create_task(metrics._poll(engine, collector, 0.2))
-        while collector.snapshot is None:
+        task = asyncio.create_task(metrics._poll(engine, collector, 0.05))
+        while not collector.history:
             await asyncio.sleep(0.01)
-        fresh, engine.hang, polls = collector.polled_at, True, engine.polls
-        await asyncio.sleep(1.2)  # about five rounds of a 0.05 s wait and a 0.2 s interval
-        assert engine.polls <= polls + 1 and collector.polled_at == fresh
+        engine.hang = True
+        seen, polls = len(collector.history), engine.polls
+        await asyncio.sleep(1.0)  # about ten rounds of a 0.05 s wait and a 0.05 s interval
+        calls_while_late = engine.polls - polls
         engine.hang = False
-        while collector.polled_at == fresh:
+        while len(collector.history) == seen:
             await asyncio.sleep(0.01)
         task.cancel()
-        return polls
+        return seen, polls, calls_while_late
 
     try:
-        polls = asyncio.run(run())
+        seen, polls, calls_while_late = asyncio.run(run())
     finally:
         logging.getLogger("vllm.vllm_sparsity").removeHandler(handler)
-    assert engine.polls == polls + 1  # the late call's reply was used: no second call
+    assert calls_while_late <= 1  # nothing stacked behind the late call
+    # The next snapshot is the late call's own reply (FakeEngine's rows grow with its call count).
+    assert collector.history[seen]["sites"][(0, "input")]["rows"][0][1] == 100 * (polls + 1)
     late = [line for line in lines if "poll failed" in line]
     assert late and ("poll failed (WorkersLate: the workers did not answer "
                      "vllm_sparsity_snapshot within 0.05 s") in late[0]

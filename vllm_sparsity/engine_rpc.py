@@ -55,7 +55,8 @@ async def call(engine_client, method: str, args: tuple = (), *, caller: str,
         caller: who calls (``"metrics"``, ``"route"``): what a late call holds back.
         wait_s: seconds to wait for the replies (> 0); None: ``WAIT_S``.
         join: while this caller's late call is unanswered, wait for that one (its replies,
-            whatever method it was) instead of refusing.
+            whatever method it was) instead of refusing; once it is answered, its replies are
+            this call's (nothing is sent).
 
     Raises:
         WorkersLate: no reply within ``wait_s`` (the call stays in flight, as this caller's late
@@ -66,6 +67,9 @@ async def call(engine_client, method: str, args: tuple = (), *, caller: str,
     wait_s = WAIT_S if wait_s is None else wait_s
     key = (id(engine_client), caller)
     late = _late.pop(key, None)
+    if late is not None and late.done() and join and not late.cancelled() \
+            and late.exception() is None:
+        return late.result()  # the late reply came between two calls: use it, send nothing
     if late is not None and not late.done():
         if not join:
             _late[key] = late
