@@ -16,6 +16,7 @@ covered by the rule and kernel tests and by ``make demo``.
 
 from __future__ import annotations
 
+import triton_interpreter  # noqa: F401, I001  (first: before anything imports triton)
 import os
 import signal
 import socket

@@ -5,7 +5,7 @@ compile results are cached per Triton version and kernel source, so an unchanged
 seconds). Skipped, with the reason, only when pip cannot reach PyPI to list the releases.
 
 CPU only: ``triton.compile`` builds PTX and cubins with no GPU present. It runs in a subprocess
-because this session may run Triton's interpreter (kernel_inputs.py turns it on), under which
+because the test session runs Triton's interpreter (tests/triton_interpreter.py), under which
 ``@triton.jit`` yields interpreter functions that cannot be compiled.
 """
 
