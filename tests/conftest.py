@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 import requests
+from skip_policy import (pytest_collectreport, pytest_runtest_logreport,  # noqa: F401  (hooks)
+                         pytest_sessionfinish, pytest_terminal_summary)
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM = Path(sys.executable).with_name("vllm")
