@@ -39,7 +39,8 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 
 # VLLM_PLUGINS=sparsity also enables the plugin's opt-in HTTP routes (runtime p, see README).
 # The CPU kernels are built at first use (cached in ~/.cache/vllm-sparsity): build them here, once,
-# rather than in every vLLM worker at start-up. Where they cannot be built it says why.
+# rather than in every vLLM worker at start-up. On a CPU without their instruction set it says why
+# (the torch backend serves); a failed build on a CPU that has it fails this target.
 kernels: setup
 	$(PY) -m vllm_sparsity.kernels.cpu_backend
 

@@ -287,7 +287,22 @@ def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor,
     return _DENSE[layer.sparsity_dense_id](xs, bias), kept, kept.new_full((1,), x2.shape[1])
 
 
-if __name__ == "__main__":  # `python -m vllm_sparsity.kernels.cpu_backend`: build once, say how
+def main() -> int:
+    """``python -m vllm_sparsity.kernels.cpu_backend`` (``make kernels``): build once, say how.
+    Exit status 0 when the kernels are ready, or when this CPU lacks what they need (the torch
+    backend serves); 1 when the build fails on a CPU that has its instruction set."""
+    isa, missing = select_isa()
     reason = _load()
-    print(f"vllm-sparsity cpu kernels: {select_isa()[0]} build ready" if reason is None
-          else f"vllm-sparsity cpu kernels unavailable (the torch backend serves): {reason}")
+    if reason is None:
+        print(f"vllm-sparsity cpu kernels: {isa} build ready")
+        return 0
+    if missing is not None:
+        print(f"vllm-sparsity cpu kernels unavailable (the torch backend serves): {reason}")
+        return 0
+    print(f"vllm-sparsity cpu kernels: the {isa} build failed on a CPU that has its instruction "
+          f"set: {reason}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

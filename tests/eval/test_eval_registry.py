@@ -7,13 +7,10 @@ import socket
 
 import numpy as np
 import pytest
+from lm_eval.tasks import TaskManager
 
-pytest.importorskip("lm_eval")
-
-from lm_eval.tasks import TaskManager  # noqa: E402
-
-from vllm_sparsity.eval import registry, results  # noqa: E402
-from vllm_sparsity.eval.cli import main  # noqa: E402
+from vllm_sparsity.eval import registry, results
+from vllm_sparsity.eval.cli import main
 
 DOCS = [{"q": "2 + 2 =", "choices": ["4", "5"], "gold": 0},
         {"q": "The sky is", "choices": ["green", "blue"], "gold": 1},

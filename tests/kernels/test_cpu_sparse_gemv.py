@@ -7,6 +7,10 @@ to the output dtype (one ulp allowed). fp32: the products are fused into the sum
 output is the fp32 accumulator itself, so only the accumulation bound applies.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from gemv_reference import assert_close_to_ref, ref_sparse_gemv
@@ -16,9 +20,18 @@ from reference import paper_top_p_mask
 from vllm_sparsity.kernels import cpu_backend
 from vllm_sparsity.rule import top_p_mask, top_p_sparsify, top_p_threshold
 
-_REASON = cpu_backend._load()  # builds the extension on first use (cached)
-if _REASON is not None:
-    pytest.skip(f"cpu backend unavailable here: {_REASON}", allow_module_level=True)
+ISA, NO_ISA = cpu_backend.select_isa()
+if NO_ISA is not None:  # a machine without the instruction set: nothing here can run
+    pytest.skip(f"cpu kernels unavailable here: {NO_ISA}", allow_module_level=True)
+BUILD_FAILED = cpu_backend._load()  # builds the extension on first use (cached)
+
+
+@pytest.fixture(autouse=True)
+def _built():
+    """On a CPU that has the instruction set, a failed build fails every test here."""
+    if BUILD_FAILED is not None:
+        pytest.fail(f"the {ISA} build failed on a CPU that has its instruction set: "
+                    f"{BUILD_FAILED}", pytrace=False)
 
 ops = torch.ops.vllm_sparsity
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -207,3 +220,23 @@ def test_per_row_p_of_the_wrong_length_is_refused():
     x = activations(4, K, torch.bfloat16)
     with pytest.raises(RuntimeError, match="one element or be contiguous"):
         ops.cpu_top_p_threshold(x, torch.full((3, 1), 0.5, dtype=torch.float64))
+
+
+def _make_kernels(tmp_path, **env):
+    """``make kernels``'s command in a fresh cache (its own build folder), with ``env`` added."""
+    full = {**os.environ, "VLLM_SPARSITY_CACHE": str(tmp_path), **env}
+    return subprocess.run([sys.executable, "-m", "vllm_sparsity.kernels.cpu_backend"],
+                          capture_output=True, text=True, env=full, timeout=600)
+
+
+def test_make_kernels_fails_when_the_build_fails(tmp_path):
+    proc = _make_kernels(tmp_path, CXX="false")  # a compiler that fails every command
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert f"the {ISA} build failed on a CPU that has its instruction set" in proc.stderr
+
+
+def test_make_kernels_passes_on_a_cpu_without_the_instruction_set(tmp_path):
+    # torch's capability lowered to DEFAULT: no build fits; the torch backend serves.
+    proc = _make_kernels(tmp_path, ATEN_CPU_CAPABILITY="default", CXX="false")
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert "unavailable (the torch backend serves)" in proc.stdout
