@@ -23,7 +23,7 @@ weight rows read once, per-row masks). Above (prefill, large batches): ``cpu_top
 same threshold, x with dropped entries zeroed) then the layer's own dense GEMM (``layer.cpu_linear``,
 as vLLM's ``cpu_unquantized_gemm`` calls it). ``M_MAX``: see the constant below.
 
-Build. ``torch.utils.cpp_extension.load`` at first use, into ``demo_model.cache_dir() /
+Build. ``torch.utils.cpp_extension.load`` at first use, into ``cache.cache_dir() /
 "torch_extensions"``, once per instruction set and torch version, like vLLM's ``_C_AVX2`` /
 ``_C_AVX512``: ``avx512`` (``-mavx512f -mavx512bw -mavx512vl -mavx2 -mfma -mf16c``, 16-lane fp32)
 where torch's CPU capability is AVX512 and /proc/cpuinfo has those flags, else ``avx2`` (``-mavx2
@@ -111,7 +111,7 @@ def _load() -> str | None:
         return reason
     from torch.utils import cpp_extension
 
-    from vllm_sparsity.demo_model import cache_dir
+    from vllm_sparsity.cache import cache_dir
 
     name = f"vllm_sparsity_cpu_{isa}"
     tag = re.sub(r"[^A-Za-z0-9_.]", "_", torch.__version__)
