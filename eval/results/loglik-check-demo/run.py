@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_sparsity.demo_model import demo_model_path
+from vllm_sparsity.tools.demo_model import demo_model_path
 from vllm_sparsity.eval.check import check, make_baseline
 from vllm_sparsity.eval.sweep import (Server, SweepConfig, point_dir, serve_dtype, serve_flags,
                                     served, sweep)

@@ -141,7 +141,7 @@ class _Child:
 
     def __init__(self, args: argparse.Namespace, key: str, p: float | None,
                  metrics_on: bool) -> None:
-        cmd = [sys.executable, "-m", "vllm_sparsity.bench", "--_child", "--model", args.model,
+        cmd = [sys.executable, "-m", "vllm_sparsity.tools.bench", "--_child", "--model", args.model,
                "--target", args.target, "--backend", args.backend,
                "--prefill-tokens", str(args.prefill_tokens),
                "--decode-tokens", str(args.decode_tokens),
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         except SparsityConfigError as e:
             parser.error(str(e))
     if args.model is None:
-        from vllm_sparsity.demo_model import demo_model_path
+        from vllm_sparsity.tools.demo_model import demo_model_path
 
         args.model = str(demo_model_path())
     if args.sparsity_of:
