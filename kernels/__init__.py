@@ -5,7 +5,7 @@
 - ``sparse_gemv``: y = mask(x) @ Wt reading only the kept rows of a K-major weight;
 - ``common``: what the kernels share (the magnitude code in Triton, argument checks, the
   interpreter's launch configuration);
-- ``backend``: the ``triton`` entry of ``vllm_sparsity.backends`` (``prepare``,
+- ``triton_backend``: the ``triton`` entry of ``vllm_sparsity.backends`` (``prepare``,
   ``apply_counted``);
 - ``compile_check``: sm_80/sm_90 builds without a GPU, registers and spills;
 - ``bench/bench_sparse_mlp.py``: timings against cuBLAS on a CUDA GPU.

@@ -2,7 +2,7 @@
 GEMV over a K-major weight copy for decode batches, the rule in C++ then vLLM's own dense GEMM
 above them. Kernels: ``kernels/cpu/input_sparse_gemv.cpp``.
 
-Same interface as the Triton backend (``kernels/backend.py``):
+Same interface as the Triton backend (``kernels/triton_backend.py``):
 
 - ``unsupported_reason(layer)``: one line saying why this backend cannot serve the layer (the
   weight, the CPU's instruction sets, or the C++ build), None when it can.
@@ -16,7 +16,7 @@ Same interface as the Triton backend (``kernels/backend.py``):
   GEMMs several times slower (measured with bench_cpu_sparse_gemv's shapes, torch 2.13).
 - ``apply_counted(layer, x2, p, bias, all_reduce)``: one op, ``torch.ops.vllm_sparsity.
   cpu_input_sparse_linear``, that takes the batch branch at run time (under torch.compile a Python
-  ``if M <= M_MAX`` would be evaluated once, at trace time; see ``kernels/backend.py``).
+  ``if M <= M_MAX`` would be evaluated once, at trace time; see ``kernels/triton_backend.py``).
 
 Batch policy. ``M <= M_MAX`` rows: ``cpu_input_sparse_gemv`` (threshold, union of the rows' kept
 weight rows read once, per-row masks). Above (prefill, large batches): ``cpu_top_p_sparsify`` (the

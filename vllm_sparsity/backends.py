@@ -23,7 +23,7 @@ from vllm_sparsity import _vllm_compat
 
 # name -> module implementing the interface above.
 BACKENDS = {
-    "triton": "vllm_sparsity.kernels.backend",
+    "triton": "vllm_sparsity.kernels.triton_backend",
     "cpu": "vllm_sparsity.kernels.cpu_backend",
     "torch": "vllm_sparsity.torch_backend",
 }
