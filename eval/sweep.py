@@ -19,7 +19,7 @@ A per-site point runs in global mode only (a request carries one number), and no
 
 Either way lm-eval keeps per-document outputs (``--log_samples``), a finished point leaves
 ``points/p<p>/point.json`` (with its mode) and is skipped when the sweep runs again, and
-``results.build`` then turns the points into ``results.json``. Greedy scoring is deterministic,
+``report.build`` then turns the points into ``results.json``. Greedy scoring is deterministic,
 so both modes give the same accuracies on the same server (tested).
 
 With ``search`` the points are not all scored: ``search.bisect`` picks them from the grid, one at a
@@ -533,7 +533,7 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
     """
     from tqdm import tqdm
 
-    from vllm_sparsity.eval import results, search
+    from vllm_sparsity.eval import report, search
 
     check_grid(cfg, mode)
     if url and cfg.dtype != "auto":
@@ -594,7 +594,7 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
                 if cfg.search:
                     def scored(p):
                         point = measure(p)
-                        _, docs = results.load_point(point_dir(out, p), specs)
+                        _, docs = report.load_point(point_dir(out, p), specs)
                         return point["sparsity"]["overall"], docs
 
                     trace = search.bisect(cfg.grid, scored, cfg.tol, cfg.max_points)
@@ -614,4 +614,4 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
                 bar.close()
                 if restore:
                     server.set(initial["p"], initial["target"])
-    return results.build(out)
+    return report.build(out)
