@@ -213,6 +213,17 @@ def prepare(layer: torch.nn.Module, inner=None) -> None:
     layer.sparsity_dense_id = len(_DENSE) - 1
 
 
+def column_bytes(layer: torch.nn.Module) -> int:
+    """Bytes of one row of the K-major copy ``sparsity_wt [K, N]``, what the sparse GEMV skips per
+    dropped input (vLLM may have deleted ``layer.weight``); before ``prepare``, of the weight's
+    column."""
+    wt = getattr(layer, "sparsity_wt", None)
+    if isinstance(wt, torch.Tensor):
+        return wt.shape[1] * wt.element_size()
+    w = getattr(layer, "weight", None)
+    return w.shape[0] * w.element_size() if isinstance(w, torch.Tensor) and w.dim() == 2 else 0
+
+
 def _input_sparse_linear(x, p, wt, bias, dense_id, m_max):
     # vLLM's sgl-kernel path stores biases in fp32; the kernel wants x's dtype (bias values came
     # from that dtype, so the cast is exact).

@@ -177,7 +177,7 @@ def test_arm_body_is_checked():
 
 
 def fake_state(split: bool = False):
-    """A RuntimeState stand-in with two sites of one layer, one of them an ActSite-like object,
+    """A RuntimeState stand-in with two sites of one layer, one of them a sparse_site.Site-like object,
     and a routed experts' site (``sparse_moe.ExpertSite``-like: per-expert counters)."""
     linear = types.SimpleNamespace(quant_method=types.SimpleNamespace(
         observer=None, layer_index=0, site="input", all_reduce=(lambda t: t) if split else None))
