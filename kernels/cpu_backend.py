@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_sparsity.kernels._registry import NAMESPACE
+from vllm_sparsity.kernels._registry import dispatcher_op, register_fake
 from vllm_sparsity.rule import top_p_sparsify
 
 # Largest batch (rows of x) sent to the sparse GEMV; above it, the rule then the dense GEMM. From
@@ -147,12 +147,10 @@ def load_ops() -> str:
 
 def _register_fakes() -> None:
     """Fake (meta) impls of the C++ ops, so that torch.compile traces through them."""
-    lib = f"{NAMESPACE}::"
-    torch.library.register_fake(lib + "cpu_top_p_threshold",
-                                lambda x, p: x.new_empty(x.shape[0], 1))
-    torch.library.register_fake(lib + "cpu_top_p_sparsify", lambda x, p: (
+    register_fake("cpu_top_p_threshold", lambda x, p: x.new_empty(x.shape[0], 1))
+    register_fake("cpu_top_p_sparsify", lambda x, p: (
         torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.int64)))
-    torch.library.register_fake(lib + "cpu_input_sparse_gemv", _gemv_fake)
+    register_fake("cpu_input_sparse_gemv", _gemv_fake)
 
 
 def _gemv_fake(x, p, wt, bias=None, *args):
@@ -237,14 +235,10 @@ def _input_sparse_linear(x, p, wt, bias, dense_id, m_max):
     return _DENSE[dense_id](xs, bias), kept, kept.new_full((1,), x.shape[1])
 
 
-# Registered through torch.library.Library, not torch.library.custom_op: a decode step calls it
-# twice per MLP, and the custom_op wrapper costs more per call (see metrics.py's mlp_clock).
-_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")  # kept alive: it owns the registration
-if getattr(getattr(torch.ops, NAMESPACE), "cpu_input_sparse_linear", None) is None:
-    _LIB.define("cpu_input_sparse_linear(Tensor x, Tensor p, Tensor wt, Tensor? bias, "
-                "int dense_id, int m_max) -> (Tensor, Tensor, Tensor)")
-    _LIB.impl("cpu_input_sparse_linear", _input_sparse_linear, "CPU")
-    torch.library.register_fake(f"{NAMESPACE}::cpu_input_sparse_linear", _gemv_fake)
+# A plain dispatcher kernel (kernels/_registry.py): a decode step calls it twice per MLP.
+dispatcher_op("cpu_input_sparse_linear", "(Tensor x, Tensor p, Tensor wt, Tensor? bias, "
+              "int dense_id, int m_max) -> (Tensor, Tensor, Tensor)", _input_sparse_linear,
+              _gemv_fake, "CPU")
 
 
 def input_sparse_linear(x: torch.Tensor, p: torch.Tensor, layer: torch.nn.Module,
