@@ -32,7 +32,9 @@ import yaml
 from conftest import API_KEY
 from vllm_sparsity.eval import convert, registry
 from vllm_sparsity.eval.report import read_samples
-from vllm_sparsity.eval.sweep import Server, SweepConfig, sweep
+from vllm_sparsity.eval.grid import SweepConfig
+from vllm_sparsity.eval.server import Server
+from vllm_sparsity.eval.sweep import sweep
 
 # Documents per task. GSM8K's second one runs to max_gen_toks (512 tokens), minutes of HF decoding
 # on a 2-core CPU, so the suite takes the first only; the settings lm-eval sent (max_gen_toks
