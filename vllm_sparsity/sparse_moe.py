@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 
-from vllm_sparsity import _vllm_compat, rule, sparse_site
+from vllm_sparsity import _vllm_compat, _vllm_moe, rule, sparse_site
 from vllm_sparsity.counters import PAD
 from vllm_sparsity.kernels._registry import custom_op
 
@@ -239,7 +239,7 @@ class SparseFusedMoEMethod(FusedMoEMethodBase, torch.nn.Module):
         if not self.torch_experts:
             self.inner.process_weights_after_loading(layer)
         else:  # built once, outside the traced forward
-            self.act_and_mul = _vllm_compat.moe_act_and_mul(layer, self.inner)
+            self.act_and_mul = _vllm_moe.moe_act_and_mul(layer, self.inner)
 
     def apply(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               shared_experts=None, shared_experts_input=None):
@@ -268,11 +268,11 @@ class SparseFusedMoEMethod(FusedMoEMethodBase, torch.nn.Module):
 def install(experts: torch.nn.Module, name: str, sites: tuple[str, ...], layer_index: int,
             state) -> None:
     """Replace ``experts.quant_method`` (a ``RoutedExperts``' unquantized method, see
-    ``_vllm_compat.moe_refusal``) by a ``SparseFusedMoEMethod`` at ``sites`` and append each
+    ``_vllm_moe.moe_refusal``) by a ``SparseFusedMoEMethod`` at ``sites`` and append each
     site's ``(name.site, ExpertSite)`` to ``state.layers`` (what the counters read)."""
-    k_shards = _vllm_compat.moe_k_shards(experts)
+    k_shards = _vllm_moe.moe_k_shards(experts)
     method = SparseFusedMoEMethod(experts.quant_method, sites, layer_index,
-                                  _vllm_compat.moe_num_experts(experts), state,
+                                  _vllm_moe.moe_num_experts(experts), state,
                                   _vllm_compat.tp_all_reduce if k_shards > 1 else None)
     experts.quant_method = method
     for site, module in method.sites.items():
