@@ -13,7 +13,7 @@ Same interface as the Triton backend (``kernels/triton_backend.py``):
   layer holds vLLM's dense weight plus one copy. Where vLLM keeps the plain [N, K] weight (its
   ``F.linear`` fallback, e.g. bf16 on a CPU without AVX-512, where oneDNN has no bf16 matmul), it
   stays as it is: ``F.linear`` on a transposed view of ``Wt`` would save that copy but ran prefill
-  GEMMs several times slower (measured with bench_cpu_sparse_gemv's shapes, torch 2.13).
+  GEMMs several times slower (``kernels/bench/results/cpu-avx2-2026-12-01/measurements.md``).
 - ``apply_counted(layer, x2, p, bias, all_reduce)``: one op, ``torch.ops.vllm_sparsity.
   cpu_input_sparse_linear``, that takes the batch branch at run time (under torch.compile a Python
   ``if M <= M_MAX`` would be evaluated once, at trace time; see ``kernels/triton_backend.py``).
