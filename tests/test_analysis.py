@@ -16,7 +16,7 @@ from vllm_sparsity import analysis
 from vllm_sparsity.activation_stats import effective_rank, jaccard
 from vllm_sparsity.counters import DECODE, PAD, PREFILL
 from vllm_sparsity.eval.analyze import expert_rows, plot
-from vllm_sparsity.eval.sweep import layer_deltas
+from vllm_sparsity.eval.grid import layer_deltas
 
 
 def naive_effective_rank(x: np.ndarray) -> float:
