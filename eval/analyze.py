@@ -40,7 +40,8 @@ import requests
 from vllm_sparsity.config import RULES, SparsityConfigError, check_together
 from vllm_sparsity.eval import convert
 from vllm_sparsity.eval.cli import target_arg
-from vllm_sparsity.eval.sweep import Server, check_rule, layer_deltas, serve_flags, served
+from vllm_sparsity.eval.grid import check_rule, layer_deltas
+from vllm_sparsity.eval.server import Server, serve_flags, served
 from vllm_sparsity.sites import sites_of
 
 # Flags added to a server started for an analysis: the recording needs eager execution, and a

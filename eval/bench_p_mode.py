@@ -17,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_sparsity.eval.sweep import SweepConfig, served, serve_flags, sweep
+from vllm_sparsity.eval.grid import SweepConfig
+from vllm_sparsity.eval.server import serve_flags, served
+from vllm_sparsity.eval.sweep import sweep
 
 
 def main(argv: list[str] | None = None) -> int:

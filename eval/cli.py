@@ -21,7 +21,7 @@ from pathlib import Path
 from vllm_sparsity.config import (RULES, SparsityConfigError, check_together, describe_p,
                                   parse_p_sites, parse_target)
 from vllm_sparsity.eval import convert
-from vllm_sparsity.eval.sweep import DTYPES
+from vllm_sparsity.eval.server import DTYPES
 
 
 def parse_grid(values: list[str], name: str = "--p-grid") -> list[float | dict[str, float]]:
@@ -68,7 +68,7 @@ def target_arg(value: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    from vllm_sparsity.eval.sweep import P_MODES, PAPER_GRID
+    from vllm_sparsity.eval.grid import P_MODES, PAPER_GRID
 
     ap = argparse.ArgumentParser(prog="vllm-sparsity eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,7 +145,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "sweep":
-        from vllm_sparsity.eval.sweep import PAPER_GRID, SweepConfig, ordered_grid, sweep
+        from vllm_sparsity.eval.grid import PAPER_GRID, SweepConfig, ordered_grid
+        from vllm_sparsity.eval.sweep import sweep
 
         try:
             grid = ordered_grid(parse_grid(args.p_grid) if args.p_grid else list(PAPER_GRID))

@@ -171,7 +171,7 @@ def documents(task: str) -> list[dict]:
 
 def tasks_dir(cache: Path | None = None) -> Path:
     """Where the generated tasks live: ``<vllm-sparsity cache>/eval-tasks/v<N>``."""
-    from vllm_sparsity.demo_model import cache_dir
+    from vllm_sparsity.cache import cache_dir
 
     return (cache or cache_dir()) / "eval-tasks" / f"v{CONVERSION_VERSION}"
 

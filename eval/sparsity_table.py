@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import requests
 
-from vllm_sparsity.eval.sweep import Server
+from vllm_sparsity.eval.server import Server
 
 PROMPTS = [
     "The capital of France is",

@@ -141,7 +141,7 @@ def _key(job) -> str:
 def _cache_file() -> Path:
     import triton
 
-    from vllm_sparsity.demo_model import cache_dir
+    from vllm_sparsity.cache import cache_dir
 
     return cache_dir() / "compile-check" / f"triton-{triton.__version__}.json"
 
@@ -149,7 +149,7 @@ def _cache_file() -> Path:
 def check(archs=ARCHS, workers: int = 2, use_cache: bool = True) -> list[dict]:
     """Compile every ``configs()`` entry for each arch; one dict per (config, arch).
 
-    Results are cached per Triton version under ``demo_model.cache_dir() / "compile-check"``,
+    Results are cached per Triton version under ``cache.cache_dir() / "compile-check"``,
     keyed by everything that decides the build (``_key``): a changed kernel is compiled again,
     an unchanged one is not (``use_cache=False`` compiles everything).
     """

@@ -2,7 +2,7 @@
 GEMV over a K-major weight copy for decode batches, the rule in C++ then vLLM's own dense GEMM
 above them. Kernels: ``kernels/cpu/input_sparse_gemv.cpp``.
 
-Same interface as the Triton backend (``kernels/backend.py``):
+Same interface as the Triton backend (``kernels/triton_backend.py``):
 
 - ``unsupported_reason(layer)``: one line saying why this backend cannot serve the layer (the
   weight, the CPU's instruction sets, or the C++ build), None when it can.
@@ -13,17 +13,17 @@ Same interface as the Triton backend (``kernels/backend.py``):
   layer holds vLLM's dense weight plus one copy. Where vLLM keeps the plain [N, K] weight (its
   ``F.linear`` fallback, e.g. bf16 on a CPU without AVX-512, where oneDNN has no bf16 matmul), it
   stays as it is: ``F.linear`` on a transposed view of ``Wt`` would save that copy but ran prefill
-  GEMMs several times slower (measured with bench_cpu_sparse_gemv's shapes, torch 2.13).
+  GEMMs several times slower (``kernels/bench/results/cpu-avx2-2026-12-01/measurements.md``).
 - ``apply_counted(layer, x2, p, bias, all_reduce)``: one op, ``torch.ops.vllm_sparsity.
   cpu_input_sparse_linear``, that takes the batch branch at run time (under torch.compile a Python
-  ``if M <= M_MAX`` would be evaluated once, at trace time; see ``kernels/backend.py``).
+  ``if M <= M_MAX`` would be evaluated once, at trace time; see ``kernels/triton_backend.py``).
 
 Batch policy. ``M <= M_MAX`` rows: ``cpu_input_sparse_gemv`` (threshold, union of the rows' kept
 weight rows read once, per-row masks). Above (prefill, large batches): ``cpu_top_p_sparsify`` (the
 same threshold, x with dropped entries zeroed) then the layer's own dense GEMM (``layer.cpu_linear``,
 as vLLM's ``cpu_unquantized_gemm`` calls it). ``M_MAX``: see the constant below.
 
-Build. ``torch.utils.cpp_extension.load`` at first use, into ``demo_model.cache_dir() /
+Build. ``torch.utils.cpp_extension.load`` at first use, into ``cache.cache_dir() /
 "torch_extensions"``, once per instruction set and torch version, like vLLM's ``_C_AVX2`` /
 ``_C_AVX512``: ``avx512`` (``-mavx512f -mavx512bw -mavx512vl -mavx2 -mfma -mf16c``, 16-lane fp32)
 where torch's CPU capability is AVX512 and /proc/cpuinfo has those flags, else ``avx2`` (``-mavx2
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_sparsity.kernels._registry import NAMESPACE
+from vllm_sparsity.kernels._registry import dispatcher_op, register_fake
 from vllm_sparsity.rule import top_p_sparsify
 
 # Largest batch (rows of x) sent to the sparse GEMV; above it, the rule then the dense GEMM. From
@@ -111,7 +111,7 @@ def _load() -> str | None:
         return reason
     from torch.utils import cpp_extension
 
-    from vllm_sparsity.demo_model import cache_dir
+    from vllm_sparsity.cache import cache_dir
 
     name = f"vllm_sparsity_cpu_{isa}"
     tag = re.sub(r"[^A-Za-z0-9_.]", "_", torch.__version__)
@@ -147,12 +147,10 @@ def load_ops() -> str:
 
 def _register_fakes() -> None:
     """Fake (meta) impls of the C++ ops, so that torch.compile traces through them."""
-    lib = f"{NAMESPACE}::"
-    torch.library.register_fake(lib + "cpu_top_p_threshold",
-                                lambda x, p: x.new_empty(x.shape[0], 1))
-    torch.library.register_fake(lib + "cpu_top_p_sparsify", lambda x, p: (
+    register_fake("cpu_top_p_threshold", lambda x, p: x.new_empty(x.shape[0], 1))
+    register_fake("cpu_top_p_sparsify", lambda x, p: (
         torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.int64)))
-    torch.library.register_fake(lib + "cpu_input_sparse_gemv", _gemv_fake)
+    register_fake("cpu_input_sparse_gemv", _gemv_fake)
 
 
 def _gemv_fake(x, p, wt, bias=None, *args):
@@ -213,6 +211,17 @@ def prepare(layer: torch.nn.Module, inner=None) -> None:
     layer.sparsity_dense_id = len(_DENSE) - 1
 
 
+def column_bytes(layer: torch.nn.Module) -> int:
+    """Bytes of one row of the K-major copy ``sparsity_wt [K, N]``, what the sparse GEMV skips per
+    dropped input (vLLM may have deleted ``layer.weight``); before ``prepare``, of the weight's
+    column."""
+    wt = getattr(layer, "sparsity_wt", None)
+    if isinstance(wt, torch.Tensor):
+        return wt.shape[1] * wt.element_size()
+    w = getattr(layer, "weight", None)
+    return w.shape[0] * w.element_size() if isinstance(w, torch.Tensor) and w.dim() == 2 else 0
+
+
 def _input_sparse_linear(x, p, wt, bias, dense_id, m_max):
     # vLLM's sgl-kernel path stores biases in fp32; the kernel wants x's dtype (bias values came
     # from that dtype, so the cast is exact).
@@ -226,14 +235,10 @@ def _input_sparse_linear(x, p, wt, bias, dense_id, m_max):
     return _DENSE[dense_id](xs, bias), kept, kept.new_full((1,), x.shape[1])
 
 
-# Registered through torch.library.Library, not torch.library.custom_op: a decode step calls it
-# twice per MLP, and the custom_op wrapper costs more per call (see metrics.py's mlp_clock).
-_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")  # kept alive: it owns the registration
-if getattr(getattr(torch.ops, NAMESPACE), "cpu_input_sparse_linear", None) is None:
-    _LIB.define("cpu_input_sparse_linear(Tensor x, Tensor p, Tensor wt, Tensor? bias, "
-                "int dense_id, int m_max) -> (Tensor, Tensor, Tensor)")
-    _LIB.impl("cpu_input_sparse_linear", _input_sparse_linear, "CPU")
-    torch.library.register_fake(f"{NAMESPACE}::cpu_input_sparse_linear", _gemv_fake)
+# A plain dispatcher kernel (kernels/_registry.py): a decode step calls it twice per MLP.
+dispatcher_op("cpu_input_sparse_linear", "(Tensor x, Tensor p, Tensor wt, Tensor? bias, "
+              "int dense_id, int m_max) -> (Tensor, Tensor, Tensor)", _input_sparse_linear,
+              _gemv_fake, "CPU")
 
 
 def input_sparse_linear(x: torch.Tensor, p: torch.Tensor, layer: torch.nn.Module,

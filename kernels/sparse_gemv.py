@@ -13,7 +13,7 @@ inputs (the other rows' kept entries are zeroed in its x tile), so y[m] is exact
 ``mask_m(x_m) @ Wt`` for every M. A weight row is loaded when ANY row of the M tile keeps it: one
 read of W serves all rows, which is what makes batching worthwhile, at the price that the bytes read
 grow with the union of the row masks (towards dense as M grows); the caller sends large M to the
-dense GEMM instead (``backend.M_MAX``). Any M works here (M tiles of BLOCK_M rows).
+dense GEMM instead (``triton_backend.M_MAX``). Any M works here (M tiles of BLOCK_M rows).
 
 Split-K: when N alone gives too few programs to fill the GPU, K is cut into ``split_k`` ranges
 whose fp32 partials go to a workspace, summed by ``_split_k_reduce_kernel`` in a fixed order (split

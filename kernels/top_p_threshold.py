@@ -23,7 +23,7 @@ Tensor parallelism: ``down_proj``'s input is sharded over K across TP ranks, and
 each row's global mass. ``top_p_threshold`` only sees the local shard (a per-shard rule, NOT the
 paper's). ``top_p_partial_mass`` + ``top_p_threshold_sharded`` give the global rule: every pass
 all-reduces a [M, 16] float64 tensor of candidate masses (4 small all-reduces per layer for bf16).
-``backend.apply_counted`` uses it for ``down_proj`` under tensor parallelism.
+``triton_backend.apply_counted`` uses it for ``down_proj`` under tensor parallelism.
 
 Source: the rule and its radix restatement are ``vllm_sparsity/rule.py`` (paper: Szatkowski et
 al., "Universal Properties of Activation Sparsity in Modern LLMs", Sec. 3.1, ``get_topp_mask``).

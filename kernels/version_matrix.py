@@ -2,7 +2,7 @@
 
 ``python -m vllm_sparsity.kernels.version_matrix`` lists the Triton releases PyPI offers from
 ``OLDEST`` up to the next minor after ``NEWEST_MINOR`` (``pip index versions triton``), installs
-each one it lacks into ``demo_model.cache_dir() / "overlays" / "triton-<version>"`` (``pip install
+each one it lacks into ``cache.cache_dir() / "overlays" / "triton-<version>"`` (``pip install
 --no-deps --target``: Triton alone, about 45 s and 0.6-1 GB each, once), and runs
 ``compile_check`` under it: the running environment with that folder first on ``PYTHONPATH``, so
 the overlay's Triton replaces this environment's and everything else (torch, numpy, this package)
@@ -65,7 +65,7 @@ def available(package: str = "triton") -> list[str] | None:
 def overlay(requirement: str) -> Path:
     """A folder holding ``requirement`` (``name==version``) alone, installed once with ``pip
     install --no-deps --target`` into the cache; a failed install leaves nothing behind."""
-    from vllm_sparsity.demo_model import cache_dir
+    from vllm_sparsity.cache import cache_dir
 
     name, version = requirement.split("==")
     path = cache_dir() / "overlays" / f"{name}-{version}"

@@ -110,7 +110,7 @@ class Server:
 def start_server(name: str, args: list[str], log_dir: Path, env: dict | None = None,
                  api_key: str | None = None) -> Server:
     """Start `vllm serve MODEL ARGS` in its own process group (so stop() ends every child)."""
-    from vllm_sparsity.demo_model import demo_model_path
+    from vllm_sparsity.tools.demo_model import demo_model_path
 
     port = free_port()
     log = log_dir / f"{name}.log"
@@ -135,7 +135,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
-    from vllm_sparsity.demo_model import demo_model_path
+    from vllm_sparsity.tools.demo_model import demo_model_path
 
     return demo_model_path()
 

@@ -5,7 +5,7 @@ vocabulary.
 Built with transformers' own config classes and weight init (seeded; std ``hidden ** -0.5`` so that
 the experts' output is not drowned by the residual stream), saved as HF checkpoints (one tensor per
 expert and projection, which vLLM's loaders stack into its fused experts), with the placeholder-word
-tokenizer of ``vllm_sparsity.random_model`` (prompts are token ids). Their outputs are noise.
+tokenizer of ``vllm_sparsity.tools.random_model`` (prompts are token ids). Their outputs are noise.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def build(dest: Path, name: str, seed: int = 0) -> Path:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from vllm_sparsity.random_model import _tokenizer
+    from vllm_sparsity.tools.random_model import _tokenizer
 
     config_class, fields = MODELS[name]
     config = getattr(transformers, config_class)(**COMMON, **fields)

@@ -34,7 +34,7 @@ from route_client import cached_tokens, complete, get_state, post, run_load  # n
 from test_engine_safety import FATAL  # noqa: E402
 from test_load import counter_growth  # noqa: E402
 
-from vllm_sparsity.random_model import random_model_path  # noqa: E402
+from vllm_sparsity.tools.random_model import random_model_path  # noqa: E402
 
 FLIPS = (0.5, 0.9, 0.7)
 

@@ -16,7 +16,7 @@ from vllm_sparsity import analysis
 from vllm_sparsity.activation_stats import effective_rank, jaccard
 from vllm_sparsity.counters import DECODE, PAD, PREFILL
 from vllm_sparsity.eval.analyze import expert_rows, plot
-from vllm_sparsity.eval.sweep import layer_deltas
+from vllm_sparsity.eval.grid import layer_deltas
 
 
 def naive_effective_rank(x: np.ndarray) -> float:
@@ -177,7 +177,7 @@ def test_arm_body_is_checked():
 
 
 def fake_state(split: bool = False):
-    """A RuntimeState stand-in with two sites of one layer, one of them an ActSite-like object,
+    """A RuntimeState stand-in with two sites of one layer, one of them a sparse_site.Site-like object,
     and a routed experts' site (``sparse_moe.ExpertSite``-like: per-expert counters)."""
     linear = types.SimpleNamespace(quant_method=types.SimpleNamespace(
         observer=None, layer_index=0, site="input", all_reduce=(lambda t: t) if split else None))

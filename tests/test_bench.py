@@ -3,7 +3,7 @@ benchmark, not a test)."""
 
 import pytest
 
-from vllm_sparsity import bench
+from vllm_sparsity.tools import bench
 
 
 def test_sparsity_sums_counts_before_dividing():

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from vllm_sparsity import predict as pr
-from vllm_sparsity.cli import main as cli_main
+from vllm_sparsity.tools import predict as pr
+from vllm_sparsity.tools.cli import main as cli_main
 
 # 2 layers, hidden 4, intermediate 8, 2 heads and 1 KV head of dim 2, vocab 10, 2-byte values:
 #   gate_up_proj 2*8*4 = 64 values = 128 B per layer -> 256 B ("input" site, both layers)

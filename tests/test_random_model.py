@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from vllm_sparsity import random_model
+from vllm_sparsity.tools import random_model
 
 TINY = dict(random_model.LLAMA_3_2_1B, vocab_size=1000, hidden_size=64, intermediate_size=256,
             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,

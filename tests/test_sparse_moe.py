@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from reference import loop_moe_reference, paper_top_p_mask
-from vllm_sparsity import _vllm_compat, counters, sparse_moe
+from vllm_sparsity import _vllm_compat, _vllm_moe, counters, sparse_moe
 from vllm_sparsity.config import SparsityConfig
 from vllm_sparsity.counters import DECODE, PAD, PREFILL, TOTAL, ZEROED
 from vllm_sparsity.state import RuntimeState
@@ -206,7 +206,7 @@ def test_p_1_equals_the_dense_torch_experts_bit_for_bit():
     _sparse(layer, 1.0)
     x = _x(dtype=torch.bfloat16)
     weights, ids = _routing(M, K_TOP, seed=5)
-    act = _vllm_compat.moe_act_and_mul(layer, layer.quant_method.inner)  # the method's own
+    act = _vllm_moe.moe_act_and_mul(layer, layer.quant_method.inner)  # the method's own
     dense = sparse_moe.experts_forward(x, layer.w13_weight, layer.w2_weight, weights, ids, act)
     assert torch.equal(layer.quant_method.apply(layer, x, weights, ids), dense)
 

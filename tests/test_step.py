@@ -152,7 +152,7 @@ def test_token_phases_do_not_depend_on_the_attention_backend():
     metadata_classes = _metadata_classes()
     assert {"FlashAttentionMetadata", "FlashInferMetadata", "TritonAttentionMetadata",
             "CPUAttentionMetadata", "FlashMLAMetadata"} <= set(metadata_classes)
-    assert "query_start_loc" not in metadata_classes["FlashInferMetadata"]  # the case
+    assert "query_start_loc" not in metadata_classes["FlashInferMetadata"]  # no per-step boundaries
     n = 9
     want, want_batch = naive_phases(QSL, n)
     qsl = torch.tensor(QSL, dtype=torch.int32)

@@ -73,7 +73,7 @@ def engine() -> dict:
     from vllm.v1.worker.cpu_worker import CPUWorker
 
     from capture_guard import CaptureGuard
-    from vllm_sparsity.demo_model import demo_model_path
+    from vllm_sparsity.tools.demo_model import demo_model_path
 
     result = {}
     warm_up = CPUWorker.compile_or_warm_up_model

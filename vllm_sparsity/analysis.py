@@ -3,7 +3,7 @@ activation rows for the effective rank, the Jaccard overlap of kept sets across 
 the sparsity of the masks seen.
 
 Off unless armed, and then only on an eager server. Arming sets ``observer`` on every sparse
-site (``sparse_linear.InputSparseLinearMethod``, ``sparse_act.ActSite``) to a ``SiteRecorder``,
+site (``sparse_linear.InputSparseLinearMethod``, ``sparse_site.Site``) to a ``SiteRecorder``,
 which each call of the site feeds with its input x [M, K] and the rule's mask [M, K]. In a
 compiled graph (torch.compile, CUDA graphs) that attribute was None when vLLM traced the model
 and the graph never looks again, so a compiled model holds no trace of the analysis and arming it

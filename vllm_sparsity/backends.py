@@ -1,6 +1,6 @@
 """The compute backends of the sparse seam, by name, and how ``auto`` picks one per layer.
 
-A backend is a module with three functions (``sparse_linear.InputSparseLinearMethod`` calls them):
+A backend is a module with four functions (``sparse_linear.InputSparseLinearMethod`` calls them):
 
 - ``unsupported_reason(layer) -> str | None``: why it cannot serve ``layer`` (None: it can);
   checkable before the weights are loaded;
@@ -9,7 +9,10 @@ A backend is a module with three functions (``sparse_linear.InputSparseLinearMet
   output [M, N] for input x2 [M, K] under the rule, inputs kept per row int64 [M], and weight
   columns loaded int64 [1] (None: all K, a dense GEMM). ``all_reduce``: None for whole rows, else
   the in-place sum over the TP ranks holding the other shards of K (the global rule). ``p``:
-  float64 [M, 1], the p of each row (the step's per-token p), or [1] for every row.
+  float64 [M, 1], the p of each row (the step's per-token p), or [1] for every row;
+- ``column_bytes(layer) -> int``: bytes of one input feature's weights (one column of the [N, K]
+  weight) on this rank that its GEMM reads, after ``prepare``; 0 when the weight is not a plain
+  2-D tensor (nothing is then reported skipped).
 
 Modules are imported on first use only (the triton backend imports triton).
 """
@@ -23,7 +26,7 @@ from vllm_sparsity import _vllm_compat
 
 # name -> module implementing the interface above.
 BACKENDS = {
-    "triton": "vllm_sparsity.kernels.backend",
+    "triton": "vllm_sparsity.kernels.triton_backend",
     "cpu": "vllm_sparsity.kernels.cpu_backend",
     "torch": "vllm_sparsity.torch_backend",
 }

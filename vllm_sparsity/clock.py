@@ -16,7 +16,7 @@ import time
 import torch
 
 from vllm_sparsity.counters import PAD, PHASES
-from vllm_sparsity.kernels._registry import NAMESPACE
+from vllm_sparsity.kernels._registry import dispatcher_op
 
 # MLP forward latency buckets (s): from a decode MLP of a small model to a long prefill of a
 # large one.
@@ -66,14 +66,9 @@ def _mlp_clock(x: torch.Tensor, start: bool) -> torch.Tensor:
     return x.clone()
 
 
-# Registered through torch.library.Library, not torch.library.custom_op (kernels/_registry.py):
-# a decode step calls it twice per MLP, and the custom_op wrapper costs several times a plain
-# dispatcher kernel per call (README, Benchmarks).
-_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")  # kept alive: it owns the registration
-if getattr(getattr(torch.ops, NAMESPACE), "mlp_clock", None) is None:  # not on re-import
-    _LIB.define("mlp_clock(Tensor x, bool start) -> Tensor")
-    _LIB.impl("mlp_clock", _mlp_clock, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"{NAMESPACE}::mlp_clock", lambda x, start: torch.empty_like(x))
+# A plain dispatcher kernel (kernels/_registry.py): a decode step calls it twice per MLP.
+dispatcher_op("mlp_clock", "(Tensor x, bool start) -> Tensor", _mlp_clock,
+              lambda x, start: torch.empty_like(x), "CompositeExplicitAutograd")
 
 
 def mlp_clock(x: torch.Tensor, start: bool) -> torch.Tensor:

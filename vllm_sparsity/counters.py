@@ -36,7 +36,8 @@ all agree), so that neither reader hides a split.
 from __future__ import annotations
 
 import json
-
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -158,12 +159,38 @@ def count_by_p(p_stats: torch.Tensor, token_slot: torch.Tensor, kept: torch.Tens
                                 torch.cat([zeroed, torch.full_like(zeroed, dim)]))
 
 
+def new_expert_stats(num_experts: int, device: torch.device) -> torch.Tensor:
+    """A zeroed per-expert counter buffer int64 [num_experts, 2]: activations zeroed (column
+    ZEROED) and in all (TOTAL) over the real tokens."""
+    return torch.zeros(num_experts, 2, dtype=torch.int64, device=device)
+
+
 def zeroed_total(stats: torch.Tensor) -> torch.Tensor:
     """int64 [2]: activations zeroed and in all over the real tokens (prefill + decode)."""
     return stats[:PAD, ZEROED:TOTAL + 1].sum(dim=0)
 
 
 # ---------------------------------------------------------------- worker: snapshot
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """What a sparse site tells the snapshot (``sparse_site.attach`` sets it as ``sparsity_site``).
+
+    Attributes:
+        site: a key of ``sites.SITES``.
+        layer_index: index of the decoder layer.
+        split: the site's input is split over K across TP ranks (its counters are one shard's).
+        column_bytes: bytes of one input feature's weights on this rank that the site's GEMM
+            reads (0: none, or a weight that is not a plain 2-D tensor: nothing is skipped).
+        experts: a routed experts' site, with ``sparsity_expert_stats``.
+    """
+
+    site: str
+    layer_index: int
+    split: bool
+    column_bytes: Callable[[], int]
+    experts: bool = False
 
 
 def snapshot(state, tp_rank: int, latency: dict | None) -> dict[str, Any]:
@@ -186,29 +213,13 @@ def snapshot(state, tp_rank: int, latency: dict | None) -> dict[str, Any]:
     layers = [layer for _, layer in state.layers]
     stats = torch.stack([layer.sparsity_stats for layer in layers]).tolist() if layers else []
     p_stats = torch.stack([layer.sparsity_p_stats for layer in layers]).tolist() if layers else []
-    sites = []
+    sites, experts = [], []
     for name, layer in state.layers:
-        # A linear site's method carries layer_index, site and all_reduce; an analysis site
-        # (sparse_act.ActSite) carries them itself and has no weight.
-        method, w = getattr(layer, "quant_method", layer), getattr(layer, "weight", None)
-        wt = getattr(layer, "sparsity_wt", None)  # the cpu backend's K-major copy [K, N]
-        # Bytes of one input feature's weights: N elements of this rank's shard (0 when the
-        # weight is not a plain 2-D tensor, e.g. quantized: the torch backend skips nothing). The
-        # cpu backend's copy is what its sparse GEMV reads (vLLM may have deleted layer.weight).
-        if isinstance(wt, torch.Tensor):
-            per_column = wt.shape[1] * wt.element_size()
-        elif isinstance(w, torch.Tensor) and w.dim() == 2:
-            per_column = w.shape[0] * w.element_size()
-        else:
-            per_column = 0
-        sites.append([method.layer_index, method.site, name, per_column,
-                      method.all_reduce is not None])
-    experts = []
-    for name, layer in state.layers:
-        if hasattr(layer, "sparsity_expert_stats"):
+        info: SiteInfo = layer.sparsity_site
+        sites.append([info.layer_index, info.site, name, info.column_bytes(), info.split])
+        if info.experts:
             zeroed, total = layer.sparsity_expert_stats.t().tolist()
-            experts.append([layer.layer_index, layer.site, name, layer.all_reduce is not None,
-                            zeroed, total])
+            experts.append([info.layer_index, info.site, name, info.split, zeroed, total])
     return {"settings": state.settings(), "p_by_site": state.p_by_site(), "tp_rank": tp_rank,
             "sites": sites, "stats": stats, "latency": latency, "p_stats": p_stats,
             "p_slots": state.p_slots_by_key(), "request_p_applied": state.request_p_applied,

@@ -22,7 +22,7 @@ import re
 
 import torch
 
-from vllm_sparsity import _vllm_compat, backends, sparse_act, sparse_linear, sparse_moe
+from vllm_sparsity import _vllm_compat, _vllm_moe, backends, sparse_act, sparse_linear, sparse_moe
 from vllm_sparsity.clock import CUDA_NOTE, time_mlp
 from vllm_sparsity.config import SparsityConfig, describe_p
 from vllm_sparsity.sites import ANALYSIS_SITES, SITES
@@ -50,14 +50,14 @@ def find_routed_experts(model: torch.nn.Module
 
     Returns:
         ``(found, refused)``: ``(qualified name, module)`` of those the plugin can serve, and
-        {qualified name: why not} for the others (``_vllm_compat.moe_refusal``; left dense).
+        {qualified name: why not} for the others (``_vllm_moe.moe_refusal``; left dense).
     """
-    experts_type = _vllm_compat.routed_experts_type()
+    experts_type = _vllm_moe.routed_experts_type()
     lm = _vllm_compat.language_model_name(model)
     found, refused = [], {}
     for name, module in model.named_modules():
         if isinstance(module, experts_type) and _in_language_model(name, lm):
-            reason = _vllm_compat.moe_refusal(module)
+            reason = _vllm_moe.moe_refusal(module)
             if reason is None:
                 found.append((name, module))
             else:

@@ -14,7 +14,7 @@ rule (``rule.sparsify``; any rule of ``rule.RULES``) whatever the backend of the
 their weight-column counters say that every column was read. Under tensor parallelism h holds this
 rank's shard of d; the rule then takes ``all_reduce`` (the whole rows', as for ``intermediate``).
 
-Counters and p live on one small module per site (``ActSite``), with the buffers
+Counters and p live on one small module per site (``sparse_site.Site``), with the buffers
 ``sparse_linear.install`` gives a linear layer: the ``counters`` module reads both alike.
 """
 
@@ -24,29 +24,8 @@ from collections.abc import Callable
 
 import torch
 
-from vllm_sparsity import counters, rule
+from vllm_sparsity import rule, sparse_site
 from vllm_sparsity.sites import ANALYSIS_SITES
-
-
-class ActSite(torch.nn.Module):
-    """One analysis site of one MLP: its p (``sparsity_p``, shared by the site's layers), the
-    step's phase buffers and its counters (int64 [3, ``counters.WIDTH``]); ``layer_index``, ``site``
-    and ``all_reduce`` as ``sparse_linear.InputSparseLinearMethod`` carries them."""
-
-    def __init__(self, site: str, layer_index: int, state,
-                 all_reduce: Callable[[torch.Tensor], None] | None) -> None:
-        super().__init__()
-        self.site, self.layer_index, self.all_reduce = site, layer_index, all_reduce
-        self.observer = None  # as ``InputSparseLinearMethod.observer``
-        self.register_buffer("sparsity_p", state.p[site], persistent=False)
-        self.register_buffer("sparsity_token_p", state.token_p[site], persistent=False)
-        self.register_buffer("sparsity_token_slot", state.token_slot, persistent=False)
-        self.register_buffer("sparsity_p_stats", counters.new_p_stats(state.phase.device),
-                             persistent=False)
-        self.register_buffer("sparsity_phase", state.phase, persistent=False)
-        self.register_buffer("sparsity_batch_phase", state.batch_phase, persistent=False)
-        self.register_buffer("sparsity_stats", counters.new_stats(state.phase.device),
-                             persistent=False)
 
 
 class SparseActAndMul(torch.nn.Module):
@@ -72,17 +51,14 @@ class SparseActAndMul(torch.nn.Module):
         self.threshold = state.threshold
         self.detailed_counts = state.metrics
         self.sites = torch.nn.ModuleDict(
-            {site: ActSite(site, layer_index, state, all_reduce) for site in sites})
+            {site: sparse_site.Site(site, layer_index, state, all_reduce) for site in sites})
 
-    def _mask(self, site: ActSite, x2: torch.Tensor) -> torch.Tensor:
+    def _mask(self, site: sparse_site.Site, x2: torch.Tensor) -> torch.Tensor:
         """The rule's mask [M, K] on x2 [M, K] at ``site``, counted there."""
         # One p per token row, as the linear sites (its request's own, else the site's).
-        p = site.sparsity_token_p[:x2.shape[0]].unsqueeze(1)
-        mask = rule.kept_mask(x2, p, self.threshold, site.all_reduce)
-        kept = mask.sum(dim=-1)
-        counters.count(site.sparsity_stats, site.sparsity_phase, site.sparsity_batch_phase,
-                       kept, x2.shape[-1], None, self.detailed_counts)
-        counters.count_by_p(site.sparsity_p_stats, site.sparsity_token_slot, kept, x2.shape[-1])
+        mask = rule.kept_mask(x2, sparse_site.step_p(site, x2.shape[0]), self.threshold,
+                              site.all_reduce)
+        sparse_site.record(site, mask.sum(dim=-1), x2.shape[-1], None, self.detailed_counts)
         if site.observer is not None:
             site.observer(x2, mask)
         return mask
@@ -105,7 +81,7 @@ class SparseActAndMul(torch.nn.Module):
 def install(mlp: torch.nn.Module, name: str, sites: tuple[str, ...], layer_index: int, state,
             all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
     """Replace ``mlp.act_fn`` by a ``SparseActAndMul`` at ``sites`` and append each site's
-    ``(qualified name, ActSite)`` to ``state.layers`` (what the counters read)."""
+    ``(qualified name, sparse_site.Site)`` to ``state.layers`` (what the counters read)."""
     mlp.act_fn = SparseActAndMul(mlp.act_fn, sites, layer_index, state, all_reduce)
     for site, module in mlp.act_fn.sites.items():
         state.layers.append((f"{name}.act_fn.{site}", module))

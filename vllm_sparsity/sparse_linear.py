@@ -11,20 +11,9 @@ Tensor parallelism: ``down_proj`` sees only its rank's shard of K, so its method
 ``all_reduce`` over the TP group and applies the global rule (the threshold of the whole rows, see
 ``rule.top_p_threshold``); ``gate_up_proj``'s input is replicated on every rank and needs none.
 
-State lives in non-persistent buffers on the layer, so that vLLM's compiled graph (torch.compile,
-CUDA graphs) reads them as inputs and never bakes them in:
-
-- ``sparsity_p``: float64 [1], the site's p (one tensor shared by every layer of the site, see
-  ``state.RuntimeState``; writing it in place changes p for the next step without recompiling);
-- ``sparsity_token_p``: float64 [max tokens], the p of each token of the step at the site (its
-  request's own p, else ``sparsity_p``; shared by the site's layers), passed to the rule as [M, 1];
-- ``sparsity_phase``: int64 [max tokens], the phase of each token of the step, and
-  ``sparsity_batch_phase`` int64 [1], the step's (one pair shared by every layer);
-- ``sparsity_token_slot`` int64 [max tokens] (shared) and ``sparsity_p_stats`` int64
-  [P_SLOTS + 1, 2] (this layer's): activations zeroed and in all per request p
-  (``counters.count_by_p``);
-- ``sparsity_stats``: int64 [3, ``counters.WIDTH``], this layer's counters (``counters``), over
-  this rank's shard of K when the input is split across TP ranks.
+State lives in the site buffers of ``sparse_site`` on the layer (p, the step's per-token p, phases
+and request-p slots, this layer's counters over this rank's shard of K when the input is split
+across TP ranks).
 """
 
 from __future__ import annotations
@@ -34,7 +23,7 @@ from collections.abc import Callable
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase
 
-from vllm_sparsity import _vllm_compat, backends, counters, rule
+from vllm_sparsity import _vllm_compat, backends, rule, sparse_site
 
 
 class InputSparseLinearMethod(LinearMethodBase):
@@ -112,13 +101,11 @@ class InputSparseLinearMethod(LinearMethodBase):
               bias: torch.Tensor | None = None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         # One p per token row: its request's own, else the site's (see state.RuntimeState).
-        p = layer.sparsity_token_p[:x2.shape[0]].unsqueeze(1)
+        p = sparse_site.step_p(layer, x2.shape[0])
         if self.observer is not None:  # the rule's mask again: the backends do not return it
             self.observer(x2, rule.kept_mask(x2, p, self.threshold, self.all_reduce))
         y2, kept, columns_read = self._backend.apply_counted(layer, x2, p, bias, self.all_reduce)
-        counters.count(layer.sparsity_stats, layer.sparsity_phase, layer.sparsity_batch_phase,
-                       kept, x2.shape[-1], columns_read, self.detailed_counts)
-        counters.count_by_p(layer.sparsity_p_stats, layer.sparsity_token_slot, kept, x2.shape[-1])
+        sparse_site.record(layer, kept, x2.shape[-1], columns_read, self.detailed_counts)
         return y2.view(*x.shape[:-1], y2.shape[-1])
 
 
@@ -126,9 +113,10 @@ def install(layer: torch.nn.Module, name: str, site: str, layer_index: int, stat
             backend: str = "torch",
             all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
     """Swap ``layer.quant_method`` for an ``InputSparseLinearMethod``, mark the layer as needing
-    an unquantized input, add its buffers (p of ``site`` and the phase buffers of ``state``, a
-    ``state.RuntimeState``; fresh counters) and append ``(name, layer)`` to ``state.layers``.
-    The rule is the state's (``RuntimeState.threshold``).
+    an unquantized input, attach its site buffers (``sparse_site.attach``: p of ``site`` and the
+    step buffers of ``state``, a ``state.RuntimeState``; fresh counters; weight-column bytes from
+    the backend) and append ``(name, layer)`` to ``state.layers``. The rule is the state's
+    (``RuntimeState.threshold``).
     ``all_reduce``: for an input split over K across TP ranks (see ``InputSparseLinearMethod``).
     """
     layer.quant_method = InputSparseLinearMethod(layer.quant_method, site, layer_index, backend,
@@ -137,13 +125,7 @@ def install(layer: torch.nn.Module, name: str, site: str, layer_index: int, stat
     # activation (fp8/nvfp4 methods advertise one, and Llama-style MLPs then fuse act-and-mul with
     # the quantization; vLLM's ``fusion.quant_activation.get_input_quant_key``).
     _vllm_compat.require_unquantized_input(layer)
-    layer.register_buffer("sparsity_p", state.p[site], persistent=False)
-    layer.register_buffer("sparsity_token_p", state.token_p[site], persistent=False)
-    layer.register_buffer("sparsity_phase", state.phase, persistent=False)
-    layer.register_buffer("sparsity_batch_phase", state.batch_phase, persistent=False)
-    layer.register_buffer("sparsity_stats", counters.new_stats(state.phase.device),
-                          persistent=False)
-    layer.register_buffer("sparsity_token_slot", state.token_slot, persistent=False)
-    layer.register_buffer("sparsity_p_stats", counters.new_p_stats(state.phase.device),
-                          persistent=False)
+    backend_module = layer.quant_method._backend
+    sparse_site.attach(layer, site, layer_index, state, all_reduce,
+                       lambda: backend_module.column_bytes(layer))
     state.layers.append((name, layer))

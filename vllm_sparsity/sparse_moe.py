@@ -17,8 +17,8 @@ reductions as vLLM runs them.
   GEMMs, ``torch.nn.functional.grouped_mm``) on the checkpoint's plain weights, at any p: the
   paper's semantics and no speed-up (no sparse kernel for experts; slower than vLLM's kernel).
 
-Counters: each site keeps the linear sites' buffers (``counters``; rows per phase, one row per
-token for ``input`` and per pair for ``intermediate``) and ``sparsity_expert_stats`` int64 [E, 2]:
+Counters: each site keeps the site buffers of ``sparse_site`` (rows per phase, one row per token
+for ``input`` and per pair for ``intermediate``) and ``sparsity_expert_stats`` int64 [E, 2]:
 per expert, activations zeroed and in all over the real tokens (each token counted at every expert
 it is routed to). Per-expert numbers are for analysis (``GET /v1/sparsity``'s ``experts``), never
 metric labels.
@@ -35,41 +35,26 @@ import torch
 import torch.nn.functional as F
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 
-from vllm_sparsity import _vllm_compat, counters, rule
+from vllm_sparsity import _vllm_compat, _vllm_moe, rule, sparse_site
 from vllm_sparsity.counters import PAD
 from vllm_sparsity.kernels._registry import custom_op
 
 # The sites routed experts take (``sites.SITES``); ``gate`` and ``up`` are not installed on them.
 EXPERT_SITES = ("input", "intermediate")
-# Columns of ``sparsity_expert_stats``.
+# Columns of ``sparsity_expert_stats`` (``counters.new_expert_stats``).
 ZEROED, TOTAL = 0, 1
 
 
-class ExpertSite(torch.nn.Module):
-    """One site of one fused-MoE layer: p (``sparsity_p``, shared by the site's layers), the
-    step's phase buffers, the site's counters (int64 [3, ``counters.WIDTH``]) and the per-expert
-    counters ``sparsity_expert_stats`` (int64 [num_experts, 2]: zeroed, total); ``layer_index``,
-    ``site`` and ``all_reduce`` as ``sparse_linear.InputSparseLinearMethod`` carries them."""
+class ExpertSite(sparse_site.Site):
+    """One site of one fused-MoE layer: the buffers of ``sparse_site.attach``, per-expert counters
+    ``sparsity_expert_stats`` (int64 [num_experts, 2]: zeroed, total) included."""
 
     def __init__(self, site: str, layer_index: int, num_experts: int, state,
                  all_reduce: Callable[[torch.Tensor], None] | None) -> None:
-        super().__init__()
-        self.site, self.layer_index, self.all_reduce = site, layer_index, all_reduce
-        device = state.phase.device
-        self.register_buffer("sparsity_p", state.p[site], persistent=False)
-        self.register_buffer("sparsity_token_p", state.token_p[site], persistent=False)
-        self.register_buffer("sparsity_token_slot", state.token_slot, persistent=False)
-        self.register_buffer("sparsity_p_stats", counters.new_p_stats(device), persistent=False)
-        self.register_buffer("sparsity_phase", state.phase, persistent=False)
-        self.register_buffer("sparsity_batch_phase", state.batch_phase, persistent=False)
-        self.register_buffer("sparsity_stats", counters.new_stats(device), persistent=False)
-        self.register_buffer("sparsity_expert_stats",
-                             torch.zeros(num_experts, 2, dtype=torch.int64, device=device),
-                             persistent=False)
+        super().__init__(site, layer_index, state, all_reduce, num_experts)
 
     def sparsify(self, x2: torch.Tensor, threshold, token: torch.Tensor | None,
-                 phase: torch.Tensor, experts: torch.Tensor, rows_per_expert: int,
-                 detailed: bool) -> torch.Tensor:
+                 experts: torch.Tensor, rows_per_expert: int, detailed: bool) -> torch.Tensor:
         """The rule on x2 [R, K] (bf16/fp16/fp32), each row at its token's p (its request's own,
         else the site's: ``request_p``), counted here; returns x2 with the dropped entries zeroed.
 
@@ -77,22 +62,18 @@ class ExpertSite(torch.nn.Module):
             x2: the site's rows: tokens (``input``) or (token, expert) pairs (``intermediate``).
             threshold: the rule (``rule.threshold_of``).
             token: int64 [R], the token of each row; None when row i is token i.
-            phase: int64 [R], each row's phase (``counters.PREFILL``, ``DECODE``, ``PAD``).
             experts: int64 [R * rows_per_expert], the expert of each (row, slot) in row-major
                 order: a token row feeds its top-k experts (``rows_per_expert`` = k), a pair row
                 one (1).
             rows_per_expert: slots per row (see ``experts``).
             detailed: also the histogram counters (metrics on).
         """
-        rows = x2.shape[0]
-        p = self.sparsity_token_p[:rows] if token is None else self.sparsity_token_p[token]
-        slot = self.sparsity_token_slot[:rows] if token is None else self.sparsity_token_slot[token]
-        mask = rule.kept_mask(x2, p.unsqueeze(1), threshold, self.all_reduce)
+        rows, dim = x2.shape
+        mask = rule.kept_mask(x2, sparse_site.step_p(self, rows, token), threshold,
+                              self.all_reduce)
         kept = mask.sum(dim=-1)
-        dim = x2.shape[-1]
-        counters.count(self.sparsity_stats, phase, self.sparsity_batch_phase, kept, dim, None,
-                       detailed)
-        counters.count_by_p(self.sparsity_p_stats, slot, kept, dim)
+        sparse_site.record(self, kept, dim, None, detailed, token)
+        phase = self.sparsity_phase[:rows] if token is None else self.sparsity_phase[token]
         real = (phase != PAD).to(torch.int64)
         zeroed = ((dim - kept) * real).repeat_interleave(rows_per_expert)
         total = (real * dim).repeat_interleave(rows_per_expert)
@@ -258,14 +239,13 @@ class SparseFusedMoEMethod(FusedMoEMethodBase, torch.nn.Module):
         if not self.torch_experts:
             self.inner.process_weights_after_loading(layer)
         else:  # built once, outside the traced forward
-            self.act_and_mul = _vllm_compat.moe_act_and_mul(layer, self.inner)
+            self.act_and_mul = _vllm_moe.moe_act_and_mul(layer, self.inner)
 
     def apply(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               shared_experts=None, shared_experts_input=None):
-        m, k = topk_ids.shape
-        phase = self.sparsity_phase[:m]
+        k = topk_ids.shape[1]
         if "input" in self.sites:
-            x = self.sites["input"].sparsify(x, self.threshold, None, phase,
+            x = self.sites["input"].sparsify(x, self.threshold, None,
                                              topk_ids.reshape(-1).to(torch.int64), k,
                                              self.detailed_counts)
         if not self.torch_experts:
@@ -276,8 +256,7 @@ class SparseFusedMoEMethod(FusedMoEMethodBase, torch.nn.Module):
             site = self.sites["intermediate"]
 
             def intermediate(a, token, expert):
-                return site.sparsify(a, self.threshold, token, phase[token], expert, 1,
-                                     self.detailed_counts)
+                return site.sparsify(a, self.threshold, token, expert, 1, self.detailed_counts)
 
         return experts_forward(
             x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids,
@@ -285,19 +264,15 @@ class SparseFusedMoEMethod(FusedMoEMethodBase, torch.nn.Module):
             getattr(layer, "w13_bias", None), getattr(layer, "w2_bias", None),
             layer.apply_router_weight_on_input, intermediate)
 
-    @property
-    def sparsity_phase(self) -> torch.Tensor:
-        return next(iter(self.sites.values())).sparsity_phase
-
 
 def install(experts: torch.nn.Module, name: str, sites: tuple[str, ...], layer_index: int,
             state) -> None:
     """Replace ``experts.quant_method`` (a ``RoutedExperts``' unquantized method, see
-    ``_vllm_compat.moe_refusal``) by a ``SparseFusedMoEMethod`` at ``sites`` and append each
+    ``_vllm_moe.moe_refusal``) by a ``SparseFusedMoEMethod`` at ``sites`` and append each
     site's ``(name.site, ExpertSite)`` to ``state.layers`` (what the counters read)."""
-    k_shards = _vllm_compat.moe_k_shards(experts)
+    k_shards = _vllm_moe.moe_k_shards(experts)
     method = SparseFusedMoEMethod(experts.quant_method, sites, layer_index,
-                                  _vllm_compat.moe_num_experts(experts), state,
+                                  _vllm_moe.moe_num_experts(experts), state,
                                   _vllm_compat.tp_all_reduce if k_shards > 1 else None)
     experts.quant_method = method
     for site, module in method.sites.items():

@@ -25,6 +25,13 @@ def prepare(layer: torch.nn.Module) -> None:
     layer.quant_method.inner.process_weights_after_loading(layer)
 
 
+def column_bytes(layer: torch.nn.Module) -> int:
+    """Bytes of one column of the layer's plain [N, K] weight; 0 for any other weight (quantized,
+    or deleted by vLLM's CPU packing): this backend skips no column either way."""
+    w = getattr(layer, "weight", None)
+    return w.shape[0] * w.element_size() if isinstance(w, torch.Tensor) and w.dim() == 2 else 0
+
+
 def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor,
                   bias: torch.Tensor | None = None,
                   all_reduce: Callable[[torch.Tensor], None] | None = None

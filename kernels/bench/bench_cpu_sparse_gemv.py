@@ -44,7 +44,8 @@ import torch
 from vllm_sparsity.kernels import cpu_backend
 from vllm_sparsity.rule import top_p_mask
 
-# (model, hidden, intermediate): the MLP shapes of the issue, and Llama-3.2-1B's (the random model
+# (model, hidden, intermediate): the MLP shapes of Gemma 3 270M, 1B and 27B and Llama-3.1-8B, and
+# Llama-3.2-1B's (the random model
 # of `vllm-sparsity random-model`, timed end to end by `vllm-sparsity bench`).
 SHAPES = [("gemma3-270m", 640, 2048), ("gemma3-1b", 1152, 6912), ("llama3.2-1b", 2048, 8192),
           ("llama3.1-8b", 4096, 14336), ("gemma3-27b", 5376, 21504)]

@@ -51,7 +51,7 @@ def main() -> None:
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
 
-    from vllm_sparsity import _vllm_compat
+    from vllm_sparsity import _vllm_moe
     from vllm_sparsity.config import SparsityConfig
     from vllm_sparsity.sparse_moe import SparseFusedMoEMethod, experts_forward
     from vllm_sparsity.state import RuntimeState
@@ -69,7 +69,7 @@ def main() -> None:
                                        activation_situ_beta=None, activation_situ_linear_beta=None)
     inner = SimpleNamespace(moe=None, is_monolithic=False,
                             moe_quant_config=FusedMoEQuantConfig.make())
-    act = _vllm_compat.moe_act_and_mul(layer, inner)
+    act = _vllm_moe.moe_act_and_mul(layer, inner)
     state = RuntimeState(SparsityConfig(p=0.9, target="all_inputs"), torch.device("cpu"),
                          max(args.batch))
     method = SparseFusedMoEMethod(inner, ("input", "intermediate"), 0, E, state)

@@ -7,7 +7,8 @@ which flushes L2 before every repetition, so weights come from HBM as they do in
 p50/p20/p80 in ms):
 
 - ``dense``: cuBLAS, ``F.linear(x, W)`` with W [N, K] row-major (what vLLM runs without the plugin);
-- ``sparse``: threshold kernel + input-sparse GEMV, as ``backend.input_sparse_linear`` runs them;
+- ``sparse``: threshold kernel + input-sparse GEMV, as
+  ``triton_backend.input_sparse_linear`` runs them;
 - ``threshold`` and ``gemv``: the two kernels alone.
 
 and prints / appends to a CSV: sparse / dense, the share of the ideal reached
@@ -102,7 +103,7 @@ def main() -> int:
     import triton
     from triton.testing import do_bench
 
-    from vllm_sparsity.kernels import backend
+    from vllm_sparsity.kernels import triton_backend
     from vllm_sparsity.kernels.sparse_gemv import _sparse_gemv
     from vllm_sparsity.kernels.top_p_threshold import launch as threshold
 
@@ -136,14 +137,14 @@ def main() -> int:
         hidden, inter = SHAPES[model]
         for layer, K, N in (("gate_up", hidden, 2 * inter), ("down", inter, hidden)):
             w = (torch.randn(N, K, generator=gen, device=DEVICE) * K**-0.5).to(dtype)
-            wt = w.t().contiguous()  # the K-major copy backend.prepare makes
+            wt = w.t().contiguous()  # the K-major copy triton_backend.prepare makes
             for M in args.batches:
                 x = make_x(M, K, dtype, args.column_spread, gen)
                 dense = ms(lambda: F.linear(x, w), do_bench)
                 for s in SPARSITIES:
                     p = torch.tensor([calibrate_p(x, s)], dtype=torch.float64, device=DEVICE)
                     thr, kept = threshold(x, p, None)
-                    y = backend.input_sparse_linear(x, p, wt, None, backend.M_MAX)[0]
+                    y = triton_backend.input_sparse_linear(x, p, wt, None, triton_backend.M_MAX)[0]
                     assert_close_to_ref(y, *ref_sparse_gemv(x, p, w), K)
                     code = x.view(torch.int16).to(torch.int32) & 0x7FFF
                     union = float((code >= thr[:, None]).any(0).float().mean())
@@ -155,7 +156,7 @@ def main() -> int:
                         stamp, gpu, sha, torch.__version__, triton.__version__, args.dtype, model,
                         layer, M, K, N, s, float(p), kept_frac, union, *dense, *sparse, gemv[0],
                         thr_ms[0], sparse[0] / dense[0], kept_frac * dense[0] / sparse[0],
-                        union * dense[0] / sparse[0], thr_ms[0] / dense[0], backend.M_MAX]))
+                        union * dense[0] / sparse[0], thr_ms[0] / dense[0], triton_backend.M_MAX]))
                     writer.writerow(row.values())
                     out.flush()
                     print(f"{model:<13} {layer:<8} {M:>2} {s:>4} {kept_frac:>5.2f} {union:>5.2f} "

@@ -11,7 +11,7 @@ network, no weights; planned to take under 6 minutes on one H100/H200)::
    - ``top_p_threshold``: the kept set (``code(x) >= thr``) and kept counts equal those of the torch
      rule ``vllm_sparsity.rule.top_p_mask``; ``top_p_sparsify`` equals ``where(mask, x, 0)``;
    - ``sparse_gemv`` and ``input_sparse_linear`` (the op the plugin runs, both sides of
-     ``backend.M_MAX``): outputs within the float64-reference bound of
+     ``triton_backend.M_MAX``): outputs within the float64-reference bound of
      ``tests/kernels/gemv_reference.py``, kept counts and weight rows read exact;
    - one ``input_sparse_linear`` captured in ``torch.cuda.graph`` and replayed on new x and p:
      bit-equal to eager; one sparse MLP through ``torch.compile(fullgraph=True)``: its first linear
@@ -183,7 +183,7 @@ class Run:
         import gemv_reference  # the tests' float64 reference and tolerance (torch only)
 
         from vllm_sparsity import rule
-        from vllm_sparsity.kernels import backend, sparse_gemv, top_p_threshold
+        from vllm_sparsity.kernels import sparse_gemv, triton_backend, top_p_threshold
 
         self.args, self.torch, self.triton = args, torch, triton
         self.ref, self.rule = gemv_reference, rule
@@ -197,7 +197,7 @@ class Run:
         self.sparsities = SMOKE_SPARSITIES if self.smoke else SPARSITIES
         self.reps = args.reps or (1 if self.smoke else 100)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        self.m_max = backend.M_MAX
+        self.m_max = triton_backend.M_MAX
         self.checks = Checks()
         self.rows: list[dict] = []
         self.notes: list[str] = []
@@ -604,7 +604,7 @@ class Run:
         m_max = self.supported_m_max()
         print("M_MAX the data supports (largest M with the sparse MLP faster than the dense one on "
               "every model): " + ", ".join(f"s={s}: {m}" for s, m in m_max.items())
-              + f" (backend.M_MAX is {self.m_max})")
+              + f" (triton_backend.M_MAX is {self.m_max})")
         for note in self.notes:
             print(f"block sizes: {note}")
 

@@ -18,7 +18,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 import torch  # noqa: E402
 
-from vllm_sparsity.kernels import backend, common  # noqa: E402
+from vllm_sparsity.kernels import common, triton_backend  # noqa: E402
 from vllm_sparsity.kernels import sparse_gemv as sg  # noqa: E402
 from vllm_sparsity.kernels import top_p_threshold as tpt  # noqa: E402
 
@@ -52,9 +52,9 @@ def main():
             thr, _ = tpt.top_p_threshold(x, p)
             cols = [best_of(args.reps, lambda: tpt.top_p_threshold(x, p))]
             cols.append(best_of(args.reps, lambda: sg.sparse_gemv(x, thr, wt))
-                        if m <= backend.M_MAX else None)
-            cols.append(best_of(args.reps, lambda: backend.input_sparse_linear(
-                x, p, wt, None, backend.M_MAX)))
+                        if m <= triton_backend.M_MAX else None)
+            cols.append(best_of(args.reps, lambda: triton_backend.input_sparse_linear(
+                x, p, wt, None, triton_backend.M_MAX)))
             text = ["-" if c is None else f"{c[0] * 1e3:6.0f} / {c[1] * 1e3:6.0f}" for c in cols]
             print(f"{name:8s} K={k:5d} N={n:5d} M={m:2d}  threshold {text[0]:>15s}  "
                   f"sparse_gemv {text[1]:>15s}  input_sparse_linear {text[2]:>15s}", flush=True)

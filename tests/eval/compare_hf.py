@@ -38,8 +38,8 @@ def main() -> None:
 
     from vllm_sparsity.eval import convert
     from vllm_sparsity.eval import registry
-    from vllm_sparsity.eval.results import load_point
-    from vllm_sparsity.eval.sweep import point_dir
+    from vllm_sparsity.eval.report import load_point
+    from vllm_sparsity.eval.grid import point_dir
 
     torch.set_num_threads(2)
     cfg = json.loads((args.sweep / "sweep.json").read_text())

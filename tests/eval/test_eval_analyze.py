@@ -15,7 +15,7 @@ import requests
 
 from conftest import API_KEY, SITES
 from vllm_sparsity.eval.analyze import AnalyzeConfig, analyze
-from vllm_sparsity.eval.sweep import layer_deltas
+from vllm_sparsity.eval.grid import layer_deltas
 
 LAYERS = 18  # Gemma 3 270M
 CFG = AnalyzeConfig(model="", tasks=["piqa", "arc_easy"], grid=[0.5, 0.9],

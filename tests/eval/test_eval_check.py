@@ -111,14 +111,14 @@ def test_cli_exit_codes_and_messages(tmp_path, baseline, capsys):
 
 def test_a_point_of_one_document_has_no_stderr_and_still_reports(tmp_path):
     """lm-eval writes its stderr as "N/A" for a single document (``--limit 1``)."""
-    from vllm_sparsity.eval import registry, results as results_mod
+    from vllm_sparsity.eval import registry, report as report_mod
 
     write_samples(tmp_path, "my_mc", [([-3.5, -1.25], 1)])
     lm_results = next((tmp_path / "lm_eval" / "model").glob("results_*.json"))
     lm_results.write_text(json.dumps({"results": {"my_mc": {"acc,none": 1.0,
                                                             "acc_stderr,none": "N/A"}}}))
     spec = registry.TaskSpec("my_mc", "my_mc", (registry.Leaf("my_mc", "acc"),))
-    point, _ = results_mod.load_point(tmp_path, [spec])
+    point, _ = report_mod.load_point(tmp_path, [spec])
     assert point["tasks"]["my_mc"]["acc"] == 1.0 and point["tasks"]["my_mc"]["acc_stderr"] is None
     crit = {"sparsity": 0.0, "p": 1.0, "interval": [0.0, 0.0]}
     result = {"model": "m", "target": "input", "tasks": ["my_mc"], "docs": {"my_mc": 1},
@@ -128,7 +128,7 @@ def test_a_point_of_one_document_has_no_stderr_and_still_reports(tmp_path):
                           "average": 1.0,
                           "normalized_average": 1.0, "normalized_average_interval": [1, 1],
                           "wall_s": 1.0}]}
-    assert "| 1 | 0.000 | 0.000 | 1.000 ± n/a |" in results_mod.report(result)
+    assert "| 1 | 0.000 | 0.000 | 1.000 ± n/a |" in report_mod.report(result)
 
 
 def write_samples(pdir, task, docs):
@@ -148,16 +148,16 @@ def write_samples(pdir, task, docs):
 
 
 def test_load_point_records_the_gold_continuations_log_likelihood(tmp_path):
-    from vllm_sparsity.eval import registry, results as results_mod
+    from vllm_sparsity.eval import registry, report as report_mod
 
     docs = [([-3.5, -1.25], 1), ([-0.5, -7.0, -2.0], 2), ([-4.0], 0)]
     write_samples(tmp_path, "my_mc", docs)
     spec = registry.TaskSpec("my_mc", "my_mc", (registry.Leaf("my_mc", "acc"),))
-    point, correct = results_mod.load_point(tmp_path, [spec])
+    point, correct = report_mod.load_point(tmp_path, [spec])
     assert point["tasks"]["my_mc"]["loglik"] == [-1.25, -2.0, -4.0]  # gold choice of each
     assert correct["my_mc"].tolist() == [1.0, 0.0, 1.0]
     # Generations carry no log-likelihood: no "loglik" rather than a wrong one.
-    assert results_mod.gold_loglik({"resps": [["The answer is 4."]], "target": "4"}) is None
+    assert report_mod.gold_loglik({"resps": [["The answer is 4."]], "target": "4"}) is None
 
 
 @pytest.fixture

@@ -202,7 +202,7 @@ def test_bad_target_names_the_flag_and_the_sites(tmp_path, capsys):
 
 
 def test_a_started_server_gets_the_rule_and_every_site_of_the_target():
-    from vllm_sparsity.eval.sweep import serve_flags
+    from vllm_sparsity.eval.server import serve_flags
 
     assert serve_flags() == ["--sparsity-p", "1.0", "--sparsity-target", "all_inputs",
                              "--sparsity-rule", "top-p"]
@@ -214,7 +214,7 @@ def test_a_started_server_gets_the_rule_and_every_site_of_the_target():
 def test_a_started_server_keeps_no_core_back_on_a_small_machine_unless_the_user_chose():
     """vLLM-CPU reserves one core for its scheduler: on <= 4 CPUs the sweep's server reserves
     none; a user's own binding or reservation, or a larger machine, keeps vLLM's."""
-    from vllm_sparsity.eval.sweep import serve_env
+    from vllm_sparsity.eval.server import serve_env
 
     assert serve_env({"PATH": "/bin"}, 2) == {
         "PATH": "/bin", "VLLM_PLUGINS": "sparsity", "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -228,7 +228,7 @@ def test_a_started_server_keeps_no_core_back_on_a_small_machine_unless_the_user_
 
 def test_a_started_server_gets_the_dtype_and_the_environment(monkeypatch, tmp_path):
     """``served`` starts ``vllm serve`` with ``--dtype`` and ``serve_env``'s environment."""
-    from vllm_sparsity.eval import sweep as sweep_mod
+    from vllm_sparsity.eval import server as server_mod
 
     started = {}
 
@@ -240,13 +240,13 @@ def test_a_started_server_gets_the_dtype_and_the_environment(monkeypatch, tmp_pa
         def poll(self):
             return 1
 
-    monkeypatch.setattr(sweep_mod.subprocess, "Popen", Exited)
-    monkeypatch.setattr(sweep_mod.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(server_mod.subprocess, "Popen", Exited)
+    monkeypatch.setattr(server_mod.os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     for dtype, want in (("float32", "float32"), ("auto", "auto")):
         with pytest.raises(RuntimeError, match="vllm serve exited with 1"):
-            with sweep_mod.served("m", tmp_path / "server.log", dtype=dtype):
+            with server_mod.served("m", tmp_path / "server.log", dtype=dtype):
                 pass
         cmd = started["cmd"]
         assert cmd[cmd.index("--dtype") + 1] == want
@@ -259,8 +259,9 @@ def test_a_folder_is_never_resumed_in_another_dtype(monkeypatch, tmp_path):
     from dataclasses import asdict
 
     from vllm_sparsity.eval import sweep as sweep_mod
+    from vllm_sparsity.eval.grid import SweepConfig
 
-    cfg = sweep_mod.SweepConfig(MODEL_ROOT, ["piqa"], [1.0, 0.9], "all_inputs", 2)
+    cfg = SweepConfig(MODEL_ROOT, ["piqa"], [1.0, 0.9], "all_inputs", 2)
     old = {k: v for k, v in asdict(cfg).items() if k != "dtype"}
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "sweep.json").write_text(json.dumps(old))
@@ -280,7 +281,7 @@ def test_dtype_auto_computes_in_float32_only_on_a_cpu_without_16_bit_units(monke
     import torch
     from vllm.platforms import current_platform
 
-    from vllm_sparsity.eval.sweep import serve_dtype
+    from vllm_sparsity.eval.server import serve_dtype
 
     from vllm.platforms import CpuArchEnum
 

@@ -16,7 +16,7 @@ not from the YAMLs:
 
 Asserted per document: the prompt and settings lm-eval sent are the sources', the served text is
 HF's greedy text, the filtered answer and the score are the reference's; per task the
-point's exact_match and its mean generated length (``results.load_point``: raw outputs, the
+point's exact_match and its mean generated length (``report.load_point``: raw outputs, the
 model's tokenizer) are the ones computed from HF's outputs.
 """
 
@@ -31,8 +31,10 @@ import yaml
 
 from conftest import API_KEY
 from vllm_sparsity.eval import convert, registry
-from vllm_sparsity.eval.results import read_samples
-from vllm_sparsity.eval.sweep import Server, SweepConfig, sweep
+from vllm_sparsity.eval.report import read_samples
+from vllm_sparsity.eval.grid import SweepConfig
+from vllm_sparsity.eval.server import Server
+from vllm_sparsity.eval.sweep import sweep
 
 # Documents per task. GSM8K's second one runs to max_gen_toks (512 tokens), minutes of HF decoding
 # on a 2-core CPU, so the suite takes the first only; the settings lm-eval sent (max_gen_toks

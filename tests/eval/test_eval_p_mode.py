@@ -5,7 +5,7 @@ The two modes' results on a real server are compared in test_eval_sweep.py."""
 import pytest
 
 from vllm_sparsity.config import SparsityConfigError
-from vllm_sparsity.eval.sweep import measured_sparsity, p_mode
+from vllm_sparsity.eval.grid import measured_sparsity, p_mode
 
 
 def test_auto_picks_request_only_where_the_server_applies_it():

@@ -18,7 +18,7 @@ from vllm_sparsity.config import SparsityConfigError
 from vllm_sparsity.eval import check, convert
 from vllm_sparsity.eval import sweep as sweep_mod
 from vllm_sparsity.eval.cli import main, parse_grid
-from vllm_sparsity.eval.sweep import ordered_grid, point_dir
+from vllm_sparsity.eval.grid import ordered_grid, point_dir
 
 SITE_A = {"input": 0.95, "intermediate": 0.6}
 SITE_B = {"input": 0.9, "intermediate": 0.3}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from lm_eval.tasks import TaskManager
 
-from vllm_sparsity.eval import registry, results
+from vllm_sparsity.eval import registry, report
 from vllm_sparsity.eval.cli import main
 
 DOCS = [{"q": "2 + 2 =", "choices": ["4", "5"], "gold": 0},
@@ -70,7 +70,7 @@ def test_a_group_pools_its_subtasks(own, tmp_path):
         (run / f"samples_{task}_2026-12-01T00-00-00.jsonl").write_text("".join(
             json.dumps({"doc_id": i, "filter": "none", metric: v, "resps": [[" x"]]}) + "\n"
             for i, v in reversed(list(enumerate(values)))))
-    point, correct = results.load_point(pdir, [spec])
+    point, correct = report.load_point(pdir, [spec])
     assert correct["my_group"].tolist() == [1, 0, 1, 0, 0, 1]
     pooled = np.array([1, 0, 1, 0, 0, 1])
     assert point["tasks"]["my_group"]["acc_norm"] == pytest.approx(pooled.mean())

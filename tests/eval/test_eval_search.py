@@ -15,7 +15,7 @@ from test_eval_errors import MODEL_ROOT, FakeVLLM
 from vllm_sparsity.eval import convert, search, stats
 from vllm_sparsity.eval import sweep as sweep_mod
 from vllm_sparsity.eval.cli import main
-from vllm_sparsity.eval.sweep import PAPER_GRID
+from vllm_sparsity.eval.grid import PAPER_GRID, point_dir
 
 GRID = list(PAPER_GRID)
 
@@ -153,7 +153,7 @@ def test_sweep_with_search_writes_the_trace_and_the_grids_answer(tmp_path, monke
         assert lm_tasks == ["olmo_piqa"] and (include_path / "piqa.yaml").exists()
         i = GRID.index(p)
         scored.append(p)
-        run = sweep_mod.point_dir(out, p) / "lm_eval" / "m"
+        run = point_dir(out, p) / "lm_eval" / "m"
         run.mkdir(parents=True)
         acc = float(docs[i].mean())
         (run / "results_2026-12-01T00-00-00.json").write_text(json.dumps({"results": {
@@ -165,7 +165,7 @@ def test_sweep_with_search_writes_the_trace_and_the_grids_answer(tmp_path, monke
         point = {"p": p, "target": cfg.target, "server_p": p, "server_target": cfg.target,
                  "sparsity": {"input": None, "intermediate": None, "overall": sparsity[i],
                               "activations": 1}, "wall_s": 1.0}
-        (sweep_mod.point_dir(out, p) / "point.json").write_text(json.dumps(point))
+        (point_dir(out, p) / "point.json").write_text(json.dumps(point))
         return point
 
     monkeypatch.setattr(sweep_mod, "run_point", fake_point)

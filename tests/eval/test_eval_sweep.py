@@ -17,7 +17,9 @@ from conftest import API_KEY
 from vllm_sparsity.eval import convert
 from vllm_sparsity.eval.check import check
 from vllm_sparsity.eval.cli import main
-from vllm_sparsity.eval.sweep import Server, SweepConfig, point_dir, sweep
+from vllm_sparsity.eval.grid import SweepConfig, point_dir
+from vllm_sparsity.eval.server import Server
+from vllm_sparsity.eval.sweep import sweep
 
 BASELINE = Path(__file__).resolve().parents[2] / "eval" / "baselines" / "gemma-3-270m-ci.json"
 BROKEN_P = 0.3  # what the "broken" server really runs at when asked for the deployed p

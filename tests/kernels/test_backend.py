@@ -11,7 +11,7 @@ from layers import PlainLinear, expected_stats, sparse
 from reference import paper_top_p_mask
 from vllm_sparsity import rule, sparse_linear
 from vllm_sparsity.counters import DECODE
-from vllm_sparsity.kernels import backend
+from vllm_sparsity.kernels import triton_backend
 
 K, N = 200, 72
 
@@ -24,35 +24,35 @@ def make_layer(dtype=torch.bfloat16, seed=0):
 
 def apply(layer, x, p, bias=None):
     """``(y, kept)`` of the backend's ``apply_counted`` for whole rows."""
-    return backend.apply_counted(layer, x, p, bias)[:2]
+    return triton_backend.apply_counted(layer, x, p, bias)[:2]
 
 
 def test_prepare_stores_one_k_major_copy_behind_the_same_parameter():
     layer = make_layer()
     param, before = layer.weight, layer.weight.detach().clone()
-    backend.prepare(layer)
+    triton_backend.prepare(layer)
     assert layer.weight is param and param.weight_loader == "loader"
     assert param.shape == (N, K) and param.stride() == (1, N)  # [N, K] view of [K, N] storage
     assert param.untyped_storage().nbytes() == N * K * param.element_size()  # no second copy
     assert torch.equal(param, before)
-    assert backend.kmajor_weight(layer).is_contiguous()
-    backend.prepare(layer)  # idempotent
+    assert triton_backend.kmajor_weight(layer).is_contiguous()
+    triton_backend.prepare(layer)  # idempotent
     assert param.stride() == (1, N) and torch.equal(param, before)
 
 
 def test_prepare_refuses_what_the_kernels_cannot_run():
     layer = make_layer(torch.float32)
-    assert "float32" in backend.unsupported_reason(layer)
+    assert "float32" in triton_backend.unsupported_reason(layer)
     with pytest.raises(ValueError, match="triton sparsity backend"):
-        backend.prepare(layer)
-    assert backend.unsupported_reason(make_layer()) is None
+        triton_backend.prepare(layer)
+    assert triton_backend.unsupported_reason(make_layer()) is None
 
 
-@pytest.mark.parametrize("m", [1, backend.M_MAX, backend.M_MAX + 1, 33])
+@pytest.mark.parametrize("m", [1, triton_backend.M_MAX, triton_backend.M_MAX + 1, 33])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_apply_both_sides_of_m_max(m, with_bias):
     layer = make_layer()
-    backend.prepare(layer)
+    triton_backend.prepare(layer)
     bias = torch.randn(N).to(torch.bfloat16) if with_bias else None
     x = with_edge_rows(activations(max(m, 4), K, torch.bfloat16, seed=m))[:m]
     y, kept = apply(layer, x, ptensor(0.6), bias)
@@ -63,7 +63,7 @@ def test_apply_both_sides_of_m_max(m, with_bias):
 
 def test_apply_is_deterministic():
     layer = make_layer()
-    backend.prepare(layer)
+    triton_backend.prepare(layer)
     x = activations(3, K, torch.bfloat16, seed=9)
     a, _ = apply(layer, x, ptensor(0.5))
     b, _ = apply(layer, x, ptensor(0.5))
@@ -103,8 +103,9 @@ def test_triton_backend_reports_the_weight_columns_it_read(m):
     state.batch_phase.fill_(DECODE)
     layer.quant_method.apply(layer, x)
     union = int(paper_top_p_mask(x.float(), p).any(dim=0).sum())
-    read = union if m <= backend.M_MAX else K  # sparse GEMV: union of kept inputs; else dense
-    assert read < K or m > backend.M_MAX
+    # Sparse GEMV: the union of the kept inputs; else dense.
+    read = union if m <= triton_backend.M_MAX else K
+    assert read < K or m > triton_backend.M_MAX
     assert torch.equal(layer.sparsity_stats, expected_stats(x, p, [DECODE] * m, DECODE, read))
 
 
@@ -112,7 +113,7 @@ def test_branch_on_batch_size_survives_torch_compile():
     """Traced once with a dynamic batch, the op still picks sparse or dense per call: the branch
     runs inside the custom op, not in the graph."""
     layer = make_layer()
-    backend.prepare(layer)
+    triton_backend.prepare(layer)
     p = ptensor(0.6)
     compiled = torch.compile(lambda x: apply(layer, x, p), backend="aot_eager",
                              fullgraph=True, dynamic=True)
@@ -125,14 +126,16 @@ def test_branch_on_batch_size_survives_torch_compile():
 
 def test_custom_op_registered_with_fake_impl():
     layer = make_layer()
-    backend.prepare(layer)
+    triton_backend.prepare(layer)
     for m in (2, 10):
         x = activations(m, K, torch.bfloat16)
         torch.library.opcheck(torch.ops.vllm_sparsity.input_sparse_linear,
-                              (x, ptensor(0.5), backend.kmajor_weight(layer), None, backend.M_MAX))
+                              (x, ptensor(0.5), triton_backend.kmajor_weight(layer), None,
+                               triton_backend.M_MAX))
         thr = torch.full((m,), 0x3F00, dtype=torch.int32)
         torch.library.opcheck(torch.ops.vllm_sparsity.thresholded_linear,
-                              (x, thr, backend.kmajor_weight(layer), None, backend.M_MAX))
+                              (x, thr, triton_backend.kmajor_weight(layer), None,
+                               triton_backend.M_MAX))
 
 
 # Tensor parallelism: down_proj's K = 200 split into uneven shards of 90 and 110 columns.
@@ -150,8 +153,8 @@ def _tp_backend_on_rank(rank, world_size):
     cols = slice(0, TP_SPLIT) if rank == 0 else slice(TP_SPLIT, K)
     layer = make_layer(seed=1)
     layer.weight.data = layer.weight.data[:, cols].contiguous()
-    backend.prepare(layer)
-    return {m: backend.apply_counted(layer, _tp_rows(m)[:, cols].contiguous(), ptensor(0.6),
+    triton_backend.prepare(layer)
+    return {m: triton_backend.apply_counted(layer, _tp_rows(m)[:, cols].contiguous(), ptensor(0.6),
                                      None, dist.all_reduce) for m in TP_MS}
 
 
@@ -167,7 +170,7 @@ def test_sharded_intermediate_site_applies_the_global_rule(tmp_path):
         for out, cols in zip(ranks, (slice(0, TP_SPLIT), slice(TP_SPLIT, K))):
             y, kept, columns_read = out[m]
             assert torch.equal(kept, full[:, cols].sum(-1))
-            read = full[:, cols].any(0).sum() if m <= backend.M_MAX else x[:, cols].shape[1]
+            read = full[:, cols].any(0).sum() if m <= triton_backend.M_MAX else x[:, cols].shape[1]
             assert columns_read.tolist() == [read]
             assert_close_to_ref(y, *ref_sparse_gemv(x[:, cols], 0.6, w[:, cols],
                                                     mask=full[:, cols]), cols.stop - cols.start)
@@ -180,11 +183,11 @@ def test_sharded_path_survives_torch_compile():
     batch-size branch. The all-reduce doubles every mass, as if both ranks held the same shard:
     the global rule of [x, x] keeps what x's own rule keeps."""
     layer = make_layer()
-    backend.prepare(layer)
+    triton_backend.prepare(layer)
     p = ptensor(0.6)
 
     def sharded(x):
-        return backend.apply_counted(layer, x, p, None, lambda t: t.mul_(2))
+        return triton_backend.apply_counted(layer, x, p, None, lambda t: t.mul_(2))
 
     compiled = torch.compile(sharded, backend="aot_eager", fullgraph=True, dynamic=True)
     for m in (2, 12, 5):
@@ -194,10 +197,10 @@ def test_sharded_path_survives_torch_compile():
         assert_close_to_ref(y, *ref_sparse_gemv(x, 0.6, layer.weight.detach()), K)
 
 
-@pytest.mark.parametrize("m", [3, backend.M_MAX + 1])  # sparse GEMV, then mask + dense GEMM
+@pytest.mark.parametrize("m", [3, triton_backend.M_MAX + 1])  # sparse GEMV, then mask + dense GEMM
 def test_apply_with_one_p_per_row(m):
     layer = make_layer()
-    backend.prepare(layer)
+    triton_backend.prepare(layer)
     ps = torch.linspace(0.3, 1.0, m, dtype=torch.float64)
     x = activations(m, K, torch.bfloat16, seed=m)
     y, kept = apply(layer, x, ps[:, None])

@@ -78,7 +78,7 @@ def test_smoke_runs_from_a_plain_checkout_and_writes_the_csv(tmp_path):
     assert png.exists() and png.stat().st_size > 0 or "matplotlib is not installed" in proc.stdout
 
     # The CSV feeds `vllm-sparsity predict`: at batch 1 its gate_up_proj time ratio is the row's.
-    from vllm_sparsity import predict
+    from vllm_sparsity.tools import predict
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps({

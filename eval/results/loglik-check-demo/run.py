@@ -13,10 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_sparsity.demo_model import demo_model_path
+from vllm_sparsity.tools.demo_model import demo_model_path
 from vllm_sparsity.eval.check import check, make_baseline
-from vllm_sparsity.eval.sweep import (Server, SweepConfig, point_dir, serve_dtype, serve_flags,
-                                    served, sweep)
+from vllm_sparsity.eval.grid import SweepConfig, point_dir
+from vllm_sparsity.eval.server import Server, serve_dtype, serve_flags, served
+from vllm_sparsity.eval.sweep import sweep
 
 OUT = Path(sys.argv[1]); OUT.mkdir(parents=True, exist_ok=True)
 model = str(demo_model_path())

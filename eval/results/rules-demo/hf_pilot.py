@@ -6,7 +6,7 @@ one site at a time, on the first 4 prompts of piqa and arc_easy (``analyze``'s p
 """
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from vllm_sparsity.demo_model import demo_model_path
+from vllm_sparsity.tools.demo_model import demo_model_path
 from vllm_sparsity.eval.analyze import prompts
 from vllm_sparsity.rule import kept_mask, threshold_of
 torch.set_num_threads(1)

@@ -8,10 +8,11 @@ local Hugging Face model directory. No Hub access is needed or attempted.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from vllm_sparsity.cache import cache_dir
 
 MODEL_DIRNAME = "gemma-3-270m-bf16-v2"  # bump when the conversion changes
 
@@ -31,15 +32,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
-
-
-def cache_dir() -> Path:
-    """Root of the plugin's cache: ``$VLLM_SPARSITY_CACHE``, else ``$XDG_CACHE_HOME/vllm-sparsity``,
-    else ``~/.cache/vllm-sparsity``."""
-    if os.environ.get("VLLM_SPARSITY_CACHE"):
-        return Path(os.environ["VLLM_SPARSITY_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "vllm-sparsity"
 
 
 def demo_model_path(build: bool = True) -> Path:

@@ -1,7 +1,7 @@
 """Random-weight checkpoints with the shapes of real models, for benchmarks only.
 
 ``vllm-sparsity random-model llama-3.2-1b`` writes (once) a bf16 safetensors checkpoint with
-Llama-3.2-1B's shapes into the plugin's cache (``demo_model.cache_dir()``) and prints its path.
+Llama-3.2-1B's shapes into the plugin's cache (``cache.cache_dir()``) and prints its path.
 Its speed in vLLM is that of the real model: every GEMM, the KV cache and the tied 128k-token
 output layer have the real shapes, and the MLPs are about 65% of the weights, as in the paper's
 target models (the demo model's 262k-token output layer outweighs all its MLPs). Its outputs are
@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from vllm_sparsity.demo_model import cache_dir
+from vllm_sparsity.cache import cache_dir
 
 VERSION = 1  # bump when the checkpoint changes: it is part of the cached directory's name
 

@@ -86,6 +86,13 @@ def kmajor_weight(layer: torch.nn.Module) -> torch.Tensor:
     return layer.weight.t()
 
 
+def column_bytes(layer: torch.nn.Module) -> int:
+    """Bytes of one row of ``Wt [K, N]`` (one input feature's weights), what the sparse GEMV skips
+    per dropped input."""
+    w = layer.weight
+    return w.shape[0] * w.element_size()
+
+
 def _input_sparse_linear_fake(x, p, wt, bias=None, m_max=M_MAX):
     return (x.new_empty(x.shape[0], wt.shape[1]), x.new_empty(x.shape[0], dtype=torch.int64),
             x.new_empty(1, dtype=torch.int64))

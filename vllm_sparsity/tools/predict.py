@@ -30,9 +30,9 @@ r comes from one of two sources:
 
 A site given no sparsity (or 0) is dense: r = 1 (serve with that site outside the target).
 
-Source: the kernels' batch policy is ``vllm_sparsity/kernels/backend.py`` (``M_MAX``); the sites are
-the paper's (Szatkowski et al., "Universal Properties of Activation Sparsity in Modern LLMs",
-Sec. 3: ``input`` and ``intermediate`` targets).
+Source: the kernels' batch policy is ``vllm_sparsity/kernels/triton_backend.py`` (``M_MAX``); the
+sites are the paper's (Szatkowski et al., "Universal Properties of Activation Sparsity in Modern
+LLMs", Sec. 3: ``input`` and ``intermediate`` targets).
 """
 
 from __future__ import annotations
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         shape = ModelShape.from_config(args.config)
         m_max = args.m_max
         if m_max is None:
-            from vllm_sparsity.kernels.backend import M_MAX as m_max
+            from vllm_sparsity.kernels.triton_backend import M_MAX as m_max
         ratios = (KernelTimings(args.csv, shape, args.dtype, m_max) if args.csv
                   else BandwidthModel(shape, m_max, args.bandwidth_gbs, args.threshold_us))
         rows = predict(shape, sparsity, args.context, ratios, range(1, args.max_batch + 1))

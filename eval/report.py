@@ -2,7 +2,7 @@
 ``report.md``. lm-eval's own files (``points/p<p>/lm_eval/<model>/results_*.json`` and
 ``samples_<task>_*.jsonl``) are read, never rewritten.
 
-A point's p is a number or per site (``{site: p}``, ``sweep.Point``); critical sparsity is judged
+A point's p is a number or per site (``{site: p}``, ``grid.Point``); critical sparsity is judged
 on the measured sparsity of each point (``stats.paired_bootstrap``), so both kinds enter alike.
 Curves are drawn against measured sparsity, and points are named with ``config.describe_p``."""
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from vllm_sparsity.config import describe_p
 from vllm_sparsity.eval import convert, registry, stats
-from vllm_sparsity.eval.sweep import ordered_grid, point_dir
+from vllm_sparsity.eval.grid import ordered_grid, point_dir
 from vllm_sparsity.sites import sites_of
 
 

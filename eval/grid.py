@@ -1,0 +1,155 @@
+"""The grid of a sweep and its points: the sweep's configuration, the order points run in and
+their folders, the checks a grid and a server's rule must pass, and the sparsity a point measured
+from the server's counters (``GET /v1/sparsity`` before and after)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vllm_sparsity.config import describe_p
+from vllm_sparsity.request_p import counter_key
+from vllm_sparsity.sites import sites_of
+
+# The paper's grid (fszatkowski/activation-sparsity-benchmarking, slurm_scripts/harness/
+# model_grids/*.sh, `sparsity_setups`) without its p = 0.0, which the plugin rejects (p in (0, 1]).
+PAPER_GRID = (1.0, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91,
+              0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+P_MODES = ("auto", "request", "global")
+
+
+@dataclass
+class SweepConfig:
+    """What a sweep folder holds results for; resuming with a different one is refused."""
+
+    model: str  # model (or, with --url, tokenizer) path
+    tasks: list[str]
+    grid: list[float | dict[str, float]]  # p per point (``Point``); search: the p it picks from
+    target: str
+    limit: int | None
+    include_path: str | None = None  # the user's task YAMLs (lm-eval's --include_path)
+    search: bool = False  # bisection (search.bisect) instead of every point of the grid
+    tol: float = 0.02  # search: stop when the bracket is narrower (measured sparsity)
+    max_points: int | None = None  # search: budget of scored points, dense included
+    rule: str = "top-p"  # the server's --sparsity-rule (fixed at its start-up)
+    q: float | None = None  # the server's --sparsity-q (lq only)
+    # --dtype of the server the sweep starts, as ``serve_dtype`` resolves it (so that a folder is
+    # never resumed in another dtype); "auto": the checkpoint's, or with --url the server's own
+    dtype: str = "auto"
+
+
+# A point's p: one number for every site of the target, or one per site ({site: p}, in model
+# order, as ``config.parse_p_sites`` gives it). A per-site point runs through the global route only:
+# a request carries one number (``vllm_xargs.sparsity_p``).
+Point = float | dict[str, float]
+
+
+def per_site(grid: list[Point]) -> list[dict[str, float]]:
+    """The grid's per-site points."""
+    return [p for p in grid if isinstance(p, dict)]
+
+
+def ordered_grid(grid: list[Point]) -> list[Point]:
+    """The grid as a sweep runs and reports it: the dense point 1.0 first (added when missing),
+    the numbers descending, then the per-site points in the order given; duplicates (same
+    ``describe_p``) dropped."""
+    numbers = sorted({float(p) for p in grid if not isinstance(p, dict)} | {1.0}, reverse=True)
+    sites = {}
+    for p in per_site(grid):
+        sites.setdefault(describe_p(p), p)
+    return [*numbers, *sites.values()]
+
+
+def point_dir(out: Path, p: Point) -> Path:
+    """``<out>/points/p<describe_p(p)>``: ``p0.9``, ``pinput=0.95,intermediate=0.85``."""
+    return out / "points" / f"p{describe_p(p)}"
+
+
+def check_rule(state: dict, cfg: SweepConfig) -> None:
+    """SystemExit unless the server (``GET /v1/sparsity``) runs the sweep's rule and q: the rule
+    is a start-up setting of the server, which the sweep cannot change."""
+    server_rule = (state.get("rule", "top-p"), state.get("q"))
+    if server_rule != (cfg.rule, cfg.q):
+        raise SystemExit(f"--rule {cfg.rule}" + (f" --q {cfg.q:g}" if cfg.q is not None else "")
+                         + f": the server runs rule {server_rule[0]}"
+                         + (f" with q {server_rule[1]:g}" if server_rule[1] is not None else "")
+                         + "; start it with the same --sparsity-rule/--sparsity-q")
+
+
+def layer_deltas(before: dict, after: dict) -> dict[tuple[int, str], tuple[int, int]]:
+    """Activations zeroed and in all between two ``GET /v1/sparsity`` answers, per
+    ``(layer, site)`` (the route's monotonic counters, ``counters.route_layers``); rows of one
+    layer and site (a dense MLP and routed experts beside it) are summed."""
+    delta: dict[tuple[int, str], tuple[int, int]] = {}
+    for b, a in zip(before["layers"], after["layers"]):
+        assert (b["layer"], b["site"]) == (a["layer"], a["site"]), "layer rows changed order"
+        z, t = delta.get((a["layer"], a["site"]), (0, 0))
+        delta[a["layer"], a["site"]] = (z + a["zeroed"] - b["zeroed"], t + a["total"] - b["total"])
+    return delta
+
+
+def p_mode(state: dict, asked: str, target_fits: bool = True) -> str:
+    """The mode a sweep runs in: ``asked`` unless "auto", which is "request" when the server
+    applies a request's own p (``request_p.applied`` in its ``GET /v1/sparsity`` answer) and
+    ``target_fits`` (the sweep may run at the server's target, and its grid holds no per-site
+    point), else "global". SystemExit for
+    "request" on a server that does not apply it."""
+    applies = bool(state.get("request_p", {}).get("applied"))
+    if asked == "auto":
+        return "request" if applies and target_fits else "global"
+    if asked == "request" and not applies:
+        raise SystemExit("--p-mode request: the server does not apply a request's own p (its "
+                         "plugin predates it, or its model runner has no per-step hook: see its "
+                         "start-up log); use --p-mode global")
+    return asked
+
+
+def measured_sparsity(before: dict, after: dict, target: str, p: float | None = None) -> dict:
+    """Share of activations zeroed between two ``GET /v1/sparsity`` answers, per site of the
+    target and over all of them (``overall``); None for a site that saw no activations. From the
+    per-layer counters (every request), or with ``p`` from the counters of the requests carrying
+    that p (``request_p.counters``)."""
+    delta = {}
+    if p is None:
+        for (_, site), (dz, dt) in layer_deltas(before, after).items():
+            z, t = delta.get(site, (0, 0))
+            delta[site] = (z + dz, t + dt)
+    else:
+        key = counter_key(p)
+        b = before.get("request_p", {}).get("counters", {}).get(key, {})
+        for site, a in after.get("request_p", {}).get("counters", {}).get(key, {}).items():
+            zb, tb = b.get(site, {}).get("zeroed", 0), b.get(site, {}).get("total", 0)
+            delta[site] = (a["zeroed"] - zb, a["total"] - tb)
+    out = {}
+    for site in sites_of(target):
+        z, t = delta.get(site, (0, 0))
+        out[site] = z / t if t else None
+    zs = sum(delta.get(s, (0, 0))[0] for s in sites_of(target))
+    ts = sum(delta.get(s, (0, 0))[1] for s in sites_of(target))
+    out["overall"] = zs / ts if ts else None
+    out["activations"] = ts
+    return out
+
+
+
+def check_grid(cfg: SweepConfig, mode: str) -> None:
+    """SystemExit, in one sentence naming the flag, for per-site points the sweep cannot run: one
+    that does not name exactly the sites of the target; any with ``mode`` "request" (a request
+    carries one p, ``vllm_xargs.sparsity_p``) or with ``search`` (bisection needs the points on
+    one ordered axis of p)."""
+    points = per_site(cfg.grid)
+    want = sites_of(cfg.target)
+    for p in points:
+        if set(p) != set(want):
+            raise SystemExit(f"--p-grid point {describe_p(p)} names the sites {', '.join(p)} but "
+                             f"--target {cfg.target} has the sites {', '.join(want)}: a per-site "
+                             "point names exactly the target's sites")
+    if points and mode == "request":
+        raise SystemExit(f"--p-mode request: a request carries one p for every site "
+                         f"(vllm_xargs.sparsity_p), and --p-grid has the per-site point "
+                         f"{describe_p(points[0])}; use --p-mode global or auto (which runs such a "
+                         "grid through POST /v1/sparsity)")
+    if points and cfg.search:
+        raise SystemExit(f"--search: bisection needs the points on one ordered axis of p, and "
+                         f"--p-grid has the per-site point {describe_p(points[0])}; drop "
+                         "--search (every point is scored) or give only numbers")
