@@ -187,7 +187,7 @@ class Run:
 
         self.args, self.torch, self.triton = args, torch, triton
         self.ref, self.rule = gemv_reference, rule
-        self.mods = {"backend": backend, "sparse_gemv": sparse_gemv,
+        self.mods = {"backend": triton_backend, "sparse_gemv": sparse_gemv,
                      "top_p_threshold": top_p_threshold}
         self.ops = torch.ops.vllm_sparsity
         self.smoke = args.smoke
