@@ -20,10 +20,10 @@ Same interface as the Triton backend (``kernels/backend.py``):
 
 Batch policy. ``M <= layer.sparsity_m_max`` rows: ``cpu_input_sparse_gemv`` (threshold, union of the
 rows' kept weight rows read once, per-row masks). Above (prefill, large batches):
-``cpu_top_p_sparsify`` (the same threshold, x with dropped entries zeroed) then the layer's own dense
-GEMM (``layer.cpu_linear``, as vLLM's ``cpu_unquantized_gemm`` calls it). ``sparsity_m_max`` is the
-crossover ``prepare`` measures on this CPU for the layer's shape (``kernels/crossover.py``: cached,
-logged once per shape; ``VLLM_SPARSITY_CPU_M_MAX`` fixes it).
+``cpu_top_p_sparsify`` (the same threshold, x with dropped entries zeroed) then the layer's own
+dense GEMM (``layer.cpu_linear``, as vLLM's ``cpu_unquantized_gemm`` calls it). ``sparsity_m_max``
+is the crossover ``prepare`` measures on this CPU for the layer's shape (``kernels/crossover.py``:
+cached, logged once per shape; ``VLLM_SPARSITY_CPU_M_MAX`` fixes it).
 
 Build. ``torch.utils.cpp_extension.load`` at first use, into ``demo_model.cache_dir() /
 "torch_extensions"``, once per instruction set and torch version, like vLLM's ``_C_AVX2`` /

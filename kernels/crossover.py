@@ -154,16 +154,21 @@ class LayerTimer:
 
 
 def cpu_identity() -> tuple[str, str]:
-    """``(model name, flags)`` of the first CPU in /proc/cpuinfo (flags sorted, space-separated);
-    empty strings where it cannot be read."""
+    """``(model, flags)`` of the first CPU in /proc/cpuinfo: its model name with family, model and
+    stepping numbers (hypervisors may shorten the name to e.g. "AMD EPYC"), and its flags sorted,
+    space-separated; empty strings where it cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "", ""
-    model = re.search(r"^model name\s*:\s*(.*)$", text, re.MULTILINE)
-    flags = re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)
-    return (model.group(1).strip() if model else "",
-            " ".join(sorted(flags.group(1).split())) if flags else "")
+
+    def field(name: str) -> str:
+        m = re.search(rf"^{name}\s*:\s*(.*)$", text, re.MULTILINE)
+        return m.group(1).strip() if m else "?"
+
+    model = (f"{field('model name')} (family {field('cpu family')}, model {field('model')}, "
+             f"stepping {field('stepping')})")
+    return model, " ".join(sorted(field("flags").split()))
 
 
 def cache_key(dtype: torch.dtype, n: int, k: int, sparsity: float) -> dict:
