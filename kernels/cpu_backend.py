@@ -16,12 +16,14 @@ Same interface as the Triton backend (``kernels/triton_backend.py``):
   GEMMs several times slower (``kernels/bench/results/cpu-avx2-2026-12-01/measurements.md``).
 - ``apply_counted(layer, x2, p, bias, all_reduce)``: one op, ``torch.ops.vllm_sparsity.
   cpu_input_sparse_linear``, that takes the batch branch at run time (under torch.compile a Python
-  ``if M <= M_MAX`` would be evaluated once, at trace time; see ``kernels/triton_backend.py``).
+  ``if M <= m_max`` would be evaluated once, at trace time; see ``kernels/triton_backend.py``).
 
-Batch policy. ``M <= M_MAX`` rows: ``cpu_input_sparse_gemv`` (threshold, union of the rows' kept
-weight rows read once, per-row masks). Above (prefill, large batches): ``cpu_top_p_sparsify`` (the
-same threshold, x with dropped entries zeroed) then the layer's own dense GEMM (``layer.cpu_linear``,
-as vLLM's ``cpu_unquantized_gemm`` calls it). ``M_MAX``: see the constant below.
+Batch policy. ``M <= layer.sparsity_m_max`` rows: ``cpu_input_sparse_gemv`` (threshold, union of the
+rows' kept weight rows read once, per-row masks). Above (prefill, large batches):
+``cpu_top_p_sparsify`` (the same threshold, x with dropped entries zeroed) then the layer's own
+dense GEMM (``layer.cpu_linear``, as vLLM's ``cpu_unquantized_gemm`` calls it). ``sparsity_m_max``
+is the crossover ``prepare`` measures on this CPU for the layer's shape (``kernels/crossover.py``:
+cached, logged once per shape; ``VLLM_SPARSITY_CPU_M_MAX`` fixes it).
 
 Build. ``torch.utils.cpp_extension.load`` at first use, into ``cache.cache_dir() /
 "torch_extensions"``, once per instruction set and torch version, like vLLM's ``_C_AVX2`` /
@@ -48,15 +50,10 @@ from pathlib import Path
 
 import torch
 
+from vllm_sparsity.kernels import crossover
 from vllm_sparsity.kernels._registry import dispatcher_op, register_fake
 from vllm_sparsity.rule import top_p_sparsify
 
-# Largest batch (rows of x) sent to the sparse GEMV; above it, the rule then the dense GEMM. From
-# kernels/bench/bench_cpu_sparse_gemv.py: up to 8 rows the union of the rows' kept sets still skips
-# a useful share of W, but every row costs one FMA per weight read, so by 8 rows the kernel is
-# compute-bound and its p = 1 speed falls to about the dense GEMM's; past that the dense GEMM
-# (oneDNN, AMX where present) wins. The kernel itself takes up to 16 rows.
-M_MAX = 8
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SOURCE = Path(__file__).resolve().parent / "cpu" / "input_sparse_gemv.cpp"
 ISA_ENV = "VLLM_SPARSITY_CPU_ISA"
@@ -180,7 +177,9 @@ _DENSE: list[Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]] = []
 
 def prepare(layer: torch.nn.Module, inner=None) -> None:
     """Keep a K-major copy of ``layer.weight`` (buffer ``sparsity_wt`` [K, N]), then run vLLM's own
-    weight step ``inner.process_weights_after_loading(layer)`` for the dense path. Idempotent.
+    weight step ``inner.process_weights_after_loading(layer)`` for the dense path, then set
+    ``layer.sparsity_m_max``, the crossover of the layer's shape (``crossover.decide_for``: the
+    first layer of a shape may time both paths, about a second or more). Idempotent.
 
     Args:
         layer: a linear layer with its weight [N, K] loaded.
@@ -188,7 +187,7 @@ def prepare(layer: torch.nn.Module, inner=None) -> None:
             ``layer.quant_method.inner``, else vLLM's ``UnquantizedLinearMethod``).
 
     Raises:
-        ValueError: ``unsupported_reason(layer)`` is not None.
+        ValueError: ``unsupported_reason(layer)`` is not None; a bad ``VLLM_SPARSITY_CPU_M_MAX``.
     """
     if hasattr(layer, "sparsity_dense_id"):
         return
@@ -209,6 +208,7 @@ def prepare(layer: torch.nn.Module, inner=None) -> None:
     else:
         _DENSE.append(lambda x, bias: torch.nn.functional.linear(x, layer.sparsity_wt.t(), bias))
     layer.sparsity_dense_id = len(_DENSE) - 1
+    layer.sparsity_m_max = crossover.decide_for(wt, _DENSE[-1]).m_max
 
 
 def column_bytes(layer: torch.nn.Module) -> int:
@@ -242,7 +242,7 @@ dispatcher_op("cpu_input_sparse_linear", "(Tensor x, Tensor p, Tensor wt, Tensor
 
 
 def input_sparse_linear(x: torch.Tensor, p: torch.Tensor, layer: torch.nn.Module,
-                        bias: torch.Tensor | None = None, m_max: int = M_MAX
+                        bias: torch.Tensor | None = None, m_max: int | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``y = top_p(x) @ Wt (+ bias)``, kept counts and weight rows read
     (``torch.ops.vllm_sparsity.cpu_input_sparse_linear``).
@@ -254,7 +254,8 @@ def input_sparse_linear(x: torch.Tensor, p: torch.Tensor, layer: torch.nn.Module
         layer: a layer that went through ``prepare`` (its ``sparsity_wt`` [K, N] and dense GEMM).
         bias: optional [N].
         m_max: rows up to which the sparse GEMV runs (at most the kernel's
-            ``cpu_input_sparse_gemv_max_rows()``, 16); above it, the rule then the dense GEMM.
+            ``cpu_input_sparse_gemv_max_rows()``, 16; 0: never); above it, the rule then the dense
+            GEMM. Default: the layer's crossover, ``layer.sparsity_m_max``.
 
     Returns:
         ``(y, kept, rows_read)``: y [M, N] in x's dtype; kept int64 [M], inputs kept per row (the
@@ -264,6 +265,8 @@ def input_sparse_linear(x: torch.Tensor, p: torch.Tensor, layer: torch.nn.Module
     Raises:
         RuntimeError: from the op, naming the bad argument (shape, dtype, stride, p).
     """
+    if m_max is None:
+        m_max = layer.sparsity_m_max
     return torch.ops.vllm_sparsity.cpu_input_sparse_linear(x, p, layer.sparsity_wt, bias,
                                                            layer.sparsity_dense_id, m_max)
 

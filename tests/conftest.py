@@ -192,7 +192,10 @@ def _servers(tmp_path_factory, demo_model, pytestconfig):
         servers["sparse"] = start_server(
             "sparse", ["--sparsity-p", "0.9", "--enable-prompt-tokens-details"], log_dir,
             env={"VLLM_PLUGINS": "sparsity", "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1",
-                 "VLLM_SPARSITY_TEST_RPC_DELAY_FILE": str(delay)},
+                 "VLLM_SPARSITY_TEST_RPC_DELAY_FILE": str(delay),
+                 # The cpu backend's sparse GEMV on decode batches of up to 8 rows, whatever
+                 # crossover this CPU measures (sites_server runs the measured one).
+                 "VLLM_SPARSITY_CPU_M_MAX": "8"},
             api_key=API_KEY)
         servers["sparse"].rpc_delay_file = delay
     if "dense" in needed:
