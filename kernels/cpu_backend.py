@@ -208,7 +208,7 @@ def prepare(layer: torch.nn.Module, inner=None) -> None:
     else:
         _DENSE.append(lambda x, bias: torch.nn.functional.linear(x, layer.sparsity_wt.t(), bias))
     layer.sparsity_dense_id = len(_DENSE) - 1
-    layer.sparsity_m_max = crossover.decide_for(wt, _DENSE[-1]).m_max
+    layer.sparsity_m_max = crossover.decide_for(wt, _DENSE[-1], build=select_isa()[0]).m_max
 
 
 def column_bytes(layer: torch.nn.Module) -> int:

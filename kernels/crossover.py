@@ -171,10 +171,9 @@ def cpu_identity() -> tuple[str, str]:
     return model, " ".join(sorted(field("flags").split()))
 
 
-def cache_key(dtype: torch.dtype, n: int, k: int, sparsity: float) -> dict:
-    """Everything the crossover of a [N, K] weight of ``dtype`` depends on, as a JSON-able dict."""
-    from vllm_sparsity.kernels.cpu_backend import select_isa
-
+def cache_key(dtype: torch.dtype, n: int, k: int, sparsity: float, build: str | None) -> dict:
+    """Everything the crossover of a [N, K] weight of ``dtype`` depends on, as a JSON-able dict
+    (``build``: the kernel build's instruction set, ``cpu_backend.select_isa``)."""
     try:
         import vllm
 
@@ -183,7 +182,7 @@ def cache_key(dtype: torch.dtype, n: int, k: int, sparsity: float) -> dict:
         vllm_version = "none"
     model, flags = cpu_identity()
     return {"method": METHOD, "cpu": model, "flags": flags, "torch": torch.__version__,
-            "vllm": vllm_version, "isa": select_isa()[0],
+            "vllm": vllm_version, "isa": build,
             "kernel": hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16],
             "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
             "N": n, "K": k, "sparsity": sparsity}
@@ -245,8 +244,8 @@ _DECIDED: dict[str, Decision] = {}
 
 
 def decide_for(wt: torch.Tensor, dense: Callable[[torch.Tensor, None], torch.Tensor], *,
-               sparsity: float = EXPECTED_SPARSITY, timer: Timer | None = None,
-               max_rows: int | None = None) -> Decision:
+               build: str | None = None, sparsity: float = EXPECTED_SPARSITY,
+               timer: Timer | None = None, max_rows: int | None = None) -> Decision:
     """The crossover of a layer: override, else this process's decision for its key, else the
     cache, else measured (then cached). Logs one line per key and process.
 
@@ -254,6 +253,8 @@ def decide_for(wt: torch.Tensor, dense: Callable[[torch.Tensor, None], torch.Ten
         wt: the layer's K-major weight [K, N] (bf16/fp16/fp32, contiguous, on the CPU), the one
             ``cpu_input_sparse_gemv`` reads.
         dense: the layer's dense GEMM, ``dense(x [M, K], bias=None) -> y [M, N]``.
+        build: the kernel build's instruction set (``cpu_backend.select_isa()[0]``), part of the
+            cache key.
         sparsity: expected share of zeros per row, in [0, 1).
         timer: replaces ``LayerTimer(wt, dense, sparsity)`` (tests).
         max_rows: largest M timed (default: ``cpu_input_sparse_gemv_max_rows()``).
@@ -271,7 +272,7 @@ def decide_for(wt: torch.Tensor, dense: Callable[[torch.Tensor, None], torch.Ten
     if wt.device.type != "cpu":  # no data to time (a meta weight): the dense path, always safe
         return Decision(0, f"not measured: weight on {wt.device.type}", {})
     k, n = wt.shape
-    key = cache_key(wt.dtype, n, k, sparsity)
+    key = cache_key(wt.dtype, n, k, sparsity, build)
     kid = _entry_id(key)
     if kid in _DECIDED:
         return _DECIDED[kid]

@@ -189,5 +189,6 @@ def test_real_measurement_returns_a_valid_m_and_caches_it(fresh_cache, monkeypat
     data = json.loads((fresh_cache / crossover.CACHE_FILE).read_text())
     (entry,) = data.values()
     assert entry["m_max"] == layer.sparsity_m_max
-    assert entry["key"] == crossover.cache_key(torch.bfloat16, N, K, crossover.EXPECTED_SPARSITY)
+    assert entry["key"] == crossover.cache_key(torch.bfloat16, N, K, crossover.EXPECTED_SPARSITY,
+                                                cpu_backend.select_isa()[0])
     assert all(r > 0 for r in entry["ratios"].values())
