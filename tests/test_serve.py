@@ -190,9 +190,21 @@ def test_p_per_request(sparse_server):
     assert got == {0.5: ref[0.5], 0.7: ref[0.7], None: ref[0.9]}
     assert got_chat == ref_chat
     # The per-p counters: each p's requests alone, as the whole server counted them at that p.
+    # Activations in all are exact; zeroed ones to 1e-4 of them: batched with other requests,
+    # the model's GEMMs (two threads) may round the activations' last bits otherwise, which moves
+    # a handful of entries across a threshold. A request counted at the other p would be off by
+    # tens of percent (the two p differ in sparsity by far more).
     by_p = counts()[1]
     for p in (0.5, 0.7):
-        assert minus(by_p[repr(p)], by_p_before.get(repr(p), {})) == ref_counts[p], p
+        got_p = minus(by_p[repr(p)], by_p_before.get(repr(p), {}))
+        assert got_p.keys() == ref_counts[p].keys(), p
+        for site, (zeroed, total) in got_p.items():
+            ref_zeroed, ref_total = ref_counts[p][site]
+            assert total == ref_total, (p, site)
+            assert abs(zeroed - ref_zeroed) <= 1e-4 * total, (p, site, zeroed, ref_zeroed)
+    assert abs(sum(z for z, _ in ref_counts[0.5].values())
+               - sum(z for z, _ in ref_counts[0.7].values())) > 1e-2 * sum(
+        t for _, t in ref_counts[0.5].values())  # the bound above tells the two p apart
 
     # Prefix cache: a repeat at the same p reuses the prompt's blocks; another p never does.
     text, cached = complete(0.5)
