@@ -200,8 +200,8 @@ def test_p_per_request(sparse_server):
     assert got_chat == ref_chat
     # The per-p counters: each p's requests alone, as the whole server counted them at that p.
     # Activations in all are exact; zeroed ones to 1e-4 of them: batched with other requests,
-    # the model's GEMMs (two threads) may round the activations' last bits otherwise, which moves
-    # a handful of entries across a threshold. A request counted at the other p would be off by
+    # the model's GEMMs may round the activations' last bits otherwise, which moves a handful of
+    # entries across a threshold. A request counted at the other p would be off by
     # tens of percent (the two p differ in sparsity by far more).
     by_p = counts()[1]
     for p in (0.5, 0.7):
