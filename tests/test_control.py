@@ -221,6 +221,21 @@ def test_a_site_outside_the_target_keeps_every_nonzero_under_max_p():
     assert engine.states[1].p_by_site() == {"input": 0.9, "intermediate": 0.0}
 
 
+def test_every_rule_goes_back_to_dense_at_runtime_and_p_0_is_max_p_only():
+    """p = 0 is max-p's keep-everything p (rule.KEEP_ALL_P): the route takes it there, so a max-p
+    server can roll back to the dense model; under top-p it is refused before pausing."""
+    engine = FakeEngine(config=SparsityConfig(p=0.5, rule="max-p"))
+    r = post_json(app_for(engine), {"p": 0})
+    assert r.status_code == 200 and r.json()["p"] == 0.0, r.json()
+    assert [s.p_by_site() for s in engine.states] == [{"input": 0.0, "intermediate": 0.0}] * 2
+    engine = FakeEngine()
+    r = post_json(app_for(engine), {"p": 0})
+    assert r.status_code == 400, r.json()
+    assert r.json()["error"] == "p must be a number in [1e-06, 1], got 0.0"
+    assert engine.log == []
+    assert control.validate({"p": 0}) == (0.0, None, None, None)
+
+
 @pytest.mark.parametrize("headers, body, status, message", [
     ({"content-type": "text/plain"}, '{"p": 0.5}', 415,
      "Content-Type must be application/json, got 'text/plain'"),
@@ -260,7 +275,6 @@ def test_json_with_a_charset_is_json():
     ({"top_p": 0.5}, "unknown key(s) ['top_p']"),
     ({"p": 0.5, "extra": 1}, "unknown key(s) ['extra']"),
     ({"p": None}, "p must be a number in [1e-06, 1], got None"),
-    ({"p": 0}, "p must be a number in [1e-06, 1], got 0"),
     ({"p": -0.5}, "p must be a number in [1e-06, 1], got -0.5"),
     ({"p": 1.5}, "p must be a number in [1e-06, 1], got 1.5"),
     ({"p": 5e-324}, "p must be a number in [1e-06, 1], got 5e-324"),
