@@ -223,6 +223,12 @@ def test_admission_refuses_p_on_a_server_without_sparsity():
     plugin._check_request_p(on, params)  # accepted
     plugin._check_request_p(SimpleNamespace(additional_config={}),
                             SimpleNamespace(extra_args=None))
+    # 0 on a max-p server only (its keep-everything p), checked against the server's rule.
+    dense = SimpleNamespace(extra_args={"sparsity_p": 0})
+    with pytest.raises(ValueError, match=r"vllm_xargs\.sparsity_p must be a number"):
+        plugin._check_request_p(on, dense)
+    max_p = SimpleNamespace(additional_config={"sparsity": {"p": 0.5, "rule": "max-p"}})
+    plugin._check_request_p(max_p, dense)
 
 
 def test_prefix_cache_salt_depends_on_the_p():
