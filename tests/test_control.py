@@ -183,6 +183,7 @@ def test_get_shows_the_rule_and_q():
      "rule only, and the rule is compiled"),
     (SparsityConfig(p=0.9, rule="lq", q=2.0, backend="torch"), "torch", {"q": 3.0},
      "restart with --sparsity-rule lq to run lq (q=3)"),
+    (SparsityConfig(p=0.9), "torch", {"p": 0}, "p must be a number in [1e-06, 1], got 0.0"),
     (SparsityConfig(p=0.9), "torch", {"q": 2.0},
      "q is the exponent of the lq rule only; rule is top-p"),
     (SparsityConfig(p=0.9), "torch", {"rule": "lq"}, "rule lq needs q"),
@@ -219,20 +220,9 @@ def test_a_site_outside_the_target_keeps_every_nonzero_under_max_p():
     assert post_json(app_for(engine), {"target": "input"}).status_code == 200
     # max-p at 1 would keep only the max: 0 is its keep-everything p (rule.KEEP_ALL_P).
     assert engine.states[1].p_by_site() == {"input": 0.9, "intermediate": 0.0}
-
-
-def test_every_rule_goes_back_to_dense_at_runtime_and_p_0_is_max_p_only():
-    """p = 0 is max-p's keep-everything p (rule.KEEP_ALL_P): the route takes it there, so a max-p
-    server can roll back to the dense model; under top-p it is refused before pausing."""
-    engine = FakeEngine(config=SparsityConfig(p=0.5, rule="max-p"))
-    r = post_json(app_for(engine), {"p": 0})
-    assert r.status_code == 200 and r.json()["p"] == 0.0, r.json()
+    # And the route takes it (under max-p only: see the refusals above): rollback to dense.
+    assert post_json(app_for(engine), {"p": 0, "target": "all_inputs"}).json()["p"] == 0.0
     assert [s.p_by_site() for s in engine.states] == [{"input": 0.0, "intermediate": 0.0}] * 2
-    engine = FakeEngine()
-    r = post_json(app_for(engine), {"p": 0})
-    assert r.status_code == 400, r.json()
-    assert r.json()["error"] == "p must be a number in [1e-06, 1], got 0.0"
-    assert engine.log == []
     assert control.validate({"p": 0}) == (0.0, None, None, None)
 
 
