@@ -286,7 +286,8 @@ def report(result: dict) -> str:
         sr = result["search_trace"]
         width = sr["bracket"]["width"]
         lines += [f"**Search:** bisection over the grid, {sr['points']} points scored in this "
-                  f"order: " + ", ".join(f"p={point_name(t['p'])} {'pass' if t['passes'] else 'fail'}"
+                  f"order: " + ", ".join(f"p={point_name(t['p'])} "
+                                         f"{'pass' if t['passes'] else 'fail'}"
                                          + (" (within noise)" if t["within_noise"] else "")
                                          for t in sr["trace"])
                   + f"; stopped: {sr['stopped']} (tol {sr['tol']}, budget {sr['max_points']}); "

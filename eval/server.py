@@ -167,8 +167,9 @@ def served(model: str, log: Path, url: str | None = None, api_key: str | None = 
            flags: list[str] | None = None, dtype: str = "auto"):
     """Yield a Server: the one at ``url``, or a ``vllm serve`` subprocess started here with
     ``flags`` (default ``serve_flags()``: plugin on at p = 1.0 with target all_inputs, so that
-    every target can be set at runtime; ``[]``: sparsity off, a dense reference) and ``--dtype dtype`` as vLLM reads it (auto: the
-    checkpoint's), stopped on exit whatever happened. An attached server computes in its own dtype (``dtype`` unused)."""
+    every target can be set at runtime; ``[]``: sparsity off, a dense reference) and ``--dtype
+    dtype`` as vLLM reads it (auto: the checkpoint's), stopped on exit whatever happened. An
+    attached server computes in its own dtype (``dtype`` unused)."""
     if url:
         yield Server(url.rstrip("/"), api_key)
         return

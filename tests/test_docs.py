@@ -18,7 +18,9 @@ commands of their own, then read as one word; split at ``|``, ``&&``, ``||``, ``
 - ``curl URL``: the URL's path is a route of the plugin (``control.py``) or of vLLM's OpenAI
   server, and a ``-d`` body without shell variables is JSON.
 
-A failure names the file and line of the command and what did not parse.
+A failure names the file and line of the command and what did not parse. Beside them: every
+relative link of the docs leads to a file or folder, and eval/README.md links every folder of
+committed results.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -223,3 +226,25 @@ def test_every_command_in_the_docs_parses(doc, monkeypatch):
                 failures.append(f"{doc}:{line}: `{shlex.join(words)}`: {why}")
     assert not failures, "commands in the docs that do not run as written:\n" + "\n".join(
         failures)
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_relative_link_in_the_docs_exists(doc):
+    text = (ROOT / doc).read_text()
+    missing = [f"{doc}:{text[:m.start()].count(chr(10)) + 1}: {m.group(1)}"
+               for m in re.finditer(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+               if "://" not in m.group(1) and not m.group(1).startswith("mailto:")
+               and not ((ROOT / doc).parent / m.group(1)).exists()]
+    assert not missing, "links to nothing:\n" + "\n".join(missing)
+
+
+def test_every_results_folder_is_linked_from_the_eval_readme():
+    """Each folder of committed results (``*/results/<folder>``, ``tests/results``) has a row in
+    eval/README.md's Committed results, linked."""
+    readme = (ROOT / "eval" / "README.md").read_text()
+    folders = [p for pattern in ("eval/results/*", "kernels/bench/results/*") for p in
+               sorted(ROOT.glob(pattern)) if p.is_dir()] + [ROOT / "tests" / "results"]
+    eval_dir = ROOT / "eval"
+    unlinked = [str(f.relative_to(ROOT)) for f in folders
+                if f"]({Path(os.path.relpath(f, eval_dir)).as_posix()}/)" not in readme]
+    assert folders and not unlinked, f"results folders eval/README.md does not link: {unlinked}"
