@@ -69,7 +69,7 @@ def target_arg(value: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    from vllm_sparsity.eval.grid import P_MODES, PAPER_GRID
+    from vllm_sparsity.eval.grid import P_MODES
 
     ap = argparse.ArgumentParser(prog="vllm-sparsity eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,7 +97,7 @@ def parser() -> argparse.ArgumentParser:
                    "POST /v1/sparsity, so not with --p-mode request or --search); the rule's "
                    "dense point is always added: p = 1.0 for top-p, top-k and lq; for max-p, "
                    "where p = 1.0 is the sparsest point, a run without the plugin (default: the "
-                   "paper's grid without 0)")
+                   "paper's grid of the rule: see eval/README.md)")
     s.add_argument("--target", default="all_inputs", type=target_arg,
                    help="input, intermediate, all_inputs (default) or a comma list of the sites "
                    "input, gate, up, intermediate")
@@ -154,12 +154,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "sweep":
-        from vllm_sparsity.eval.grid import PAPER_GRID, SweepConfig, ordered_grid, point_name
+        from vllm_sparsity.eval.grid import PAPER_GRIDS, SweepConfig, ordered_grid, point_name
         from vllm_sparsity.eval.sweep import sweep
 
         try:
-            grid = ordered_grid(parse_grid(args.p_grid) if args.p_grid else list(PAPER_GRID),
-                                args.rule)
+            grid = ordered_grid(parse_grid(args.p_grid) if args.p_grid
+                                else list(PAPER_GRIDS[args.rule]), args.rule)
         except SparsityConfigError as e:
             raise SystemExit(str(e)) from None
         if not 0 < args.tol < 1:

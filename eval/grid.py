@@ -14,10 +14,22 @@ from vllm_sparsity.sites import sites_of
 
 # The paper's grid (fszatkowski/activation-sparsity-benchmarking, slurm_scripts/harness/
 # model_grids/*.sh, `sparsity_setups`) without its p = 0.0, which the plugin rejects (p in
-# [1e-6, 1]). The same numbers for every rule: their order by sparsity is the rule's
-# (``sparser_as_p_rises``), and so is the dense point (``dense_p``).
+# [1e-6, 1]): top-p's.
 PAPER_GRID = (1.0, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91,
               0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+# The paper's grids of the other rules (same repository, slurm_scripts/harness/
+# grid_sparsified.sh, "topk" and "maxp" setups); its scripts have none for lq, which takes
+# top-p's (p is a share of mass for both). A sweep adds the rule's dense point (``dense_p``) and
+# orders the points by the rule's sparsity (``sparser_as_p_rises``: max-p's p = 0.9 is its
+# sparsest point, 0.001 its least sparse).
+PAPER_GRIDS = {
+    "top-p": PAPER_GRID,
+    "top-k": (0.01, 0.03, 0.05, 0.075, 0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8,
+              1.0),
+    "max-p": (0.001, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1,
+              0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 0.9),
+    "lq": PAPER_GRID,
+}
 P_MODES = ("auto", "request", "global")
 # The dense reference of a rule without a dense p (``dense_p``): a run of the model without the
 # plugin; its point's p is null in the sweep's files and its folder ``points/dense``.

@@ -124,15 +124,15 @@ def check_eval_workflow(ns: argparse.Namespace, sweeps: dict[str, argparse.Names
     """What an ``eval check``/``eval baseline`` of a sweep shown earlier would refuse, or ''."""
     from vllm_sparsity.eval import check
     from vllm_sparsity.eval.cli import parse_grid
-    from vllm_sparsity.eval.grid import PAPER_GRID, ordered_grid
+    from vllm_sparsity.eval.grid import PAPER_GRIDS, ordered_grid
 
     if getattr(ns, "command", None) not in ("check", "baseline"):
         return ""
     sweep = sweeps.get(str(ns.results.parent))
     if sweep is None:
         return ""
-    grid = ordered_grid(parse_grid(sweep.p_grid) if sweep.p_grid else list(PAPER_GRID),
-                        sweep.rule)
+    grid = ordered_grid(parse_grid(sweep.p_grid) if sweep.p_grid
+                        else list(PAPER_GRIDS[sweep.rule]), sweep.rule)
     p = ns.deployed_p
     if p is not None and not any(check.same_p(g, p) for g in grid):
         return f"--deployed-p {p} is not a point of the sweep into {sweep.out} ({grid})"

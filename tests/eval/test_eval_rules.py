@@ -19,7 +19,7 @@ from vllm_sparsity.config import P_MIN
 from vllm_sparsity.eval import convert, search, stats
 from vllm_sparsity.eval import sweep as sweep_mod
 from vllm_sparsity.eval.cli import main
-from vllm_sparsity.eval.grid import (DENSE, PAPER_GRID, dense_p, ordered_grid, point_dir,
+from vllm_sparsity.eval.grid import (DENSE, PAPER_GRIDS, dense_p, ordered_grid, point_dir,
                                      point_name)
 
 RULES = ("top-p", "top-k", "max-p", "lq")
@@ -38,8 +38,8 @@ def test_each_rules_grid_starts_dense_and_grows_sparser(rule):
     torch.manual_seed(0)
     x = (torch.randn(64, 512) * torch.rand(64, 1) * 4).to(torch.bfloat16)
     x[:, :4] = 1e-7  # far below p * max|x| for every p of the plugin's range
-    grid = ordered_grid(list(PAPER_GRID), rule)
-    assert len(grid) == len(PAPER_GRID) + (rule == "max-p")  # max-p: every p sparse, plus dense
+    grid = ordered_grid(list(PAPER_GRIDS[rule]), rule)
+    assert len(grid) == len(PAPER_GRIDS[rule]) + (rule == "max-p")  # max-p: plus its dense run
     sparsity = [rule_sparsity(rule, p, x) for p in grid]
     # The first point keeps every nonzero: the rule's output is x itself (or x is the dense run).
     assert sparsity[0] == rule_sparsity(rule, None, x) == 0.0
@@ -52,10 +52,34 @@ def test_each_rules_grid_starts_dense_and_grows_sparser(rule):
     assert sparsity[-1] > 0.5
     # max-p has no dense p: even the plugin's smallest p zeroes the tiny entries.
     if rule == "max-p":
-        assert dense_p(rule) is None and grid[0] is DENSE and grid[1:3] == [0.1, 0.2]
-        assert rule_sparsity(rule, P_MIN, x) > 0 and grid[-1] == 1.0
+        assert dense_p(rule) is None and grid[0] is DENSE and grid[1:3] == [0.001, 0.003]
+        assert rule_sparsity(rule, P_MIN, x) > 0 and grid[-1] == 0.9
     else:
-        assert dense_p(rule) == 1.0 and grid[:3] == [1.0, 0.995, 0.99]
+        assert dense_p(rule) == 1.0 and grid[:2] == [1.0, 0.8 if rule == "top-k" else 0.995]
+
+
+@pytest.mark.parametrize("rule, extra", [("top-p", []), ("top-k", []), ("max-p", []),
+                                         ("lq", ["--q", "2"])])
+def test_a_sweep_without_p_grid_runs_the_papers_grid_of_its_rule(rule, extra, tmp_path,
+                                                                 monkeypatch):
+    runs = []
+
+    def fake_sweep(cfg, out, *args, **kw):
+        runs.append(cfg)
+        return {"critical_sparsity": {"average": {"sparsity": None, "p": None,
+                                                  "interval": [0.0, 0.0]}}}
+
+    monkeypatch.setattr(sweep_mod, "sweep", fake_sweep)
+    assert main(["sweep", "--model", MODEL_ROOT, "--tasks", "piqa", "--rule", rule, *extra,
+                 "--out", str(tmp_path / "o")]) == 0
+    expected = {"top-p": [1.0, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.93,
+                          0.92, 0.91, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5, 0.4, 0.3, 0.2,
+                          0.1],
+                "top-k": [1.0, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.1, 0.075,
+                          0.05, 0.03, 0.01],
+                "max-p": [None, 0.001, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04,
+                          0.05, 0.06, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 0.9]}
+    assert runs[0].grid == expected["top-p" if rule == "lq" else rule]
 
 
 def synthetic(grid, sparsity, correct_counts, n=50):
