@@ -85,7 +85,7 @@ def segments(command: str) -> list[list[str]]:
     return result
 
 
-class Parsed(Exception):
+class Parsed(BaseException):  # not an Exception: no handler of the command may catch it
     """Raised by the patched parser once the final parser of a command has parsed its words."""
 
     def __init__(self, namespace: argparse.Namespace):
