@@ -26,7 +26,9 @@ committed results.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -156,10 +158,13 @@ def check_segment(words: list[str], monkeypatch, sweeps: dict) -> str:
     """'' when the command parses, else why not."""
     name = words[0]
     if name == "vllm-sparsity":
+        stderr = io.StringIO()
         try:
-            ns = parse_vllm_sparsity(words[1:], monkeypatch)
-        except SystemExit as e:
-            return f"argument parsing exited with {e.code}"
+            with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+                ns = parse_vllm_sparsity(words[1:], monkeypatch)
+        except SystemExit as e:  # 0: --help printed; else argparse's usage error
+            error = (stderr.getvalue().strip().splitlines() or [""])[-1]
+            return "" if e.code == 0 else f"argument parsing exited with {e.code}: {error}"
         if getattr(ns, "command", None) == "sweep":
             sweeps[str(ns.out)] = ns
         return check_eval_workflow(ns, sweeps)
@@ -248,3 +253,21 @@ def test_every_results_folder_is_linked_from_the_eval_readme():
     unlinked = [str(f.relative_to(ROOT)) for f in folders
                 if f"]({Path(os.path.relpath(f, eval_dir)).as_posix()}/)" not in readme]
     assert folders and not unlinked, f"results folders eval/README.md does not link: {unlinked}"
+
+
+def test_the_deploy_files_serve_commands_parse(monkeypatch):
+    """The ``vllm serve`` arguments of deploy/compose.yaml (vLLM's image: the command's items are
+    ``vllm serve``'s arguments) and deploy/k8s/deployment.yaml pass the plugin's flag parsing."""
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    k8s = next(d for d in yaml.safe_load_all((ROOT / "deploy" / "k8s" / "deployment.yaml")
+                                             .read_text()) if d and d.get("kind") == "Deployment")
+    container = k8s["spec"]["template"]["spec"]["containers"][0]
+    served = {"deploy/compose.yaml": ["vllm", "serve", "MODEL", *compose["services"]["vllm"]
+                                      ["command"]],
+              "deploy/k8s/deployment.yaml": [*container["command"], *container["args"]]}
+    failures = [f"{name}: {why}" for name, words in served.items()
+                if (why := check_segment(words, monkeypatch, {}))]
+    assert not failures and all(any(w.startswith("--sparsity-p") for w in words)
+                                for words in served.values()), failures
