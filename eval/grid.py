@@ -65,7 +65,9 @@ class SweepConfig:
 
     model: str  # model (or, with --url, tokenizer) path
     tasks: list[str]
-    grid: list[float | dict[str, float]]  # p per point (``Point``); search: the p it picks from
+    # p per point (``Point``; ``DENSE``, None, for max-p's dense reference), as ``ordered_grid``
+    # orders it for ``rule``; search: the p it picks from
+    grid: list[float | dict[str, float] | None]
     target: str
     limit: int | None
     include_path: str | None = None  # the user's task YAMLs (lm-eval's --include_path)
