@@ -101,7 +101,10 @@ def differences(results: dict, baseline: dict) -> list[str]:
 
 def same_p(a: float | dict[str, float], b: float | dict[str, float]) -> bool:
     """Whether two points' p are the same: two numbers, or two per-site p naming the same sites,
-    equal to float rounding (``math.isclose``); a number never equals a per-site p."""
+    equal to float rounding (``math.isclose``); a number never equals a per-site p; the dense
+    reference of max-p (p None, ``grid.DENSE``) equals only itself."""
+    if a is None or b is None:
+        return a is b
     if isinstance(a, dict) or isinstance(b, dict):
         return (isinstance(a, dict) and isinstance(b, dict) and set(a) == set(b)
                 and all(math.isclose(a[site], b[site]) for site in a))

@@ -2,7 +2,8 @@
 
   vllm-sparsity eval sweep --model M [--url URL --api-key K] [--tasks arc_easy,piqa,gsm8k,mmlu,...]
                            [--include-path DIR] [--p-grid 1.0,0.99,... [input=0.95,...] ...]
-                           [--target all_inputs]
+                           [--target all_inputs] [--rule top-p|top-k|max-p|lq [--q Q]]
+                           [--dense-url URL]
                            [--limit N] [--search [--tol 0.02] [--max-points N]]
                            [--p-mode auto|request|global] [--dtype auto|float32|...] --out DIR
   vllm-sparsity eval check --results DIR/results.json --baseline FILE [--deployed-p P] [--strict]
@@ -68,7 +69,7 @@ def target_arg(value: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    from vllm_sparsity.eval.grid import P_MODES, PAPER_GRID
+    from vllm_sparsity.eval.grid import P_MODES
 
     ap = argparse.ArgumentParser(prog="vllm-sparsity eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--url", help="attach to this server (started with VLLM_PLUGINS=sparsity and "
                    "--sparsity-p) instead of starting one")
     s.add_argument("--api-key", help="the attached server's --api-key")
+    s.add_argument("--dense-url", help="--rule max-p with --url: a server of the same model "
+                   "without sparsity (no --sparsity-p), which scores the dense reference (max-p "
+                   "keeps everything only at p = 0, outside the plugin's range); same --api-key")
     s.add_argument("--tasks", type=_names, default=list(convert.DEFAULT_TASKS),
                    help="comma-separated: built-in offline tasks (" + ", ".join(convert.TASKS)
                    + "), any lm-eval task or group, or tasks of --include-path (default: the "
@@ -90,8 +94,10 @@ def parser() -> argparse.ArgumentParser:
                    help="the points: comma lists of p (one p for every site of --target) and/or "
                    "per-site points, one per argument, written as --sparsity-p takes them "
                    "(input=0.95,intermediate=0.85; exactly the sites of --target; run through "
-                   "POST /v1/sparsity, so not with --p-mode request or --search); the dense "
-                   "point 1.0 is always added (default: the paper's grid without 0)")
+                   "POST /v1/sparsity, so not with --p-mode request or --search); the rule's "
+                   "dense point is always added: p = 1.0 for top-p, top-k and lq; for max-p, "
+                   "where p = 1.0 is the sparsest point, a run without the plugin (default: the "
+                   "paper's grid of the rule: see eval/README.md)")
     s.add_argument("--target", default="all_inputs", type=target_arg,
                    help="input, intermediate, all_inputs (default) or a comma list of the sites "
                    "input, gate, up, intermediate")
@@ -148,11 +154,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "sweep":
-        from vllm_sparsity.eval.grid import PAPER_GRID, SweepConfig, ordered_grid
+        from vllm_sparsity.eval.grid import PAPER_GRIDS, SweepConfig, ordered_grid, point_name
         from vllm_sparsity.eval.sweep import sweep
 
         try:
-            grid = ordered_grid(parse_grid(args.p_grid) if args.p_grid else list(PAPER_GRID))
+            grid = ordered_grid(parse_grid(args.p_grid) if args.p_grid
+                                else list(PAPER_GRIDS[args.rule]), args.rule)
         except SparsityConfigError as e:
             raise SystemExit(str(e)) from None
         if not 0 < args.tol < 1:
@@ -168,15 +175,17 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(str(e)) from None
         cfg = SweepConfig(str(args.model), args.tasks, grid, args.target, args.limit, include,
                           args.search, args.tol, args.max_points, args.rule, args.q, args.dtype)
-        result = sweep(cfg, args.out, args.url, args.api_key, mode=args.p_mode)
+        result = sweep(cfg, args.out, args.url, args.api_key, mode=args.p_mode,
+                       dense_url=args.dense_url)
         crit = result["critical_sparsity"]["average"]
-        p = "none" if crit["p"] is None else describe_p(crit["p"])
+        p = "none" if crit["sparsity"] is None else point_name(crit["p"])
         print(f"critical sparsity {crit['sparsity']} (p={p}), interval {crit['interval']}"
               f"; {args.out / 'results.json'}")
         if "search_trace" in result:
             sr = result["search_trace"]
             print(f"search: {sr['points']} points, stopped: {sr['stopped']}, bracket p "
-                  f"{sr['bracket']['pass_p']:g} (pass) .. {sr['bracket']['fail_p']} (fail)")
+                  f"{point_name(sr['bracket']['pass_p'])} (pass) .. {sr['bracket']['fail_p']} "
+                  "(fail)")
         return 0
     if args.command == "check":
         from vllm_sparsity.eval.check import (check, differences, read_baseline, read_results,

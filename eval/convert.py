@@ -73,6 +73,10 @@ TASKS: dict[str, Task] = {
     "triviaqa": Task("trivia_qa/rc.wikipedia.nocontext/validation", "exact_match",
                      ("exact_match",), "remove_whitespace", "arrow", generative=True),
 }
+# The paper's suite, as its grid scripts loop over it (see TASKS above): ``suite_note`` names how a
+# sweep's tasks differ from it next to every average.
+PAPER_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "winogrande", "piqa", "sciq",
+               "lambada", "triviaqa")
 # The offline suite a sweep scores by default: the log-likelihood tasks (the generative ones
 # decode up to hundreds of tokens per document: name them explicitly).
 DEFAULT_TASKS = [t for t, spec in TASKS.items() if not spec.generative]
@@ -203,3 +207,18 @@ def build_tasks(tasks: list[str], out: Path | None = None, yaml_dir: Path | None
         yaml.write_text(f"include: {TEMPLATES / (task + '.yaml')}\n"
                         f"dataset_kwargs:\n  data_files:\n    test: {data}\n")
     return yaml_dir
+
+
+def suite_note(tasks: list[str]) -> str:
+    """One sentence for next to an average over ``tasks`` (task names as ``--tasks`` gives them):
+    whether it is the paper's suite (``PAPER_TASKS``), else which of the paper's tasks it leaves out
+    and which it adds (the default suite: TriviaQA out, generative and costly; OpenBookQA in)."""
+    left_out = [t for t in PAPER_TASKS if t not in tasks]
+    added = [t for t in tasks if t not in PAPER_TASKS]
+    if not left_out and not added:
+        return "Averaged over the paper's suite (" + ", ".join(PAPER_TASKS) + ")."
+    parts = ([f"leaves out {', '.join(left_out)}"] if left_out else []) + (
+        [f"adds {', '.join(added)}"] if added else [])
+    return ("Averaged over these tasks, not the paper's suite (" + ", ".join(PAPER_TASKS)
+            + "): this one " + " and ".join(parts)
+            + ", so its averages are not comparable with the paper's.")

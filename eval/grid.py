@@ -7,15 +7,56 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_sparsity.config import describe_p
+from vllm_sparsity.config import P_MIN, describe_p
 from vllm_sparsity.request_p import counter_key
+from vllm_sparsity.rule import KEEP_ALL_P
 from vllm_sparsity.sites import sites_of
 
 # The paper's grid (fszatkowski/activation-sparsity-benchmarking, slurm_scripts/harness/
-# model_grids/*.sh, `sparsity_setups`) without its p = 0.0, which the plugin rejects (p in (0, 1]).
+# model_grids/*.sh, `sparsity_setups`) without its p = 0.0, which the plugin rejects (p in
+# [1e-6, 1]): top-p's.
 PAPER_GRID = (1.0, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91,
               0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+# The paper's grids of the other rules (same repository, slurm_scripts/harness/
+# grid_sparsified.sh, "topk" and "maxp" setups); its scripts have none for lq, which takes
+# top-p's (p is a share of mass for both). A sweep adds the rule's dense point (``dense_p``) and
+# orders the points by the rule's sparsity (``sparser_as_p_rises``: max-p's p = 0.9 is its
+# sparsest point, 0.001 its least sparse).
+PAPER_GRIDS = {
+    "top-p": PAPER_GRID,
+    "top-k": (0.01, 0.03, 0.05, 0.075, 0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8,
+              1.0),
+    "max-p": (0.001, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1,
+              0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 0.9),
+    "lq": PAPER_GRID,
+}
 P_MODES = ("auto", "request", "global")
+# The dense reference of a rule without a dense p (``dense_p``): a run of the model without the
+# plugin; its point's p is null in the sweep's files and its folder ``points/dense``.
+DENSE = None
+DENSE_NAME = "dense"
+
+
+def dense_p(rule: str) -> float | None:
+    """The p of the plugin's range ([``P_MIN``, 1]) at which ``rule`` keeps every nonzero entry,
+    so that the model's output is the dense model's: 1.0 for top-p, top-k and lq; None for max-p,
+    which keeps everything only at p = 0 (``rule.KEEP_ALL_P``), outside the range: its dense
+    reference is a run without the plugin (``DENSE``)."""
+    keep_all = KEEP_ALL_P[rule]
+    return keep_all if P_MIN <= keep_all <= 1.0 else None
+
+
+def sparser_as_p_rises(rule: str) -> bool:
+    """Whether a higher p zeroes more entries under ``rule``: every rule is monotone in p and keeps
+    everything at one end of [0, 1] (``rule.KEEP_ALL_P``), so sparsity grows towards the other.
+    False for top-p, top-k and lq (keep all at 1: a lower p is sparser); True for max-p (keep all
+    at 0: ``|x| >= p * max|x|`` keeps fewer entries as p grows)."""
+    return KEEP_ALL_P[rule] == 0.0
+
+
+def point_name(p: Point | None) -> str:
+    """A point for folders, logs and reports: ``describe_p(p)``, or ``dense`` for ``DENSE``."""
+    return DENSE_NAME if p is DENSE else describe_p(p)
 
 
 @dataclass
@@ -24,7 +65,9 @@ class SweepConfig:
 
     model: str  # model (or, with --url, tokenizer) path
     tasks: list[str]
-    grid: list[float | dict[str, float]]  # p per point (``Point``); search: the p it picks from
+    # p per point (``Point``; ``DENSE``, None, for max-p's dense reference), as ``ordered_grid``
+    # orders it for ``rule``; search: the p it picks from
+    grid: list[float | dict[str, float] | None]
     target: str
     limit: int | None
     include_path: str | None = None  # the user's task YAMLs (lm-eval's --include_path)
@@ -49,20 +92,42 @@ def per_site(grid: list[Point]) -> list[dict[str, float]]:
     return [p for p in grid if isinstance(p, dict)]
 
 
-def ordered_grid(grid: list[Point]) -> list[Point]:
-    """The grid as a sweep runs and reports it: the dense point 1.0 first (added when missing),
-    the numbers descending, then the per-site points in the order given; duplicates (same
-    ``describe_p``) dropped."""
-    numbers = sorted({float(p) for p in grid if not isinstance(p, dict)} | {1.0}, reverse=True)
+def ordered_grid(grid: list[Point | None], rule: str = "top-p") -> list[Point | None]:
+    """The grid as a sweep runs and reports it: the rule's dense point first (added when
+    missing: ``dense_p``, or ``DENSE`` for a rule without one), the numbers from the least to the
+    most sparse (descending p, or ascending for max-p: ``sparser_as_p_rises``), then the per-site
+    points in the order given; duplicates (same ``describe_p``) dropped."""
+    dense = dense_p(rule)
+    numbers = {float(p) for p in grid if p is not DENSE and not isinstance(p, dict)}
+    numbers = sorted(numbers | ({dense} if dense is not None else set()),
+                     reverse=not sparser_as_p_rises(rule))
+    if dense is None:
+        numbers = [DENSE, *numbers]
     sites = {}
     for p in per_site(grid):
         sites.setdefault(describe_p(p), p)
     return [*numbers, *sites.values()]
 
 
-def point_dir(out: Path, p: Point) -> Path:
-    """``<out>/points/p<describe_p(p)>``: ``p0.9``, ``pinput=0.95,intermediate=0.85``."""
-    return out / "points" / f"p{describe_p(p)}"
+def check_order(grid: list[Point | None], rule: str) -> None:
+    """ValueError unless ``grid`` is a search's axis for ``rule``: numbers only, the rule's dense
+    point first (``dense_p`` or ``DENSE``), then strictly more sparse at every step."""
+    dense = dense_p(rule)
+    rest = grid[1:]
+    step_ok = (lambda a, b: a < b) if sparser_as_p_rises(rule) else (lambda a, b: a > b)
+    if (not grid or grid[0] != dense or any(p is DENSE or isinstance(p, dict) for p in rest)
+            or (dense is not None and rest and not step_ok(dense, rest[0]))
+            or any(not step_ok(a, b) for a, b in zip(rest, rest[1:]))):
+        raise ValueError(
+            f"a {rule} grid must start at its dense point ({point_name(dense)}), then give "
+            f"numbers in {'ascending' if sparser_as_p_rises(rule) else 'descending'} p "
+            f"(growing sparsity), got {[point_name(p) for p in grid]}")
+
+
+def point_dir(out: Path, p: Point | None) -> Path:
+    """``<out>/points/p<describe_p(p)>``: ``p0.9``, ``pinput=0.95,intermediate=0.85``; the dense
+    reference of a rule without a dense p (``DENSE``): ``<out>/points/dense``."""
+    return out / "points" / (DENSE_NAME if p is DENSE else f"p{describe_p(p)}")
 
 
 def check_rule(state: dict, cfg: SweepConfig) -> None:

@@ -4,7 +4,9 @@
 
 A point's p is a number or per site (``{site: p}``, ``grid.Point``); critical sparsity is judged
 on the measured sparsity of each point (``stats.paired_bootstrap``), so both kinds enter alike.
-Curves are drawn against measured sparsity, and points are named with ``config.describe_p``."""
+Curves are drawn against measured sparsity, and points are named with ``grid.point_name``. The
+dense reference is the first point of ``grid.ordered_grid`` for the sweep's rule (p = 1.0, or for
+max-p the run without the plugin, p null)."""
 
 from __future__ import annotations
 
@@ -15,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_sparsity.config import describe_p
 from vllm_sparsity.eval import convert, registry, stats
-from vllm_sparsity.eval.grid import ordered_grid, point_dir
+from vllm_sparsity.eval.grid import ordered_grid, point_dir, point_name
 from vllm_sparsity.sites import sites_of
 
 
@@ -140,14 +141,15 @@ def build(out: Path, n_boot: int = 2000) -> dict:
     count = (token_counter(cfg["model"]) if any(leaf.generative for s in specs for leaf in s.leaves)
              else None)
     points, correct = [], {t: [] for t in tasks}
-    for p in ordered_grid(cfg["grid"]):
+    grid = ordered_grid(cfg["grid"], cfg.get("rule", "top-p"))
+    for p in grid:
         if (point_dir(out, p) / "point.json").exists():
             point, docs = load_point(point_dir(out, p), specs, count)
             points.append(point)
             for t in tasks:
                 correct[t].append(docs[t])
-    if not points or points[0]["p"] != 1.0:
-        raise ValueError(f"{out}: the dense point (p=1.0) is missing")
+    if not points or points[0]["p"] != grid[0]:
+        raise ValueError(f"{out}: the dense point ({point_name(grid[0])}) is missing")
     for t in tasks:  # paired: every point must have scored the same documents
         if len({len(c) for c in correct[t]}) != 1 or len(
                 {tuple(pt["tasks"][t]["doc_ids"]) for pt in points}) != 1:
@@ -214,7 +216,7 @@ def plot(result: dict, path: Path) -> None:
         ax.plot(xs, [pt["normalized_average"] for pt in sites], "D", ms=7, color="black",
                 label="average, per-site p")
     for pt in sites:
-        ax.annotate(describe_p(pt["p"]), (pt["sparsity"]["overall"], pt["normalized_average"]),
+        ax.annotate(point_name(pt["p"]), (pt["sparsity"]["overall"], pt["normalized_average"]),
                     textcoords="offset points", xytext=(6, -10), fontsize=6)
     ax.axhline(stats.THRESHOLD, color="grey", ls="--", lw=1, label="99% of dense")
     crit = result["critical_sparsity"]["average"]
@@ -244,7 +246,7 @@ def report(result: dict) -> str:
 
     def fmt(c):
         s = "fails at the first point" if c["sparsity"] is None else f"{c['sparsity']:.3f}"
-        p = "none" if c.get("p") is None else describe_p(c["p"])
+        p = "none" if c["sparsity"] is None else point_name(c.get("p"))
         return (f"{s} (p={p}), {crit['level']:.0%} interval "
                 f"[{c['interval'][0]:.3f}, {c['interval'][1]:.3f}]")
 
@@ -253,14 +255,15 @@ def report(result: dict) -> str:
         "Tasks (scored by lm-eval `local-completions`): "
         + ", ".join(f"{t} ({result['docs'][t]} docs)" for t in tasks) + ".", "",
         f"**Critical sparsity (average):** {fmt(crit['average'])}; paired bootstrap over "
-        f"documents, {crit['n_boot']} resamples, threshold {crit['threshold']:.0%} of dense.", "",
+        f"documents, {crit['n_boot']} resamples, threshold {crit['threshold']:.0%} of dense. "
+        + convert.suite_note(tasks), "",
         "| task | critical sparsity | interval |", "|---|---|---|",
         *(f"| {t} | {fmt(crit['tasks'][t]).split(' (')[0]} | "
           f"[{crit['tasks'][t]['interval'][0]:.3f}, {crit['tasks'][t]['interval'][1]:.3f}] |"
           for t in tasks), "",
         "Per point: measured sparsity (share of activations zeroed, per site), per-task primary "
         "metric ± lm-eval stderr, average, average normalized to dense with its paired "
-        "bootstrap interval, wall time of the point.", "",
+        "bootstrap interval, wall time of the point. " + convert.suite_note(tasks), "",
         "| p | " + " | ".join(f"sparsity {s}" for s in sites) + " | " + " | ".join(tasks)
         + " | average | normalized | wall s |",
         "|---" * (len(sites) + len(tasks) + 4) + "|",
@@ -272,7 +275,7 @@ def report(result: dict) -> str:
                   + (f" ({pt['tasks'][t]['generated_tokens']:.0f} tok)"
                      if "generated_tokens" in pt["tasks"][t] else "") for t in tasks]
         lo, hi = pt["normalized_average_interval"]
-        lines.append(f"| {describe_p(pt['p'])} | " + " | ".join(cells)
+        lines.append(f"| {point_name(pt['p'])} | " + " | ".join(cells)
                      + f" | {pt['average']:.3f} | {pt['normalized_average']:.3f} [{lo:.3f}, "
                      f"{hi:.3f}] | {pt['wall_s']:.0f} |")
     lines += ["", "Primary metric per task: " + ", ".join(
@@ -283,10 +286,12 @@ def report(result: dict) -> str:
         sr = result["search_trace"]
         width = sr["bracket"]["width"]
         lines += [f"**Search:** bisection over the grid, {sr['points']} points scored in this "
-                  f"order: " + ", ".join(f"p={t['p']:g} {'pass' if t['passes'] else 'fail'}"
+                  f"order: " + ", ".join(f"p={point_name(t['p'])} "
+                                         f"{'pass' if t['passes'] else 'fail'}"
                                          + (" (within noise)" if t["within_noise"] else "")
                                          for t in sr["trace"])
                   + f"; stopped: {sr['stopped']} (tol {sr['tol']}, budget {sr['max_points']}); "
-                  f"critical p={sr['critical']['p']:g}, bracket to p={sr['bracket']['fail_p']}"
+                  f"critical p={point_name(sr['critical']['p'])}, bracket to p="
+                  f"{'none' if sr['bracket']['fail_p'] is None else sr['bracket']['fail_p']}"
                   + ("" if width is None else f", width {width:.3f} of sparsity") + ".", ""]
     return "\n".join(lines)

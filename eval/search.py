@@ -2,17 +2,19 @@
 
 The grid's answer (``stats.critical``) is the most sparse point whose normalized average accuracy
 (accuracy / dense accuracy on the same documents, averaged over tasks) is >= 0.99. Where that holds
-for every p above some point and fails below it (pass/fail monotone in p), bisection finds the same
-point in about log2(len(grid)) + 2 points: the dense p = 1.0 (passes by definition), the grid's
-lowest p (fails, or the search ends there: every point passes), then the middle of the bracket
-(last passing, first failing) until
+for every point less sparse than some point and fails beyond it (pass/fail monotone in sparsity),
+bisection finds the same point in about log2(len(grid)) + 2 points: the rule's dense point
+(``grid.dense_p``: p = 1.0, or for max-p the run without the plugin; passes by definition), the
+grid's sparsest point (its lowest p, or its highest for max-p: ``grid.sparser_as_p_rises``; fails,
+or the search ends there: every point passes), then the middle of the bracket (last passing,
+first failing) until
 
 - the two are neighbours on the grid (``adjacent``);
 - the measured sparsity between them is below ``tol`` (``tolerance``): the answer is known to
   within ``tol`` of sparsity, and the passing end is returned;
 - ``max_points`` points were measured (``budget``): the passing end is returned, with the width
   of the bracket still open;
-- or the lowest p passes (``lowest_passes``).
+- or the sparsest point passes (``sparsest_passes``).
 
 Each point is judged as the grid judges it: its normalized average against 0.99 (point estimate,
 so that the search and the grid define critical sparsity alike). The paired bootstrap that gives
@@ -31,6 +33,7 @@ from collections.abc import Callable
 import numpy as np
 
 from vllm_sparsity.eval import stats
+from vllm_sparsity.eval.grid import check_order
 
 
 def judge(dense: dict[str, np.ndarray], point: dict[str, np.ndarray], n_boot: int = 2000,
@@ -52,15 +55,21 @@ def judge(dense: dict[str, np.ndarray], point: dict[str, np.ndarray], n_boot: in
             "passes": norm >= threshold, "within_noise": bool(lo < threshold <= hi)}
 
 
-def bisect(grid: list[float], measure: Callable[[float], tuple[float, dict[str, np.ndarray]]],
-           tol: float = 0.02, max_points: int | None = None, **judge_kw) -> dict:
+def bisect(grid: list[float | None],
+           measure: Callable[[float | None], tuple[float, dict[str, np.ndarray]]],
+           tol: float = 0.02, max_points: int | None = None, rule: str = "top-p",
+           **judge_kw) -> dict:
     """Search ``grid`` for the critical point.
 
     Args:
-        grid: p values, descending, starting with 1.0 (sparsity grows along it).
+        grid: p values as ``grid.ordered_grid`` orders them for ``rule``: its dense point first
+            (1.0, or ``grid.DENSE`` (None) for max-p), then sparsity growing along it (descending
+            p; ascending for max-p).
         measure: p -> (measured sparsity overall, task -> [N_task] per-document primary metric).
         tol: stop when the bracket's measured sparsity width is below this (absolute, 0..1).
         max_points: the budget of measured points, dense included (>= 2); None: no limit.
+        rule: the server's rule (a key of ``rule.RULES``): which point is dense, which way
+            sparsity grows.
 
     Returns:
         ``{"trace": [...], "critical": {"p", "sparsity"}, "bracket": {"pass_p", "fail_p",
@@ -68,11 +77,10 @@ def bisect(grid: list[float], measure: Callable[[float], tuple[float, dict[str, 
         measured with their decisions (``judge``'s fields plus ``p``, ``sparsity``).
 
     Raises:
-        ValueError: a grid that does not start at 1.0 or is not descending; ``tol`` or
+        ValueError: a grid not ordered for ``rule`` (``grid.check_order``); ``tol`` or
             ``max_points`` out of range.
     """
-    if not grid or grid[0] != 1.0 or any(a <= b for a, b in zip(grid, grid[1:])):
-        raise ValueError(f"grid must be descending from 1.0, got {grid}")
+    check_order(grid, rule)
     if not 0 < tol < 1:
         raise ValueError(f"tol must be in (0, 1), got {tol}")
     if max_points is not None and max_points < 2:
@@ -94,7 +102,7 @@ def bisect(grid: list[float], measure: Callable[[float], tuple[float, dict[str, 
     if len(grid) == 1:
         stopped = "adjacent"
     elif visit(len(grid) - 1):
-        good, stopped = len(grid) - 1, "lowest_passes"
+        good, stopped = len(grid) - 1, "sparsest_passes"
     else:
         bad = len(grid) - 1
     while stopped is None:

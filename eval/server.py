@@ -16,7 +16,7 @@ from pathlib import Path
 
 import requests
 
-from vllm_sparsity.config import describe_p
+from vllm_sparsity.config import ENV_PREFIX, FIELDS, describe_p
 from vllm_sparsity.eval.grid import Point
 from vllm_sparsity.sites import sites_of, target_of
 
@@ -114,10 +114,12 @@ def serve_flags(target: str = "all_inputs", rule: str = "top-p", q: float | None
 ALL_CPUS_UP_TO = 4
 
 
-def serve_env(environ: dict[str, str], cpus: int) -> dict[str, str]:
+def serve_env(environ: dict[str, str], cpus: int, sparsity: bool = True) -> dict[str, str]:
     """The environment of a ``vllm serve`` started for a sweep: ``environ`` plus the plugin
     (``VLLM_PLUGINS=sparsity``), a 1 GiB KV cache and, on a machine of at most ``ALL_CPUS_UP_TO``
     CPUs (``cpus``: how many this process may run on), ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``.
+    Without ``sparsity`` (a dense reference's server) the ``VLLM_SPARSITY_<FIELD>`` variables
+    are dropped, so that sparsity stays off.
 
     vLLM-CPU's own thread binding (one OpenMP thread per physical core of the rank's NUMA node)
     keeps one core back for its scheduler and API server (``vllm/utils/ompmultiprocessing.py``):
@@ -128,6 +130,9 @@ def serve_env(environ: dict[str, str], cpus: int) -> dict[str, str]:
     ``VLLM_CPU_NUM_OF_RESERVED_CPU`` or ``VLLM_CPU_OMP_THREADS_BIND`` nothing is changed.
     """
     env = {**environ, "VLLM_PLUGINS": "sparsity"}
+    if not sparsity:  # no field set anywhere: the plugin stays off (config.resolve)
+        env = {k: v for k, v in env.items()
+               if k not in {ENV_PREFIX + field.upper() for field in FIELDS}}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if cpus <= ALL_CPUS_UP_TO and not {"VLLM_CPU_OMP_THREADS_BIND",
                                        "VLLM_CPU_NUM_OF_RESERVED_CPU"} & environ.keys():
@@ -162,16 +167,17 @@ def served(model: str, log: Path, url: str | None = None, api_key: str | None = 
            flags: list[str] | None = None, dtype: str = "auto"):
     """Yield a Server: the one at ``url``, or a ``vllm serve`` subprocess started here with
     ``flags`` (default ``serve_flags()``: plugin on at p = 1.0 with target all_inputs, so that
-    every target can be set at runtime) and ``--dtype dtype`` as vLLM reads it (auto: the
-    checkpoint's), stopped on exit whatever happened. An attached server computes in its own dtype (``dtype`` unused)."""
+    every target can be set at runtime; ``[]``: sparsity off, a dense reference) and ``--dtype
+    dtype`` as vLLM reads it (auto: the checkpoint's), stopped on exit whatever happened. An
+    attached server computes in its own dtype (``dtype`` unused)."""
     if url:
         yield Server(url.rstrip("/"), api_key)
         return
     port, api_key = _free_port(), secrets.token_hex(16)
     cmd = [str(Path(sys.executable).with_name("vllm")), "serve", model, "--host", "127.0.0.1",
            "--port", str(port), "--max-model-len", "2048", "--dtype", dtype,
-           *(flags or serve_flags()), "--api-key", api_key]
-    env = serve_env(dict(os.environ), len(os.sched_getaffinity(0)))
+           *(serve_flags() if flags is None else flags), "--api-key", api_key]
+    env = serve_env(dict(os.environ), len(os.sched_getaffinity(0)), sparsity=flags != [])
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"starting vllm serve on port {port}, --dtype {dtype} (minutes: compile; log: {log})",
           file=sys.stderr)

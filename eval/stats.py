@@ -59,7 +59,8 @@ def normalized(correct: dict[str, np.ndarray], dense: int,
     Args:
         correct: task -> [P, N_task] 0/1 correctness of each document at each point (the same
             documents in the same order at every point).
-        dense: index of the dense point (p = 1.0).
+        dense: index of the dense reference (the rule's dense point: p = 1.0, or for max-p the
+            run without the plugin; ``grid.dense_p``).
         weights: task -> [B, N_task] document draw counts of B resamples; None: the data itself.
 
     Returns:

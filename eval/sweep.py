@@ -22,6 +22,12 @@ Either way lm-eval keeps per-document outputs (``--log_samples``), a finished po
 ``report.build`` then turns the points into ``results.json``. Greedy scoring is deterministic,
 so both modes give the same accuracies on the same server (tested).
 
+The dense reference is the rule's dense point (``grid.dense_p``: p = 1.0 for top-p, top-k and
+lq, scored like any other point). max-p has none (it keeps everything only at p = 0, outside the
+plugin's range), so its dense reference (``grid.DENSE``, folder ``points/dense``) is scored on a
+server without sparsity: one the sweep starts without the plugin's flags before its own, or the
+one at ``--dense-url`` (``run_dense_point``). Its sparsity is 0 by definition (nothing measured).
+
 With ``search`` the points are not all scored: ``search.bisect`` picks them from the grid, one at a
 time, and its trace goes to ``search.json``. The tasks are resolved (``registry.resolve``) and
 their definitions copied into ``<out>/tasks/`` before a server starts.
@@ -38,10 +44,10 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from vllm_sparsity.config import describe_p
 from vllm_sparsity.eval import convert, registry, report, search
-from vllm_sparsity.eval.grid import (Point, SweepConfig, check_grid, check_rule, measured_sparsity,
-                                     p_mode, per_site, point_dir)
+from vllm_sparsity.eval.grid import (DENSE, Point, SweepConfig, check_grid, check_rule, dense_p,
+                                     measured_sparsity, p_mode, per_site, point_dir, point_name)
+from vllm_sparsity.sites import sites_of
 from vllm_sparsity.eval.server import Server, serve_dtype, serve_flags, served
 
 # ---------------------------------------------------------------- lm-eval
@@ -106,7 +112,7 @@ def _score(server: Server, cfg: SweepConfig, ps: list[Point], out: Path, include
             rc = proc.wait()
             walls.append(time.monotonic() - t0)
             if rc != 0:
-                failed.append(f"p={describe_p(p)} (exit {rc}; log: "
+                failed.append(f"p={point_name(p)} (exit {rc}; log: "
                               f"{point_dir(out, p) / 'lm_eval.log'})")
     finally:
         for _, proc, log, _ in runs:
@@ -136,6 +142,28 @@ def run_point(server: Server, cfg: SweepConfig, p: Point, out: Path, include_pat
                                                                             cfg.target),
              "wall_s": round(wall, 1)}
     (point_dir(out, p) / "point.json").write_text(json.dumps(point, indent=1) + "\n")
+    return point
+
+
+def run_dense_point(server: Server, cfg: SweepConfig, out: Path, include_path: Path,
+                    lm_tasks: list[str]) -> dict:
+    """The dense reference of a rule without a dense p (``grid.DENSE``): every task scored on
+    ``server``, which must run without sparsity (its ``GET /v1/sparsity`` answers 404, no plugin
+    route, or 409, sparsity off; else SystemExit naming ``--dense-url``). Its sparsity is 0 at
+    every site by definition (no rule ran, nothing was counted: ``activations`` 0)."""
+    r = server._get("/v1/sparsity")
+    if r.status_code not in (404, 409):
+        raise SystemExit(f"--dense-url {server.url}: the dense reference needs a server without "
+                         f"sparsity, but GET /v1/sparsity answers HTTP {r.status_code} (sparsity "
+                         "on); start it without --sparsity-p")
+    wall, = _score(server, cfg, [DENSE], out, include_path, server.served_model(cfg.model),
+                   lm_tasks, False)
+    point = {"p": DENSE, "target": cfg.target, "p_mode": "dense", "server_p": None,
+             "server_target": None,
+             "sparsity": {**{s: 0.0 for s in sites_of(cfg.target)}, "overall": 0.0,
+                          "activations": 0},
+             "wall_s": round(wall, 1)}
+    (point_dir(out, DENSE) / "point.json").write_text(json.dumps(point, indent=1) + "\n")
     return point
 
 
@@ -190,9 +218,11 @@ def _stored_config(cfg_file: Path) -> dict:
 
 
 def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | None = None,
-          set_p=None, mode: str = "auto") -> dict:
+          set_p=None, mode: str = "auto", dense_url: str | None = None) -> dict:
     """Run (or resume) the sweep into ``out`` and write its results; returns results.json's dict.
     ``mode``: one of ``grid.P_MODES`` (see the module doc; ``set_p`` as ``run_point``, global only).
+    ``dense_url``: for a rule without a dense p (max-p), the server without sparsity that scores
+    the dense reference (same ``api_key``); required with ``url``, else the sweep starts one.
 
     Raises:
         SystemExit: a user error (a task that cannot be scored, a folder holding another sweep, a
@@ -202,6 +232,15 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
     from tqdm import tqdm
 
     check_grid(cfg, mode)
+    if dense_p(cfg.rule) is not None and dense_url:
+        raise SystemExit(f"--dense-url: the {cfg.rule} rule's dense point is p = "
+                         f"{dense_p(cfg.rule):g} on the sweep's own server; --dense-url is for "
+                         "a rule without a dense p (max-p): drop it")
+    if dense_p(cfg.rule) is None and url and not dense_url:
+        raise SystemExit(f"--rule {cfg.rule} has no dense p (it keeps every entry only at p = 0, "
+                         "outside the plugin's range), so its dense reference is scored on a "
+                         "server without sparsity: with --url, give that server's address as "
+                         "--dense-url (or drop --url: the sweep then starts both)")
     if url and cfg.dtype != "auto":
         raise SystemExit(f"--dtype {cfg.dtype}: applies to a server the sweep starts; the server "
                          f"at --url {url} computes in the dtype it was started with")
@@ -216,6 +255,10 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
     specs, include_path = prepare_tasks(cfg, out)
     cfg_file.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
     lm_tasks = [s.lm_eval for s in specs]
+    if DENSE in cfg.grid and not (point_dir(out, DENSE) / "point.json").exists():
+        with served(cfg.model, out / "server-dense.log", dense_url, api_key, [],
+                    cfg.dtype) as server:
+            run_dense_point(server, cfg, out, include_path, lm_tasks)
     if cfg.search:  # search.json is written when the search ends
         todo = not (out / "search.json").exists()
     else:
@@ -241,7 +284,7 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
                        desc=f"{'search' if cfg.search else 'sweep'} {cfg.target}")
 
             def measure(p: Point) -> dict:
-                bar.set_postfix_str(f"p={describe_p(p)}")
+                bar.set_postfix_str(f"p={point_name(p)}")
                 if (point_dir(out, p) / "point.json").exists():
                     point = json.loads((point_dir(out, p) / "point.json").read_text())
                 elif mode == "request":
@@ -251,7 +294,7 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
                     point = run_point(server, cfg, p, out, include_path, served_name, lm_tasks,
                                       set_p)
                 bar.update()
-                bar.set_postfix_str(f"p={describe_p(p)} "
+                bar.set_postfix_str(f"p={point_name(p)} "
                                     f"sparsity={point['sparsity']['overall']:.3f} "
                                     f"{point['wall_s']:.0f}s")
                 return point
@@ -263,7 +306,7 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
                         _, docs = report.load_point(point_dir(out, p), specs)
                         return point["sparsity"]["overall"], docs
 
-                    trace = search.bisect(cfg.grid, scored, cfg.tol, cfg.max_points)
+                    trace = search.bisect(cfg.grid, scored, cfg.tol, cfg.max_points, cfg.rule)
                     (out / "search.json").write_text(json.dumps(trace, indent=1) + "\n")
                 elif mode == "request":  # every point at once: one pass over the server
                     todo_ps = [p for p in cfg.grid

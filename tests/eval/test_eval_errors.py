@@ -181,8 +181,8 @@ def test_nothing_listening_and_a_wrong_key(fake_server, own_task):
 
 def test_a_server_running_another_rule(fake_server, own_task):
     url = fake_server()  # its GET /v1/sparsity has no rule: a server from before rules, top-p
-    assert run(sweep_args(url, own_task, MODEL_ROOT, "--rule", "max-p")) == (
-        "--rule max-p: the server runs rule top-p; start it with the same "
+    assert run(sweep_args(url, own_task, MODEL_ROOT, "--rule", "top-k")) == (
+        "--rule top-k: the server runs rule top-p; start it with the same "
         "--sparsity-rule/--sparsity-q")
 
 

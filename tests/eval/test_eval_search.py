@@ -63,8 +63,8 @@ def test_search_finds_the_grids_critical_point_with_fewer_points(knee):
     assert found["critical"]["sparsity"] == grid_answer
     assert found["points"] == len(measured) == len(set(measured)) < len(GRID) // 2
     assert measured[:2] == [1.0, GRID[-1]]
-    if knee == 2.0:  # nothing degrades: the lowest p passes and ends the search
-        assert found["stopped"] == "lowest_passes" and found["points"] == 2
+    if knee == 2.0:  # nothing degrades: the sparsest point passes and ends the search
+        assert found["stopped"] == "sparsest_passes" and found["points"] == 2
     else:  # the answer's grid neighbour was measured and failed
         assert found["stopped"] == "adjacent"
         i = GRID.index(found["critical"]["p"])
@@ -131,7 +131,13 @@ def test_judge_is_the_grids_paired_normalization():
 
 
 @pytest.mark.parametrize("grid, kw, match", [
-    ([0.9, 0.5], {}, "descending from 1.0"), ([1.0, 0.5, 0.7], {}, "descending from 1.0"),
+    ([0.9, 0.5], {}, r"a top-p grid must start at its dense point \(1\), then give numbers in "
+                     r"descending p \(growing sparsity\), got \['0.9', '0.5'\]"),
+    ([1.0, 0.5, 0.7], {}, "descending p"),
+    # max-p: p = 1 is its sparsest point, not a dense one; its dense reference is None.
+    ([1.0, 0.9], {"rule": "max-p"}, r"a max-p grid must start at its dense point \(dense\), "
+                                    r"then give numbers in ascending p"),
+    ([None, 0.9, 0.5], {"rule": "max-p"}, "ascending p"),
     (GRID, {"tol": 0}, "tol must be in"), (GRID, {"max_points": 1}, "max_points must be >= 2")])
 def test_bad_arguments(grid, kw, match):
     with pytest.raises(ValueError, match=match):

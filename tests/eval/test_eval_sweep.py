@@ -132,3 +132,29 @@ def test_a_per_site_point_with_one_p_everywhere_scores_as_that_p(two_modes, spar
     assert (tmp_path / "points" / "pinput=0.7,intermediate=0.7" / "point.json").exists()
     state = Server(sparse_server.url, API_KEY).state()
     assert (state["p"], state["target"]) == (0.9, "all_inputs")
+
+
+def test_the_dense_reference_without_the_plugin_scores_as_top_p_at_1(good_sweep, dense_server,
+                                                                     demo_model, baseline,
+                                                                     tmp_path):
+    """max-p's dense reference (``run_dense_point``: the tasks scored on a server without
+    sparsity, the session's ``dense_server``) against the top-p sweep's p = 1.0 on
+    ``sparse_server`` (which keeps every nonzero, so it is the dense model): the same documents
+    right, the same gold log-likelihoods to rounding (the two servers' GEMM paths differ)."""
+    from vllm_sparsity.eval import report
+    from vllm_sparsity.eval.grid import DENSE
+    from vllm_sparsity.eval.sweep import prepare_tasks, run_dense_point
+
+    cfg = SweepConfig(str(demo_model), baseline["tasks"], [DENSE], baseline["target"],
+                      baseline["limit"], rule="max-p")
+    specs, include = prepare_tasks(cfg, tmp_path)
+    point = run_dense_point(Server(dense_server.url), cfg, tmp_path, include,
+                            [s.lm_eval for s in specs])
+    assert (point["p"], point["sparsity"]["overall"], point["p_mode"]) == (None, 0.0, "dense")
+    dense, dense_docs = report.load_point(point_dir(tmp_path, DENSE), specs)
+    top_p, top_p_docs = report.load_point(point_dir(good_sweep, 1.0), specs)
+    for task in baseline["tasks"]:
+        assert dense_docs[task].tolist() == top_p_docs[task].tolist()
+        if "loglik" in top_p["tasks"][task]:
+            assert dense["tasks"][task]["loglik"] == pytest.approx(
+                top_p["tasks"][task]["loglik"], abs=0.01)
