@@ -126,6 +126,23 @@ def test_p_below_the_floor_is_refused_everywhere(value):
     assert SparsityConfig(p=config.P_MIN).p == 1e-6
 
 
+def test_max_p_takes_its_keep_everything_p_0_from_every_source():
+    """max-p keeps every nonzero at p = 0 (rule.KEEP_ALL_P), below the floor: every source takes
+    it under max-p, and only there."""
+    assert resolve({"p": "0", "rule": "max-p"}, {}, {}).p == 0.0
+    assert resolve({}, {"sparsity": {"p": {"input": 0, "intermediate": 0.5}, "rule": "max-p"}},
+                   {}).p == {"input": 0.0, "intermediate": 0.5}
+    assert resolve({}, {}, {"VLLM_SPARSITY_P": "-0", "VLLM_SPARSITY_RULE": "max-p"}).p == 0.0
+    assert SparsityConfig(p=0, rule="max-p").p_of("input") == 0.0
+    for rule_name in ("top-p", "top-k", "lq"):
+        with pytest.raises(SparsityConfigError,
+                           match=r"p must be a number in \[1e-06, 1\], got 0$"):
+            SparsityConfig(p=0, rule=rule_name, q=2.0 if rule_name == "lq" else None)
+    with pytest.raises(SparsityConfigError, match=r"--sparsity-p must be a number in \[1e-06, 1\], "
+                       r"got '-1'; under the max-p rule also 0 \(keeps every nonzero\)$"):
+        resolve({"p": "-1", "rule": "max-p"}, {}, {})
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_p_floor_keeps_the_largest_entry_of_the_weakest_row(dtype):
     """At p = P_MIN the rule's float64 target p * sum|x| cannot underflow, even for a row of the

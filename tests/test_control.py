@@ -183,6 +183,7 @@ def test_get_shows_the_rule_and_q():
      "rule only, and the rule is compiled"),
     (SparsityConfig(p=0.9, rule="lq", q=2.0, backend="torch"), "torch", {"q": 3.0},
      "restart with --sparsity-rule lq to run lq (q=3)"),
+    (SparsityConfig(p=0.9), "torch", {"p": 0}, "p must be a number in [1e-06, 1], got 0.0"),
     (SparsityConfig(p=0.9), "torch", {"q": 2.0},
      "q is the exponent of the lq rule only; rule is top-p"),
     (SparsityConfig(p=0.9), "torch", {"rule": "lq"}, "rule lq needs q"),
@@ -219,6 +220,10 @@ def test_a_site_outside_the_target_keeps_every_nonzero_under_max_p():
     assert post_json(app_for(engine), {"target": "input"}).status_code == 200
     # max-p at 1 would keep only the max: 0 is its keep-everything p (rule.KEEP_ALL_P).
     assert engine.states[1].p_by_site() == {"input": 0.9, "intermediate": 0.0}
+    # And the route takes it (under max-p only: see the refusals above): rollback to dense.
+    assert post_json(app_for(engine), {"p": 0, "target": "all_inputs"}).json()["p"] == 0.0
+    assert [s.p_by_site() for s in engine.states] == [{"input": 0.0, "intermediate": 0.0}] * 2
+    assert control.validate({"p": 0}) == (0.0, None, None, None)
 
 
 @pytest.mark.parametrize("headers, body, status, message", [
@@ -260,7 +265,6 @@ def test_json_with_a_charset_is_json():
     ({"top_p": 0.5}, "unknown key(s) ['top_p']"),
     ({"p": 0.5, "extra": 1}, "unknown key(s) ['extra']"),
     ({"p": None}, "p must be a number in [1e-06, 1], got None"),
-    ({"p": 0}, "p must be a number in [1e-06, 1], got 0"),
     ({"p": -0.5}, "p must be a number in [1e-06, 1], got -0.5"),
     ({"p": 1.5}, "p must be a number in [1e-06, 1], got 1.5"),
     ({"p": 5e-324}, "p must be a number in [1e-06, 1], got 5e-324"),

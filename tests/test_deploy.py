@@ -77,7 +77,9 @@ def test_alerts_fire_on_broken_sparsity_and_latency_and_not_otherwise(tmp_path):
     tokens_per_min = 6000  # activations per minute per site
     good = {**job, "layer": "0", "site": "input", "phase": "decode"}
     bad = {**job, "layer": "0", "site": "intermediate", "phase": "decode"}
+    info = {"target": "all_inputs", "backend": "auto", "resolved_backend": "torch"}
     inputs = [
+        series("vllm_sparsity_config_info", {**job, **info, "rule": "top-p"}, "1x40"),
         series("vllm_sparsity_p_ratio", {**job, "site": "input"}, "0.9x40"),
         series("vllm_sparsity_p_ratio", {**job, "site": "intermediate"}, "0.9x40"),
         series("vllm_sparsity_activations_total", good, f"0+{tokens_per_min}x40"),
@@ -86,6 +88,18 @@ def test_alerts_fire_on_broken_sparsity_and_latency_and_not_otherwise(tmp_path):
         series("vllm_sparsity_activations_total", bad, f"0+{tokens_per_min}x40"),
         series("vllm_sparsity_activations_zeroed_total", bad, f"0+{tokens_per_min // 20}x40"),
     ]
+    # A max-p server (p: a fraction of the row's max, no promised sparsity), its intermediate site
+    # outside the target (p = 0, max-p's keep-everything p): 5% and 0% zeroed, no alert.
+    max_p = {**job, "instance": "b:8000"}
+    inputs += [
+        series("vllm_sparsity_config_info", {**max_p, **info, "rule": "max-p"}, "1x40"),
+        series("vllm_sparsity_p_ratio", {**max_p, "site": "input"}, "0.5x40"),
+        series("vllm_sparsity_p_ratio", {**max_p, "site": "intermediate"}, "0x40"),
+    ]
+    for site, zeroed in (("input", tokens_per_min // 20), ("intermediate", 0)):
+        labels = {**max_p, "layer": "0", "site": site, "phase": "decode"}
+        inputs += [series("vllm_sparsity_activations_total", labels, f"0+{tokens_per_min}x40"),
+                   series("vllm_sparsity_activations_zeroed_total", labels, f"0+{zeroed}x40")]
     # MLP latency: 1 ms for 20 minutes, then 10 ms (p99 far above its average).
     for le, fast, slow in (("0.001", 100, 0), ("0.01", 100, 100), ("+Inf", 100, 100)):
         inputs.append(series("vllm_sparsity_mlp_latency_seconds_bucket",
@@ -257,6 +271,47 @@ def test_dashboard_uses_the_datasource_model_name_and_instance_variables():
     assert "heatmap" in kinds
 
 
+AGGREGATION = re.compile(r"\b(sum|avg|min|max|count|group|topk|bottomk|quantile)\s*(by|without)?"
+                         r"\s*(\(([^()]*)\))?\s*\(")
+
+
+def test_every_dashboard_panel_keeps_instances_apart():
+    """Each panel shows one replica per series: every aggregation keeps ``instance`` (``by``),
+    and a series' legend names its instance; or the panel is repeated per selected instance (the
+    heatmaps, which cannot tell series apart), its title naming it."""
+    board = json.loads(DASHBOARD.read_text())
+    for panel in board["panels"]:
+        repeated = panel.get("repeat") == "instance"
+        assert repeated or panel["type"] != "heatmap", panel["title"]
+        if repeated:
+            assert "$instance" in panel["title"], panel["title"]
+        for target in panel["targets"]:
+            for m in AGGREGATION.finditer(target["expr"]):
+                how, labels = m.group(2), m.group(4) or ""
+                assert how == "by" and "instance" in labels.replace(" ", "").split(","), \
+                    (panel["title"], m.group(0))
+            assert repeated or "{{instance}}" in target["legendFormat"], panel["title"]
+    assert AGGREGATION.search("sum(rate(x[5m]))") and AGGREGATION.search("sum by (le) (x)")
+    # The rule is on the dashboard (the label of vllm_sparsity_config_info).
+    info = [t for p in board["panels"] for t in p["targets"]
+            if "vllm_sparsity_config_info" in t["expr"]]
+    assert info and all("{{rule}}" in t["legendFormat"] for t in info)
+
+
+def test_below_promise_alert_applies_to_rules_that_promise_sparsity():
+    """Its condition: sparsity < 0.8 (1 - p), on top-p, top-k and lq servers only (each keeps at
+    most about pK of K inputs); max-p's p promises no sparsity."""
+    (alert,) = [r for g in yaml.safe_load((DEPLOY / "rules.yml").read_text())["groups"]
+                for r in g["rules"] if r.get("alert") == "VllmSparsityBelowPromise"]
+    expr = " ".join(alert["expr"].split())
+    assert expr.startswith("vllm_sparsity:sparsity:ratio_rate5m < on (job, instance, model_name, "
+                           "site) 0.8 * (1 - vllm_sparsity_p_ratio)")
+    assert 'vllm_sparsity_config_info{rule=~"top-p|top-k|lq"}' in expr
+    from vllm_sparsity import rule
+
+    assert set(rule.RULES) == {"top-p", "top-k", "lq", "max-p"}  # a new rule needs a decision here
+
+
 def test_compose_mounts_files_that_exist():
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
@@ -334,3 +389,23 @@ def test_kubernetes_deployment_service_and_monitor_agree():
     (dns,) = yaml.safe_load(config["data"]["prometheus.yml"])["scrape_configs"][0]["dns_sd_configs"]
     assert dns["names"][0].startswith(headless["metadata"]["name"] + ".")
     assert dns["port"] == port["containerPort"]
+
+
+def test_deployment_keeps_its_caches_on_a_volume_and_waits_for_a_27b_start():
+    """vLLM's compile cache, Triton's and the plugin's caches and the checkpoint live on the
+    claimed volume (a new pod neither downloads nor compiles again); the startup probe allows an
+    hour (a 27B download and compile on an empty cache)."""
+    (deployment,) = k8s_docs("deployment.yaml")
+    (claim,) = k8s_docs("cache-pvc.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    cache = volumes[mounts["/cache"]]
+    assert cache["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    for name in ("VLLM_CACHE_ROOT", "VLLM_SPARSITY_CACHE", "TRITON_CACHE_DIR", "HF_HOME"):
+        assert env[name].startswith("/cache/"), name
+    probe = container["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 3600
+    assert claim["kind"] == "PersistentVolumeClaim"

@@ -204,6 +204,16 @@ def test_good_request_p_and_none():
     assert request_p.requested_p(None) is None and request_p.requested_p({"x": 1}) is None
 
 
+def test_request_p_0_is_max_p_only():
+    """0 is max-p's keep-everything p (rule.KEEP_ALL_P): a request may ask for the dense model."""
+    assert request_p.requested_p({"sparsity_p": 0}, "max-p") == 0.0
+    with pytest.raises(ValueError, match=r"vllm_xargs\.sparsity_p must be a number in "
+                                         r"\[1e-06, 1\], got 0$"):
+        request_p.requested_p({"sparsity_p": 0}, "top-p")
+    with pytest.raises(ValueError, match="got -0.5; under the max-p rule also 0"):
+        request_p.requested_p({"sparsity_p": -0.5}, "max-p")
+
+
 def test_admission_refuses_p_on_a_server_without_sparsity():
     params = SimpleNamespace(extra_args={"sparsity_p": 0.5})
     with pytest.raises(ValueError, match="runs without sparsity"):
@@ -213,6 +223,12 @@ def test_admission_refuses_p_on_a_server_without_sparsity():
     plugin._check_request_p(on, params)  # accepted
     plugin._check_request_p(SimpleNamespace(additional_config={}),
                             SimpleNamespace(extra_args=None))
+    # 0 on a max-p server only (its keep-everything p), checked against the server's rule.
+    dense = SimpleNamespace(extra_args={"sparsity_p": 0})
+    with pytest.raises(ValueError, match=r"vllm_xargs\.sparsity_p must be a number"):
+        plugin._check_request_p(on, dense)
+    max_p = SimpleNamespace(additional_config={"sparsity": {"p": 0.5, "rule": "max-p"}})
+    plugin._check_request_p(max_p, dense)
 
 
 def test_prefix_cache_salt_depends_on_the_p():

@@ -53,6 +53,9 @@ DEFAULT_DRAIN_TIMEOUT_S = 60.0
 # rule keeps only each row's largest entries anyway, so nothing useful is lost.
 P_MIN = 1e-6
 P_RANGE = f"[{P_MIN:g}, 1]"
+# Rules whose keep-everything p (``rule.KEEP_ALL_P``) lies outside ``P_RANGE`` (max-p: 0) take it
+# too, so that every rule can go back to the dense model at run time.
+EXTRA_P = {name: p for name, p in rule.KEEP_ALL_P.items() if not P_MIN <= p <= 1.0}
 # Error messages quote a bad value up to this many characters (a body may be long).
 QUOTE_CHARS = 60
 # Bounds of a nonzero interval: each poll is one RPC through the engine core to every worker, so a
@@ -74,12 +77,14 @@ class SparsityConfig:
 
     Attributes:
         p: the rule's parameter, in [``P_MIN``, 1] (``P_MIN`` = 1e-6, the floor at which the rule's
-            float64 target cannot underflow): one float for every site of the target, or a dict
+            float64 target cannot underflow), or the rule's keep-everything p where that lies
+            outside (max-p: 0, ``EXTRA_P``): one float for every site of the target, or a dict
             {site: p} naming exactly the target's sites. Its meaning is the rule's: for top-p the
             share of each token's L1 activation mass kept (``p = 1`` keeps every nonzero entry:
             output equals the dense model), for lq the share of the L_q mass, for top-k the kept
-            fraction of K, for max-p the fraction of the row's largest magnitude. Lower ``p``
-            zeroes more entries.
+            fraction of K, for max-p the fraction of the row's largest magnitude (``p = 0`` keeps
+            every nonzero entry, ``p = 1`` only the largest). Lower ``p`` zeroes more entries for
+            top-p, top-k and lq, fewer for max-p.
         target: the sites of each gated MLP the rule applies to (``sites``): ``"input"`` (the
             MLP input feeding ``gate_up_proj``), ``"intermediate"`` (the act-and-mul output feeding
             ``down_proj``), ``"all_inputs"`` (both), or a comma list of sites, e.g.
@@ -103,7 +108,8 @@ class SparsityConfig:
     def __post_init__(self) -> None:
         _check_choice(self.rule, RULES, "rule")
         _check_choice(self.backend, BACKENDS, "backend")
-        object.__setattr__(self, "p", parse_p_sites(self.p, "p", strings=False))
+        object.__setattr__(self, "p", parse_p_sites(self.p, "p", strings=False,
+                                                    rule_name=self.rule))
         object.__setattr__(self, "target", parse_target(self.target, "target"))
         if self.q is not None:
             object.__setattr__(self, "q", parse_q(self.q, "q", strings=False))
@@ -197,10 +203,11 @@ def resolve(
                 "to turn sparsity on"
             )
         return None
-    values["p"] = parse_p_sites(values["p"], origin["p"])
     for field, choices in (("backend", BACKENDS), ("rule", RULES)):
         if field in values:
             _check_choice(values[field], choices, origin[field])
+    values["p"] = parse_p_sites(values["p"], origin["p"],
+                                rule_name=values.get("rule", SparsityConfig.rule))
     if "target" in values:
         values["target"] = parse_target(values["target"], origin["target"])
     elif isinstance(values["p"], dict):  # p per site and no target: the sites p names
@@ -249,11 +256,12 @@ def parse_target(value: Any, name: str) -> str:
         raise SparsityConfigError(f"{name} must be {TARGET_CHOICES}; got {quote(value)}") from None
 
 
-def parse_p_sites(value: Any, name: str = "--sparsity-p",
-                  strings: bool = True) -> float | dict[str, float]:
+def parse_p_sites(value: Any, name: str = "--sparsity-p", strings: bool = True,
+                  rule_name: str | None = "top-p") -> float | dict[str, float]:
     """p as one float for every site, or per site: a dict {site: p} (its keys in model order),
     from a mapping, or (``strings``) from ``"input=0.95,intermediate=0.85"``. Each p goes through
-    ``parse_p``. Raises SparsityConfigError naming ``name``, the site and the allowed values."""
+    ``parse_p`` (``rule_name`` as there). Raises SparsityConfigError naming ``name``, the site and
+    the allowed values."""
     if isinstance(value, str) and strings and "=" in value:
         pairs = [item.partition("=") for item in value.split(",")]
         if any(not eq for _, eq, _ in pairs):
@@ -265,14 +273,14 @@ def parse_p_sites(value: Any, name: str = "--sparsity-p",
             raise SparsityConfigError(f"{name} names a site twice, got {quote(value)}")
         value = {site: p.strip() for site, (_, _, p) in zip(keys, pairs)}
     if not isinstance(value, Mapping):
-        return parse_p(value, name, strings)
+        return parse_p(value, name, strings, rule_name)
     if not value:
         raise SparsityConfigError(f"{name} must name at least one site of {', '.join(SITES)}")
     unknown = [site for site in value if site not in SITES]
     if unknown:
         raise SparsityConfigError(f"{name}: unknown site {quote(unknown[0])}; sites: "
                                   f"{', '.join(SITES)}")
-    return {site: parse_p(value[site], f"{name}[{site}]", strings)
+    return {site: parse_p(value[site], f"{name}[{site}]", strings, rule_name)
             for site in SITES if site in value}
 
 
@@ -299,12 +307,16 @@ def describe_p(p: float | dict[str, float]) -> str:
     return f"{p:g}"
 
 
-def parse_p(value: Any, name: str = "--sparsity-p", strings: bool = True) -> float:
-    """``value`` as a float in [``P_MIN``, 1]: the one check of p, for every source (flags,
-    environment, additional_config, the config object and the ``/v1/sparsity`` route). Strings
-    are parsed when ``strings`` (flags, environment, additional_config), refused otherwise (JSON
-    bodies, the config object). Raises SparsityConfigError naming ``name``, the allowed range and
-    the value as given (``quote``: at most ``QUOTE_CHARS`` characters of it)."""
+def parse_p(value: Any, name: str = "--sparsity-p", strings: bool = True,
+            rule_name: str | None = "top-p") -> float:
+    """``value`` as a float in [``P_MIN``, 1], or the keep-everything p of ``rule_name`` where that
+    lies outside (``EXTRA_P``: 0 for max-p; None: any rule's, for a caller that checks the rule
+    later): the one check of p, for every source (flags, environment, additional_config, the
+    config object, the ``/v1/sparsity`` route and ``vllm_xargs.sparsity_p``). Strings are parsed
+    when ``strings`` (flags, environment, additional_config), refused otherwise (JSON bodies, the
+    config object). Raises SparsityConfigError naming ``name``, the allowed values and the value
+    as given (``quote``: at most ``QUOTE_CHARS`` characters of it)."""
+    extra = {r: p for r, p in EXTRA_P.items() if rule_name in (None, r)}
     number = value
     if isinstance(value, str) and strings:
         try:
@@ -312,9 +324,12 @@ def parse_p(value: Any, name: str = "--sparsity-p", strings: bool = True) -> flo
         except ValueError:
             number = None
     if isinstance(number, bool) or not isinstance(number, (int, float)) or math.isnan(number) \
-            or not P_MIN <= number <= 1.0:
-        raise SparsityConfigError(f"{name} must be a number in {P_RANGE}, got {quote(value)}")
-    return float(number)
+            or not (P_MIN <= number <= 1.0 or number in extra.values()):
+        also = "".join(f"; under the {r} rule also {p:g} (keeps every nonzero)"
+                       for r, p in extra.items())
+        raise SparsityConfigError(f"{name} must be a number in {P_RANGE}, got {quote(value)}"
+                                  f"{also}")
+    return float(number) + 0.0  # -0.0 taken as 0
 
 
 def quote(value: Any) -> str:

@@ -194,7 +194,8 @@ def validate(body: Any) -> tuple[float | dict | None, str | None, str | None, fl
     if unknown:
         raise SparsityConfigError(f"{usage}; unknown key(s) {quote(unknown)}")
     # A key given as null is an error, not "unchanged": leave the key out for that.
-    p = parse_p_sites(body["p"], "p", strings=False) if "p" in body else None
+    # Any rule's keep-everything p passes here (max-p: 0); ``change`` checks it against the rule.
+    p = parse_p_sites(body["p"], "p", strings=False, rule_name=None) if "p" in body else None
     target = parse_target(body["target"], "target") if "target" in body else None
     rule = body.get("rule")
     if "rule" in body and rule not in RULES:

@@ -40,8 +40,9 @@ logger = logging.getLogger("vllm.vllm_sparsity")  # under vLLM's handler and for
 
 _FLAG_HELP = {
     "p": "Activation sparsity: the rule's parameter (top-p: share of each token's L1 activation "
-    f"mass kept) at the target's sites of every gated MLP, a number in {cfg.P_RANGE}, or one per "
-    "site, e.g. input=0.95,intermediate=0.85. Unset: sparsity off.",
+    f"mass kept) at the target's sites of every gated MLP, a number in {cfg.P_RANGE} (max-p also "
+    "takes 0, which keeps every nonzero), or one per site, e.g. input=0.95,intermediate=0.85. "
+    "Unset: sparsity off.",
     "target": "Which sites the rule sparsifies: input (gate_up_proj input), intermediate "
     "(down_proj input), all_inputs (both), or a comma list of the sites input, gate, up, "
     "intermediate (gate and up: analysis only, no weight read skipped). Default: all_inputs.",
@@ -107,17 +108,20 @@ def _sparsify_model(model, vllm_config) -> None:
 
 
 def _check_request_p(vllm_config, params) -> None:
-    """A request's own p, at admission: a number in [1e-6, 1], on a server that runs sparsity.
-    Raises ValueError naming ``vllm_xargs.sparsity_p``."""
-    p = request_p.requested_p(getattr(params, "extra_args", None))
-    if p is not None and cfg.SparsityConfig.from_additional_config(
-            vllm_config.additional_config) is None:
+    """A request's own p, at admission: a number in [1e-6, 1] (or the server rule's keep-everything
+    p, ``config.parse_p``), on a server that runs sparsity. Raises ValueError naming
+    ``vllm_xargs.sparsity_p``."""
+    sparsity = cfg.SparsityConfig.from_additional_config(vllm_config.additional_config)
+    p = request_p.requested_p(getattr(params, "extra_args", None),
+                              sparsity.rule if sparsity is not None else "top-p")
+    if p is not None and sparsity is None:
         raise ValueError(f"{request_p.FIELD} was given, but this server runs without sparsity "
                          "(start it with --sparsity-p to serve per-request p)")
 
 
 def _salt_request_p(request) -> None:
-    p = request_p.requested_p(getattr(request.sampling_params, "extra_args", None))
+    # Checked against the server's rule at admission (``_check_request_p``).
+    p = request_p.requested_p(getattr(request.sampling_params, "extra_args", None), None)
     if p is not None:
         request.cache_salt = request_p.salted(request.cache_salt, p)
 

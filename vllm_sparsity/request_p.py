@@ -15,10 +15,10 @@ keep-everything p (``rule.KEEP_ALL_P``: 1, or 0 for max-p) for every request, ex
 ``SparsityConfig.p_of`` says for the server's p.
 
 API server (``check_request``, called from ``_vllm_compat.on_process_inputs``): the value is
-checked by ``config.parse_p`` (a JSON number in [1e-6, 1]) and refused with HTTP 400 naming
-``vllm_xargs.sparsity_p``; and the request's prefix-cache salt gets the p (``salted``), so that KV
-blocks computed at one p are never reused by a request at another (vLLM's ``cache_salt`` enters
-every block hash, ``vllm/v1/core/kv_cache_utils.py``). Requests without it keep their salt and
+checked by ``config.parse_p`` (a JSON number in [1e-6, 1], or 0 under max-p) and refused with
+HTTP 400 naming ``vllm_xargs.sparsity_p``; and the request's prefix-cache salt gets the p
+(``salted``), so that KV blocks computed at one p are never reused by a request at another (vLLM's
+``cache_salt`` enters every block hash, ``vllm/v1/core/kv_cache_utils.py``). Requests without it keep their salt and
 share the cache with each other (the route clears it whenever the server's p changes).
 
 Worker (``RuntimeState.set_request_p`` / ``mark_phases``): each step, the p of each request in the
@@ -49,17 +49,18 @@ SALT_PREFIX = "vllm-sparsity-p="
 P_SLOTS = 64
 
 
-def requested_p(extra_args: dict[str, Any] | None) -> float | None:
-    """The p a request carries (``SamplingParams.extra_args``), checked, or None when it carries
-    none.
+def requested_p(extra_args: dict[str, Any] | None,
+                rule_name: str | None = "top-p") -> float | None:
+    """The p a request carries (``SamplingParams.extra_args``), checked for the server's rule
+    ``rule_name`` (``config.parse_p``), or None when it carries none.
 
     Raises:
-        config.SparsityConfigError (a ValueError): not a number in [1e-6, 1]; the message names
-            ``vllm_xargs.sparsity_p``.
+        config.SparsityConfigError (a ValueError): not a number in [1e-6, 1] (nor the rule's
+            keep-everything p: 0 for max-p); the message names ``vllm_xargs.sparsity_p``.
     """
     if not extra_args or EXTRA_ARG not in extra_args:
         return None
-    return parse_p(extra_args[EXTRA_ARG], FIELD, strings=False)
+    return parse_p(extra_args[EXTRA_ARG], FIELD, strings=False, rule_name=rule_name)
 
 
 def salted(cache_salt: str | None, p: float) -> str:

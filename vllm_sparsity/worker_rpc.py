@@ -46,8 +46,9 @@ def vllm_sparsity_bind_step(self) -> None:
                 request_p.request_ps(req_ids, params_of)))
         if not state.request_p_applied:
             logger.warning("vllm-sparsity: %s has no per-step hook the plugin knows: requests' "
-                           "own %s is not applied (they run at the server's p)",
-                           _vllm_compat.runner_name(self), request_p.FIELD)
+                           "own %s is not applied (they run at the server's p); "
+                           "VLLM_USE_V2_MODEL_RUNNER=0 selects vLLM's V1 model runner, which "
+                           "applies it", _vllm_compat.runner_name(self), request_p.FIELD)
         return
     vllm_config = _vllm_compat.worker_vllm_config(self)
     if (cfg.SparsityConfig.from_additional_config(vllm_config.additional_config) is not None

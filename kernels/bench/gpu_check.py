@@ -3,7 +3,7 @@
 Run on a CUDA machine from a plain checkout (needs only torch and triton: no vLLM, no install, no
 network, no weights; planned to take under 6 minutes on one H100/H200)::
 
-    PYTHONUNBUFFERED=1 python kernels/bench/gpu_check.py --out $OUT
+    PYTHONUNBUFFERED=1 python kernels/bench/gpu_check.py --out DIR
 
 1. Correctness (every check is counted; any failure makes the exit status 1). For bf16 and fp16,
    M = 1..16 and the MLP linears of the models below (K up to 21504), with edge rows (all zero,
