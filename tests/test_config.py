@@ -161,6 +161,7 @@ def test_p_floor_keeps_the_largest_entry_of_the_weakest_row(dtype):
     p = torch.tensor([config.P_MIN], dtype=torch.float64)
     rules = {"torch": top_p_sparsify}
     if cpu_backend.select_isa()[1] is None:  # the CPU has the kernels' instruction set
+        cpu_backend.load_ops()  # builds or loads the ops (this test may run alone)
         rules["cpu"] = torch.ops.vllm_sparsity.cpu_top_p_sparsify
     for name, sparsify in rules.items():
         _, kept = sparsify(x, p)
