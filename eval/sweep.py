@@ -39,7 +39,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from vllm_sparsity.config import describe_p
-from vllm_sparsity.eval import convert, registry, report, search
+from vllm_sparsity.eval import comparable, convert, registry, report, search
+from vllm_sparsity.eval.errors import NotComparable, ServerError, UsageError
 from vllm_sparsity.eval.grid import (Point, SweepConfig, check_grid, check_rule, measured_sparsity,
                                      p_mode, per_site, point_dir)
 from vllm_sparsity.eval.server import Server, serve_dtype, serve_flags, served
@@ -89,7 +90,7 @@ def _score(server: Server, cfg: SweepConfig, ps: list[Point], out: Path, include
            served_name: str, lm_tasks: list[str], per_request: bool) -> list[float]:
     """lm-eval at each p of ``ps``, all at once (one subprocess per p; its requests carry p when
     ``per_request``: numbers only), into each point's folder; returns each one's wall time in
-    seconds, in the order of ``ps``. RuntimeError naming the p and its log when one fails."""
+    seconds, in the order of ``ps``. ServerError naming the p and its log when one fails."""
     runs = []
     for p in ps:
         pdir = point_dir(out, p)
@@ -115,7 +116,7 @@ def _score(server: Server, cfg: SweepConfig, ps: list[Point], out: Path, include
                 proc.wait()
             log.close()
     if failed:
-        raise RuntimeError(f"lm-eval failed at {', '.join(failed)}")
+        raise ServerError(f"lm-eval failed at {', '.join(failed)}")
     return walls
 
 
@@ -145,7 +146,7 @@ def run_points_by_request(server: Server, cfg: SweepConfig, ps: list[float], out
     """``--p-mode request``: score every p of ``ps`` at once, each request carrying its p, and
     record each point's sparsity from the server's per-p counters (before and after). The server's
     settings are not touched: its target must already be the sweep's (``sweep`` checks).
-    RuntimeError when the server counted no activation for a p (it did not apply it)."""
+    ServerError when the server counted no activation for a p (it did not apply it)."""
     before = server.state()
     walls = _score(server, cfg, ps, out, include_path, served_name, lm_tasks, True)
     after = server.state()
@@ -153,7 +154,7 @@ def run_points_by_request(server: Server, cfg: SweepConfig, ps: list[float], out
     for p, wall in zip(ps, walls):
         sparsity = measured_sparsity(before, after, cfg.target, p)
         if not sparsity["activations"]:
-            raise RuntimeError(
+            raise ServerError(
                 f"p={p}: the server counted no activation for requests carrying it: it did not "
                 f"apply them, or its per-p counters ({after['request_p']['slots']} distinct p "
                 "per start-up) are all taken; rerun with --p-mode global")
@@ -170,7 +171,7 @@ def prepare_tasks(cfg: SweepConfig, out: Path) -> tuple[list[registry.TaskSpec],
     the cache) and a copy of ``--include-path`` under ``user/``. Writes ``<out>/tasks.json``."""
     specs = registry.resolve(cfg.tasks, cfg.include_path)
     if cfg.include_path and out.is_relative_to(Path(cfg.include_path).resolve()):
-        raise SystemExit(f"--out {out} lies inside --include-path {cfg.include_path}, whose copy "
+        raise UsageError(f"--out {out} lies inside --include-path {cfg.include_path}, whose copy "
                          "goes into it; put it elsewhere")
     folder = out / "tasks"
     shutil.rmtree(folder, ignore_errors=True)  # follows the current definitions
@@ -195,15 +196,17 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
     ``mode``: one of ``grid.P_MODES`` (see the module doc; ``set_p`` as ``run_point``, global only).
 
     Raises:
-        SystemExit: a user error (a task that cannot be scored, a folder holding another sweep, a
-            server that does not fit: see ``registry`` and ``Server``; per-site points it cannot
-            run: ``check_grid``), in one sentence.
+        EvalError: in one sentence, with its exit status (``errors``): UsageError (a task that
+            cannot be scored: ``registry``; per-site points it cannot run: ``check_grid``),
+            NotComparable (a folder holding another sweep, or points another server scored:
+            ``comparable.record_serving``), ServerError (a server that does not fit or fails:
+            ``Server``, ``served``; lm-eval failing).
     """
     from tqdm import tqdm
 
     check_grid(cfg, mode)
     if url and cfg.dtype != "auto":
-        raise SystemExit(f"--dtype {cfg.dtype}: applies to a server the sweep starts; the server "
+        raise UsageError(f"--dtype {cfg.dtype}: applies to a server the sweep starts; the server "
                          f"at --url {url} computes in the dtype it was started with")
     if not url:
         cfg = replace(cfg, dtype=serve_dtype(cfg.dtype))
@@ -211,7 +214,7 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "sweep.json"
     if cfg_file.exists() and _stored_config(cfg_file) != asdict(cfg):
-        raise SystemExit(f"{out} holds a sweep with other settings ({cfg_file}); "
+        raise NotComparable(f"{out} holds a sweep with other settings ({cfg_file}); "
                          "use another --out, or delete it")
     specs, include_path = prepare_tasks(cfg, out)
     cfg_file.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
@@ -224,6 +227,7 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
         with served(cfg.model, out / "server.log", url, api_key,
                     serve_flags(cfg.target, cfg.rule, cfg.q), cfg.dtype) as server:
             served_name, initial = server.served_model(cfg.model), server.state()
+            comparable.record_serving(out, initial)  # results.json's "serving"
             check_rule(initial, cfg)
             # An attached server at another target keeps it in request mode, and a request
             # carries one p: auto goes global for either.
@@ -232,7 +236,7 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
             restore = mode == "global"  # request mode changes nothing of an attached server
             if mode == "request" and initial["target"] != cfg.target:
                 if server.proc is None:
-                    raise SystemExit(
+                    raise ServerError(
                         f"--p-mode request: the server's target is {initial['target']}, the "
                         f"sweep's {cfg.target}; a request's p applies at the server's target "
                         "only: set the server's target, or use --p-mode global")
