@@ -147,8 +147,8 @@ def parser() -> argparse.ArgumentParser:
 
     c = command("check", "judge a sweep's results against a baseline: exit 1 when they regress, "
                 "3 when the two are not comparable")
-    c.add_argument("--results", type=Path, required=True, help="folder of the sweep to judge "
-                   "(its results.json, as `eval sweep --out` wrote it)")
+    c.add_argument("--results", type=Path, required=True, help="the results.json of the sweep "
+                   "to judge (`eval sweep --out DIR` writes DIR/results.json)")
     c.add_argument("--baseline", type=Path, required=True, help="baseline JSON to judge against "
                    "(as `eval baseline --out` wrote it)")
     c.add_argument("--deployed-p", type=deployed_p, help="the p (a number, or per site as in "
@@ -158,16 +158,16 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--loglik-tol", type=float, default=0.0, metavar="NATS",
                    help="fail when the paired 99%% interval of the gold log-likelihood's change "
                    "at the deployed p (results minus baseline, mean over documents) lies below "
-                   "-NATS per document (default: %(default)s: any change the interval resolves). "
-                   "Choose it from the numbers an ok check prints: above the magnitude of the "
-                   "interval's low end on reruns of unchanged code against the baseline (the "
-                   "noise your runners add beyond sampling), and well below what the deployed p "
-                   "costs against dense (e.g. a tenth of it accepts losses under 10%% of "
-                   "sparsity's own cost); see eval/README.md")
+                   "-NATS per document (default: %(default)s: any loss the interval resolves). "
+                   "Choose it from the numbers an ok check prints: keep 0 unless reruns of "
+                   "unchanged code on your runners give intervals wholly below 0 (a systematic "
+                   "shift between runners), then just above the largest magnitude of their upper "
+                   "ends; and well below what the deployed p costs against dense (a tenth of it "
+                   "accepts losses under 10%% of the sparsity's own cost); see eval/README.md")
 
     b = command("baseline", "write a baseline file from a sweep's results")
-    b.add_argument("--results", type=Path, required=True, help="folder of the sweep the baseline "
-                   "is taken from (as `eval sweep --out` wrote it)")
+    b.add_argument("--results", type=Path, required=True, help="the results.json of the sweep "
+                   "the baseline is taken from (`eval sweep --out DIR` writes DIR/results.json)")
     b.add_argument("--deployed-p", type=deployed_p, required=True,
                    help="the p deployed (a number, or per site as in --p-grid): a point of the "
                    "results")

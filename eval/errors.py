@@ -14,6 +14,7 @@ an uncaught exception).
 from __future__ import annotations
 
 import sys
+import textwrap
 import traceback
 from collections.abc import Callable
 from enum import IntEnum
@@ -95,8 +96,9 @@ for _meanings in MEANINGS.values():  # every command can crash
 
 def epilog(command: str) -> str:
     """The ``--help`` epilog of ``command``: its exit statuses, one line each."""
-    return "exit status:\n" + "\n".join(f"  {int(code)}  {text}"
-                                        for code, text in MEANINGS[command].items())
+    return "exit status:\n" + "\n".join(
+        textwrap.fill(text, 79, initial_indent=f"  {int(code)}  ", subsequent_indent=" " * 5)
+        for code, text in MEANINGS[command].items())
 
 
 def run(main: Callable[[], int], prog: str) -> int:

@@ -29,9 +29,9 @@ vllm-sparsity eval sweep --model "$model" "${server[@]}" --tasks "$EVAL_TASKS" \
     --limit "$EVAL_LIMIT" --p-grid "$EVAL_GRID" --target "$EVAL_TARGET" --out "$out"
 if [[ "$mode" == baseline ]]; then
     mkdir -p "$(dirname "$baseline")"
+    commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     vllm-sparsity eval baseline --results "$out/results.json" --deployed-p "$EVAL_DEPLOYED_P" \
-        --source "eval/ci/accuracy.sh baseline ($(git rev-parse --short HEAD 2>/dev/null || echo unknown))" \
-        --out "$baseline"
+        --source "eval/ci/accuracy.sh baseline at commit $commit" --out "$baseline"
 else
     # shellcheck disable=SC2086  # EVAL_CHECK_ARGS holds several flags
     vllm-sparsity eval check --results "$out/results.json" --baseline "$baseline" \

@@ -88,7 +88,8 @@ def test_check_refuses_each_other_setting_in_one_sentence(tmp_path, field, value
     res, base = tmp_path / "results.json", tmp_path / "baseline.json"
     same = {1.0: 1.0, 0.98: 0.995}
     base.write_text(json.dumps(check.make_baseline(results(same), 0.98, "t")))
-    other = results(same) | {"model": value} if field == "model" else results(same, **{field: value})
+    other = (results(same) | {"model": value} if field == "model"
+             else results(same, **{field: value}))
     res.write_text(json.dumps(other))
     code, _, err = status(["check", "--results", str(res), "--baseline", str(base)])
     assert code == ExitCode.NOT_COMPARABLE
