@@ -98,8 +98,6 @@ def read_baseline(path: Path, flag: str = "--baseline") -> dict:
     return data
 
 
-
-
 def same_p(a: float | dict[str, float], b: float | dict[str, float]) -> bool:
     """Whether two points' p are the same: two numbers, or two per-site p naming the same sites,
     equal to float rounding (``math.isclose``); a number never equals a per-site p."""
