@@ -40,6 +40,7 @@ import requests
 from vllm_sparsity.config import RULES, SparsityConfigError, check_together
 from vllm_sparsity.eval import convert
 from vllm_sparsity.eval.cli import target_arg
+from vllm_sparsity.eval.errors import ServerError, UsageError, epilog, run
 from vllm_sparsity.eval.grid import check_rule, layer_deltas
 from vllm_sparsity.eval.server import Server, serve_flags, served
 from vllm_sparsity.sites import sites_of
@@ -70,7 +71,7 @@ def prompts(tasks: list[str], n: int) -> list[str]:
     context lm-eval scores after: ``query``, WinoGrande's first context, TriviaQA's question).
 
     Raises:
-        SystemExit: the tasks hold fewer than ``n`` documents.
+        UsageError: the tasks hold fewer than ``n`` documents.
     """
     per_task = []
     for task in tasks:
@@ -79,21 +80,21 @@ def prompts(tasks: list[str], n: int) -> list[str]:
                          for d in docs])
     out = [texts[i] for i in range(n) for texts in per_task if i < len(texts)][:n]
     if len(out) < n:
-        raise SystemExit(f"--requests {n}: the tasks {','.join(tasks)} hold {len(out)} documents")
+        raise UsageError(f"--requests {n}: the tasks {','.join(tasks)} hold {len(out)} documents")
     return out
 
 
 def _post(server: Server, route: str, body: dict, timeout: float = 120) -> dict:
     r = requests.post(f"{server.url}{route}", json=body, headers=server.headers, timeout=timeout)
     if r.status_code != 200:
-        raise RuntimeError(f"POST {route} {body}: HTTP {r.status_code} {r.text[:300]}")
+        raise ServerError(f"POST {route} {body}: HTTP {r.status_code} {r.text[:300]}")
     return r.json()
 
 
 def fetch_analysis(server: Server) -> dict:
     r = requests.get(f"{server.url}/v1/sparsity/analysis", headers=server.headers, timeout=1000)
     if r.status_code != 200:
-        raise RuntimeError(f"GET /v1/sparsity/analysis: HTTP {r.status_code} {r.text[:300]}")
+        raise ServerError(f"GET /v1/sparsity/analysis: HTTP {r.status_code} {r.text[:300]}")
     return r.json()
 
 
@@ -305,6 +306,7 @@ def _floats(text: str) -> list[float]:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vllm-sparsity analyze", description=__doc__,
+                                 epilog=epilog("analyze"),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="model path; with --url, its tokenizer's")
     ap.add_argument("--url", help="attach to this server (started with VLLM_PLUGINS=sparsity, "
@@ -335,25 +337,31 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the analysis; returns its exit status (``errors.ExitCode``: errors print one sentence
+    on stderr)."""
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return run(lambda: _run(args), "vllm-sparsity analyze")
+
+
+def _run(args: argparse.Namespace) -> int:
     from vllm_sparsity.analysis import MAX_TOKENS
 
-    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     if not args.p_grid or not all(0 < p <= 1 for p in args.p_grid):
-        raise SystemExit(f"--p-grid: every p must be in (0, 1], got {args.p_grid}")
+        raise UsageError(f"--p-grid: every p must be in (0, 1], got {args.p_grid}")
     if args.requests < 1:
-        raise SystemExit(f"--requests: at least 1, got {args.requests}")
+        raise UsageError(f"--requests: at least 1, got {args.requests}")
     if args.decode_steps < 2:
-        raise SystemExit(f"--decode-steps: at least 2 (stability compares steps), got "
+        raise UsageError(f"--decode-steps: at least 2 (stability compares steps), got "
                          f"{args.decode_steps}")
     if not 0 <= args.rank_tokens <= MAX_TOKENS:
-        raise SystemExit(f"--rank-tokens: an integer in [0, {MAX_TOKENS}], got {args.rank_tokens}")
+        raise UsageError(f"--rank-tokens: an integer in [0, {MAX_TOKENS}], got {args.rank_tokens}")
     if args.rank_tokens and not 2 <= args.rank_batch <= args.rank_tokens:
-        raise SystemExit(f"--rank-batch: an integer in [2, --rank-tokens={args.rank_tokens}], got "
+        raise UsageError(f"--rank-batch: an integer in [2, --rank-tokens={args.rank_tokens}], got "
                          f"{args.rank_batch}")
     try:
         check_together(1.0, args.target, "auto", args.rule, args.q, lambda field: f"--{field}")
     except SparsityConfigError as e:
-        raise SystemExit(str(e)) from None
+        raise UsageError(str(e)) from None
     cfg = AnalyzeConfig(str(args.model), args.tasks, sorted(set(args.p_grid)), args.target,
                         args.joint, args.requests, args.decode_steps, args.rank_tokens,
                         args.rank_batch, args.rule, args.q)

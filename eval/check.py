@@ -1,7 +1,9 @@
 """The regression check: a sweep's results against a committed baseline.
 
-Refuses (``ValueError``) results that are not comparable to the baseline (other tasks, document
-limit or target). Fails (one line per failed criterion) when
+Refuses (``errors.NotComparable``, exit 3) results that are not comparable to the baseline:
+other tasks, document limit, target, model, dtype, device, rule, q, vLLM or plugin version
+(``comparable.py``; a field a file does not record is not compared, with a warning). Fails (one
+line per failed criterion, exit 1) when
 - accuracy at the deployed p is below 99% of dense (normalized average of the primary metrics);
 - critical sparsity is below the baseline's paired-bootstrap interval;
 - the log-likelihood of the gold continuations at the deployed p dropped (``loglik_shift``).
@@ -28,7 +30,8 @@ upper end of that interval is below ``-loglik_tol`` nats per document (strict or
 estimate of it is never 0 for sparse reruns). An identical rerun gives 0 in every resample, so it
 never fires. Generative tasks carry no log-likelihood and are left out of it; a baseline or
 results file without per-document log-likelihoods (made before they were recorded) gives a
-warning instead.
+warning instead. ``summary`` also prints what the deployed p costs against dense in the same
+results (``sparsity_cost``): the scale to choose ``loglik_tol`` against (eval/README.md).
 """
 
 from __future__ import annotations
@@ -40,11 +43,13 @@ from pathlib import Path
 import numpy as np
 
 from vllm_sparsity.config import describe_p
+from vllm_sparsity.eval import comparable
+from vllm_sparsity.eval.errors import NotComparable, UsageError
 from vllm_sparsity.eval.stats import THRESHOLD, mean_shift
 
 TOLERANCE = 0.01  # absolute sparsity
 LOGLIK_LEVEL = 0.99  # the log-likelihood shift's bootstrap interval (see the module docstring)
-COMPARED = ("tasks", "limit", "target")  # what must match between results and baseline
+COMPARED = ("tasks", "limit", "target")  # a baseline holds at least these (comparable.py: more)
 RESULTS_KEYS = ("model", "tasks", "limit", "target", "points", "critical_sparsity")
 
 
@@ -52,51 +57,45 @@ def _read(path: Path, flag: str) -> dict:
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise SystemExit(f"{flag} {path}: no such file") from None
+        raise UsageError(f"{flag} {path}: no such file") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{flag} {path}: not a JSON file ({e})") from None
+        raise UsageError(f"{flag} {path}: not a JSON file ({e})") from None
     if not isinstance(data, dict):
-        raise SystemExit(f"{flag} {path}: expected a JSON object, found {type(data).__name__}")
+        raise UsageError(f"{flag} {path}: expected a JSON object, found {type(data).__name__}")
     return data
 
 
 def read_results(path: Path, flag: str = "--results") -> dict:
     """A sweep's ``results.json``; a baseline or any other file given instead exits with one
-    sentence naming ``flag`` (``SystemExit``)."""
+    sentence naming ``flag`` (``errors.UsageError``)."""
     data = _read(path, flag)
     if "deployed_p" in data:
-        raise SystemExit(f"{flag} {path} is a baseline (it has 'deployed_p'), not a sweep's "
+        raise UsageError(f"{flag} {path} is a baseline (it has 'deployed_p'), not a sweep's "
                          "results: pass the results.json that `vllm-sparsity eval sweep --out DIR` "
                          "wrote in DIR")
     missing = [k for k in RESULTS_KEYS if k not in data]
     if missing:
-        raise SystemExit(f"{flag} {path} is not a sweep's results.json (it has no "
+        raise UsageError(f"{flag} {path} is not a sweep's results.json (it has no "
                          f"{', '.join(map(repr, missing))})")
     return data
 
 
 def read_baseline(path: Path, flag: str = "--baseline") -> dict:
     """A baseline written by ``make_baseline``; a results file or any other file given instead
-    exits with one sentence naming ``flag`` (``SystemExit``)."""
+    exits with one sentence naming ``flag`` (``errors.UsageError``)."""
     data = _read(path, flag)
     if "deployed_p" not in data:
         if all(k in data for k in RESULTS_KEYS):
-            raise SystemExit(f"{flag} {path} is a sweep's results file, not a baseline (it has no "
+            raise UsageError(f"{flag} {path} is a sweep's results file, not a baseline (it has no "
                              f"'deployed_p'): make one with `vllm-sparsity eval baseline --results "
                              f"{path} --deployed-p P --out BASELINE.json`")
-        raise SystemExit(f"{flag} {path} is not a baseline (it has no 'deployed_p'); baselines "
+        raise UsageError(f"{flag} {path} is not a baseline (it has no 'deployed_p'); baselines "
                          "are written by `vllm-sparsity eval baseline`")
     missing = [k for k in (*COMPARED, "critical_sparsity") if k not in data]
     if missing:
-        raise SystemExit(f"{flag} {path} is not a baseline (it has no "
+        raise UsageError(f"{flag} {path} is not a baseline (it has no "
                          f"{', '.join(map(repr, missing))})")
     return data
-
-
-def differences(results: dict, baseline: dict) -> list[str]:
-    """The settings that make results and baseline incomparable, one phrase each."""
-    return [f"{key} {results[key]!r} where the baseline has {baseline[key]!r}"
-            for key in COMPARED if results[key] != baseline[key]]
 
 
 def same_p(a: float | dict[str, float], b: float | dict[str, float]) -> bool:
@@ -119,6 +118,7 @@ def make_baseline(results: dict, deployed_p: float | dict[str, float], source: s
     return {
         "model": Path(results["model"]).name, "target": results["target"],
         "tasks": results["tasks"], "limit": results["limit"], "grid": results["grid"],
+        **{k: results[k] for k in ("rule", "q", "serving") if k in results},
         "deployed_p": deployed_p, "source": source,
         "critical_sparsity": results["critical_sparsity"],
         "points": [{k: pt[k] for k in ("p", "sparsity", "tasks", "average", "normalized_average",
@@ -131,6 +131,22 @@ def _at(points: list[dict], p: float | dict[str, float]) -> dict | None:
     return next((pt for pt in points if same_p(pt["p"], p)), None)
 
 
+def _loglik_diff(a: dict, b: dict, tasks: list[str], names: tuple[str, str]) -> dict:
+    """task -> [N] per-document gold log-likelihood of point ``a`` minus point ``b`` (tasks that
+    carry it on both). NotComparable when a task's two points hold different numbers of
+    documents (``names``: the two sides, for the message)."""
+    diff = {}
+    for t in tasks:
+        r, q = a["tasks"].get(t, {}).get("loglik"), b["tasks"].get(t, {}).get("loglik")
+        if r is None or q is None:
+            continue
+        if len(r) != len(q):
+            raise NotComparable(f"task {t} has {len(r)} documents in the {names[0]} and {len(q)} "
+                                f"in the {names[1]}")
+        diff[t] = np.asarray(r, float) - np.asarray(q, float)
+    return diff
+
+
 def loglik_shift(results: dict, baseline: dict, p: float | dict[str, float], n_boot: int = 2000,
                  level: float = LOGLIK_LEVEL) -> dict | None:
     """Paired per-document gold log-likelihood (nats) of the results minus the baseline's, both
@@ -138,21 +154,25 @@ def loglik_shift(results: dict, baseline: dict, p: float | dict[str, float], n_b
     or no task with per-document log-likelihoods at it.
 
     Raises:
-        ValueError: a task whose two runs hold different numbers of documents.
+        NotComparable: a task whose two runs hold different numbers of documents.
     """
     rp, bp = _at(results["points"], p), _at(baseline["points"], p)
     if rp is None or bp is None:
         return None
-    diff = {}
-    for t in results["tasks"]:
-        r, b = rp["tasks"].get(t, {}).get("loglik"), bp["tasks"].get(t, {}).get("loglik")
-        if r is None or b is None:
-            continue
-        if len(r) != len(b):
-            raise ValueError(f"task {t} has {len(r)} documents in the results and {len(b)} in "
-                             "the baseline")
-        diff[t] = np.asarray(r, float) - np.asarray(b, float)
+    diff = _loglik_diff(rp, bp, results["tasks"], ("results", "baseline"))
     return {"p": p, **mean_shift(diff, n_boot, level)} if diff else None
+
+
+def sparsity_cost(results: dict, p: float | dict[str, float], n_boot: int = 2000,
+                  level: float = LOGLIK_LEVEL) -> dict | None:
+    """What the point at ``p`` costs in gold log-likelihood against the dense point (p = 1.0) of
+    the same results, paired per document (nats, ``stats.mean_shift``'s dict); None without both
+    points or per-document log-likelihoods. The scale ``--loglik-tol`` is chosen against."""
+    rp, dense = _at(results["points"], p), _at(results["points"], 1.0)
+    if rp is None or dense is None:
+        return None
+    diff = _loglik_diff(rp, dense, results["tasks"], ("point", "dense point"))
+    return mean_shift(diff, n_boot, level) if diff else None
 
 
 def check(results: dict, baseline: dict, deployed_p: float | dict[str, float] | None = None,
@@ -162,11 +182,11 @@ def check(results: dict, baseline: dict, deployed_p: float | dict[str, float] | 
     ``deployed_p`` (default the baseline's): a number or per site, matched with ``same_p``.
 
     Raises:
-        ValueError: the results are not comparable to the baseline (``differences``).
+        NotComparable: the results are not comparable to the baseline (``comparable.refuse``,
+            whose warnings about fields a side does not record are its caller's to print).
     """
     failures, warnings = [], []
-    if diff := differences(results, baseline):
-        raise ValueError("the results are not comparable to the baseline: " + "; ".join(diff))
+    comparable.refuse(results, baseline, "the results and the baseline")
     p = baseline["deployed_p"] if deployed_p is None else deployed_p
     point = _at(results["points"], p)
     if point is None:
@@ -217,9 +237,12 @@ def summary(results: dict, baseline: dict, deployed_p: float | dict[str, float] 
     crit, base = results["critical_sparsity"]["average"], baseline["critical_sparsity"]["average"]
     lo, hi = point["normalized_average_interval"]
     shift = loglik_shift(results, baseline, p)
+    cost = sparsity_cost(results, p)
     ll = ("" if shift is None else f"; gold log-likelihood {shift['shift']:+.3f} nats per "
           f"document [{shift['interval'][0]:+.3f}, {shift['interval'][1]:+.3f}] against the "
           "baseline")
+    ll += ("" if cost is None else f"; the deployed p costs {cost['shift']:+.3f} nats per "
+           f"document [{cost['interval'][0]:+.3f}, {cost['interval'][1]:+.3f}] against dense")
     return (f"ok: at the deployed p={describe_p(p)} (measured sparsity "
             f"{point['sparsity']['overall']:.3f}) "
             f"accuracy is {point['normalized_average']:.3f} of dense [{lo:.3f}, {hi:.3f}]; "

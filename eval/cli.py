@@ -4,12 +4,15 @@
                            [--include-path DIR] [--p-grid 1.0,0.99,... [input=0.95,...] ...]
                            [--target all_inputs] [--rule top-p|top-k|max-p|lq [--q Q]]
                            [--dense-url URL]
-                           [--limit N] [--search [--tol 0.02] [--max-points N]]
+                           [--limit N] [--search [--sparsity-bracket 0.02] [--max-points N]]
                            [--p-mode auto|request|global] [--dtype auto|float32|...] --out DIR
   vllm-sparsity eval check --results DIR/results.json --baseline FILE [--deployed-p P] [--strict]
                            [--loglik-tol NATS]
   vllm-sparsity eval baseline --results DIR/results.json --deployed-p P --out FILE
   vllm-sparsity eval tasks [--tasks ...]      build the lm-eval tasks, print their folder
+
+Exit status: 0 ok, 1 regressed (check only), 2 usage or bad input, 3 not comparable, 4 server or
+scoring failed, 5 unexpected error; each command's --help lists its own (eval/errors.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from pathlib import Path
 from vllm_sparsity.config import (RULES, SparsityConfigError, check_together, describe_p,
                                   parse_p_sites, parse_target)
 from vllm_sparsity.eval import convert
+from vllm_sparsity.eval.errors import ExitCode, NotComparable, UsageError, epilog, run
 from vllm_sparsity.eval.server import DTYPES
+
+PROG = "vllm-sparsity eval"
 
 
 def parse_grid(values: list[str], name: str = "--p-grid") -> list[float | dict[str, float]]:
@@ -68,14 +74,29 @@ def target_arg(value: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class Renamed(argparse.Action):
+    """A flag that was renamed: using it is a usage error (exit 2) naming the new flag and why."""
+
+    def __init__(self, option_strings, dest, new: str, why: str, **kw):
+        super().__init__(option_strings, argparse.SUPPRESS, nargs="?", help=argparse.SUPPRESS)
+        self.new, self.why = new, why
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was renamed {self.new}: {self.why}")
+
+
 def parser() -> argparse.ArgumentParser:
     from vllm_sparsity.eval.grid import P_MODES
 
-    ap = argparse.ArgumentParser(prog="vllm-sparsity eval", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    raw = argparse.RawDescriptionHelpFormatter
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=raw)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("sweep", help="accuracy and measured sparsity over a grid of p")
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, epilog=epilog(name),
+                              formatter_class=raw)
+
+    s = command("sweep", "accuracy and measured sparsity over a grid of p")
     s.add_argument("--model", required=True,
                    help="model path; with --url, the path of its tokenizer")
     s.add_argument("--url", help="attach to this server (started with VLLM_PLUGINS=sparsity and "
@@ -119,40 +140,59 @@ def parser() -> argparse.ArgumentParser:
                    "checkpoint's")
     s.add_argument("--search", action="store_true", help="bisect over --p-grid for the critical "
                    "point instead of scoring every p (see eval/search.py)")
-    s.add_argument("--tol", type=float, default=0.02, help="--search: stop when the bracket is "
-                   "narrower than this in measured sparsity (default: %(default)s)")
+    s.add_argument("--sparsity-bracket", type=float, default=0.02, metavar="WIDTH",
+                   help="--search: stop when the last passing and the first failing point lie "
+                   "less than WIDTH apart in measured sparsity (absolute share of activations "
+                   "zeroed, in (0, 1)); the critical sparsity is then known to within WIDTH. Not "
+                   "an accuracy tolerance: the accuracy criterion is always >= 99%% of dense "
+                   "(default: %(default)s)")
+    s.add_argument("--tol", action=Renamed, new="--sparsity-bracket", why="the search's stopping "
+                   "width in measured sparsity, not an accuracy tolerance")
     s.add_argument("--max-points", type=int, help="--search: at most this many points scored, "
                    "the dense one included (default: no limit)")
 
-    c = sub.add_parser("check", help="exit 1 when results regress against a baseline")
-    c.add_argument("--results", type=Path, required=True, help="folder of the sweep to judge "
-                   "(its results.json, as `eval sweep --out` wrote it)")
+    c = command("check", "judge a sweep's results against a baseline: exit 1 when they regress, "
+                "3 when the two are not comparable")
+    c.add_argument("--results", type=Path, required=True, help="the results.json of the sweep "
+                   "to judge (`eval sweep --out DIR` writes DIR/results.json)")
     c.add_argument("--baseline", type=Path, required=True, help="baseline JSON to judge against "
                    "(as `eval baseline --out` wrote it)")
     c.add_argument("--deployed-p", type=deployed_p, help="the p (a number, or per site as in "
                    "--p-grid) whose point is judged (default: the baseline's deployed_p)")
     c.add_argument("--strict", action="store_true", help="judge point estimates, not paired "
                    "intervals (for large samples)")
-    c.add_argument("--loglik-tol", type=float, default=0.0, help="fail when the paired 99%% "
-                   "interval of the gold log-likelihood's change at the deployed p lies below "
-                   "minus this many nats per document (default: %(default)s)")
+    c.add_argument("--loglik-tol", type=float, default=0.0, metavar="NATS",
+                   help="fail when the paired 99%% interval of the gold log-likelihood's change "
+                   "at the deployed p (results minus baseline, mean over documents) lies below "
+                   "-NATS per document (default: %(default)s: any loss the interval resolves). "
+                   "Choose it from the numbers an ok check prints: keep 0 unless reruns of "
+                   "unchanged code on your runners give intervals wholly below 0 (a systematic "
+                   "shift between runners), then just above the largest magnitude of their upper "
+                   "ends; and well below what the deployed p costs against dense (a tenth of it "
+                   "accepts losses under 10%% of the sparsity's own cost); see eval/README.md")
 
-    b = sub.add_parser("baseline", help="write a baseline file from a sweep's results")
-    b.add_argument("--results", type=Path, required=True, help="folder of the sweep the baseline "
-                   "is taken from (as `eval sweep --out` wrote it)")
+    b = command("baseline", "write a baseline file from a sweep's results")
+    b.add_argument("--results", type=Path, required=True, help="the results.json of the sweep "
+                   "the baseline is taken from (`eval sweep --out DIR` writes DIR/results.json)")
     b.add_argument("--deployed-p", type=deployed_p, required=True,
                    help="the p deployed (a number, or per site as in --p-grid): a point of the "
                    "results")
     b.add_argument("--out", type=Path, required=True, help="baseline JSON file to write")
     b.add_argument("--source", default="", help="how the results were produced (recorded)")
 
-    t = sub.add_parser("tasks", help="build the lm-eval tasks and print their --include_path")
+    t = command("tasks", "build the lm-eval tasks and print their --include_path")
     t.add_argument("--tasks", type=_tasks, default=list(convert.TASKS), help="built-in tasks")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (``errors.ExitCode``: errors print one sentence on
+    stderr). argparse's usage errors and --help exit through SystemExit (2, 0)."""
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return run(lambda: _run(args), PROG)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "sweep":
         from vllm_sparsity.eval.grid import PAPER_GRIDS, SweepConfig, ordered_grid, point_name
         from vllm_sparsity.eval.sweep import sweep
@@ -161,20 +201,22 @@ def main(argv: list[str] | None = None) -> int:
             grid = ordered_grid(parse_grid(args.p_grid) if args.p_grid
                                 else list(PAPER_GRIDS[args.rule]), args.rule)
         except SparsityConfigError as e:
-            raise SystemExit(str(e)) from None
-        if not 0 < args.tol < 1:
-            raise SystemExit(f"--tol: a width of measured sparsity in (0, 1), got {args.tol}")
+            raise UsageError(str(e)) from None
+        if not 0 < args.sparsity_bracket < 1:
+            raise UsageError(f"--sparsity-bracket: a width of measured sparsity in (0, 1), got "
+                             f"{args.sparsity_bracket}")
         if args.max_points is not None and args.max_points < 2:
-            raise SystemExit(f"--max-points: at least 2 (the dense and one sparse point), got "
+            raise UsageError(f"--max-points: at least 2 (the dense and one sparse point), got "
                              f"{args.max_points}")
         include = str(args.include_path.resolve()) if args.include_path else None
         try:
             check_together(1.0, args.target, "auto", args.rule, args.q,
                            lambda field: f"--{field}")
         except SparsityConfigError as e:
-            raise SystemExit(str(e)) from None
+            raise UsageError(str(e)) from None
         cfg = SweepConfig(str(args.model), args.tasks, grid, args.target, args.limit, include,
-                          args.search, args.tol, args.max_points, args.rule, args.q, args.dtype)
+                          args.search, args.sparsity_bracket, args.max_points, args.rule, args.q,
+                          args.dtype)
         result = sweep(cfg, args.out, args.url, args.api_key, mode=args.p_mode,
                        dense_url=args.dense_url)
         crit = result["critical_sparsity"]["average"]
@@ -188,30 +230,29 @@ def main(argv: list[str] | None = None) -> int:
                   "(fail)")
         return 0
     if args.command == "check":
-        from vllm_sparsity.eval.check import (check, differences, read_baseline, read_results,
-                                              summary)
+        from vllm_sparsity.eval import comparable
+        from vllm_sparsity.eval.check import check, read_baseline, read_results, summary
 
-        results, baseline = read_results(args.results), read_baseline(args.baseline)
-        if diff := differences(results, baseline):
-            raise SystemExit(f"--baseline {args.baseline} was made for other settings than "
-                             f"--results {args.results} ({'; '.join(diff)}): check against a "
-                             "baseline made from a sweep with the same --tasks, --limit and "
-                             "--target")
         if args.loglik_tol < 0:
-            raise SystemExit(f"--loglik-tol: nats per document, >= 0, got {args.loglik_tol}")
+            raise UsageError(f"--loglik-tol: nats per document, >= 0, got {args.loglik_tol}")
+        results, baseline = read_results(args.results), read_baseline(args.baseline)
+        unrecorded = comparable.refuse(results, baseline, f"--results {args.results} and "
+                                       f"--baseline {args.baseline}")
         try:
             failures, warnings = check(results, baseline, args.deployed_p, args.strict,
                                        loglik_tol=args.loglik_tol)
-        except ValueError as e:
-            raise SystemExit(f"--results {args.results} and --baseline {args.baseline} are not "
-                             f"comparable: {e}") from None
+        except NotComparable as e:
+            raise NotComparable(f"--results {args.results} and --baseline {args.baseline} are "
+                                f"not comparable: {e}") from None
         for line in failures:
             print(f"FAIL: {line}")
         for line in warnings:
             print(f"WARN (within sampling noise): {line}")
+        for line in unrecorded:
+            print(f"WARN: {line}")
         if not failures:
             print(summary(results, baseline, args.deployed_p))
-        return 1 if failures else 0
+        return ExitCode.REGRESSED if failures else ExitCode.OK
     if args.command == "baseline":
         from vllm_sparsity.eval.check import make_baseline, read_results
 
@@ -220,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             base = make_baseline(results, args.deployed_p, args.source)
         except ValueError as e:
             swept = ", ".join(describe_p(pt["p"]) for pt in results["points"])
-            raise SystemExit(f"--deployed-p {describe_p(args.deployed_p)}: {e} ({args.results} "
+            raise UsageError(f"--deployed-p {describe_p(args.deployed_p)}: {e} ({args.results} "
                              f"has p = {swept})") from None
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(base, indent=1) + "\n")

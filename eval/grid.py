@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_sparsity.config import P_MIN, describe_p
+from vllm_sparsity.eval.errors import ServerError, UsageError
 from vllm_sparsity.request_p import counter_key
 from vllm_sparsity.rule import KEEP_ALL_P
 from vllm_sparsity.sites import sites_of
@@ -131,11 +132,11 @@ def point_dir(out: Path, p: Point | None) -> Path:
 
 
 def check_rule(state: dict, cfg: SweepConfig) -> None:
-    """SystemExit unless the server (``GET /v1/sparsity``) runs the sweep's rule and q: the rule
+    """ServerError unless the server (``GET /v1/sparsity``) runs the sweep's rule and q: the rule
     is a start-up setting of the server, which the sweep cannot change."""
     server_rule = (state.get("rule", "top-p"), state.get("q"))
     if server_rule != (cfg.rule, cfg.q):
-        raise SystemExit(f"--rule {cfg.rule}" + (f" --q {cfg.q:g}" if cfg.q is not None else "")
+        raise ServerError(f"--rule {cfg.rule}" + (f" --q {cfg.q:g}" if cfg.q is not None else "")
                          + f": the server runs rule {server_rule[0]}"
                          + (f" with q {server_rule[1]:g}" if server_rule[1] is not None else "")
                          + "; start it with the same --sparsity-rule/--sparsity-q")
@@ -157,13 +158,13 @@ def p_mode(state: dict, asked: str, target_fits: bool = True) -> str:
     """The mode a sweep runs in: ``asked`` unless "auto", which is "request" when the server
     applies a request's own p (``request_p.applied`` in its ``GET /v1/sparsity`` answer) and
     ``target_fits`` (the sweep may run at the server's target, and its grid holds no per-site
-    point), else "global". SystemExit for
+    point), else "global". ServerError for
     "request" on a server that does not apply it."""
     applies = bool(state.get("request_p", {}).get("applied"))
     if asked == "auto":
         return "request" if applies and target_fits else "global"
     if asked == "request" and not applies:
-        raise SystemExit("--p-mode request: the server does not apply a request's own p (its "
+        raise ServerError("--p-mode request: the server does not apply a request's own p (its "
                          "plugin predates it, or its model runner has no per-step hook: see its "
                          "start-up log); use --p-mode global")
     return asked
@@ -198,7 +199,7 @@ def measured_sparsity(before: dict, after: dict, target: str, p: float | None = 
 
 
 def check_grid(cfg: SweepConfig, mode: str) -> None:
-    """SystemExit, in one sentence naming the flag, for per-site points the sweep cannot run: one
+    """UsageError, in one sentence naming the flag, for per-site points the sweep cannot run: one
     that does not name exactly the sites of the target; any with ``mode`` "request" (a request
     carries one p, ``vllm_xargs.sparsity_p``) or with ``search`` (bisection needs the points on
     one ordered axis of p)."""
@@ -206,15 +207,15 @@ def check_grid(cfg: SweepConfig, mode: str) -> None:
     want = sites_of(cfg.target)
     for p in points:
         if set(p) != set(want):
-            raise SystemExit(f"--p-grid point {describe_p(p)} names the sites {', '.join(p)} but "
+            raise UsageError(f"--p-grid point {describe_p(p)} names the sites {', '.join(p)} but "
                              f"--target {cfg.target} has the sites {', '.join(want)}: a per-site "
                              "point names exactly the target's sites")
     if points and mode == "request":
-        raise SystemExit(f"--p-mode request: a request carries one p for every site "
+        raise UsageError(f"--p-mode request: a request carries one p for every site "
                          f"(vllm_xargs.sparsity_p), and --p-grid has the per-site point "
                          f"{describe_p(points[0])}; use --p-mode global or auto (which runs such a "
                          "grid through POST /v1/sparsity)")
     if points and cfg.search:
-        raise SystemExit(f"--search: bisection needs the points on one ordered axis of p, and "
+        raise UsageError(f"--search: bisection needs the points on one ordered axis of p, and "
                          f"--p-grid has the per-site point {describe_p(points[0])}; drop "
                          "--search (every point is scored) or give only numbers")

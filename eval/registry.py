@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_sparsity.eval import convert
+from vllm_sparsity.eval.errors import UsageError
 
 LOCAL_BUILDERS = {"json", "csv", "parquet", "arrow", "text", "pandas"}
 # A group's own fields; its other fields are defaults for its tasks (lm-eval's GROUP_FIELD_NAMES).
@@ -82,11 +83,11 @@ def resolve(names: list[str], include_path: Path | str | None = None, manager=No
             name is not built in: indexing lm-eval's registry takes tens of seconds).
 
     Raises:
-        SystemExit: one sentence per the module docstring (unknown name, Hub-only dataset, a
+        UsageError: one sentence per the module docstring (unknown name, Hub-only dataset, a
             metric that cannot be averaged, an ``include_path`` that is not a folder).
     """
     if include_path is not None and not Path(include_path).is_dir():
-        raise SystemExit(f"--include-path {include_path}: not a folder of task YAMLs")
+        raise UsageError(f"--include-path {include_path}: not a folder of task YAMLs")
     specs, others = {}, [n for n in names if n not in convert.TASKS]
     if others and manager is None:
         from lm_eval.tasks import TaskManager
@@ -106,10 +107,10 @@ def _external(name: str, manager, include_path) -> TaskSpec:
         where = "the built-in tasks, lm-eval's registry" + (
             f" or --include-path {include_path}" if include_path else "")
         hint = f"; close matches: {', '.join(close)}" if close else ""
-        raise SystemExit(f"--tasks {name}: no such task or group in {where}{hint}")
+        raise UsageError(f"--tasks {name}: no such task or group in {where}{hint}")
     leaves = tuple(_leaf(name, task, cfg) for task, cfg in _leaves(name, index, {}))
     if not leaves:
-        raise SystemExit(f"--tasks {name}: the group or tag holds no tasks")
+        raise UsageError(f"--tasks {name}: the group or tag holds no tasks")
     return TaskSpec(name, name, leaves)
 
 
@@ -146,10 +147,10 @@ def _leaf(name: str, task: str, cfg: dict) -> Leaf:
 
     where = f"--tasks {name}" + (f" (its subtask {task})" if task != name else "")
     if "class" in cfg:
-        raise SystemExit(f"{where}: defined by a Python class, so its metric cannot be read; "
+        raise UsageError(f"{where}: defined by a Python class, so its metric cannot be read; "
                          "wrap it in a YAML task with a metric_list (--include-path)")
     if reason := dataset_problem(cfg):
-        raise SystemExit(f"{where}: {reason}")
+        raise UsageError(f"{where}: {reason}")
     metric_list = cfg.get("metric_list")
     if metric_list:
         first = metric_list[0]
@@ -158,16 +159,16 @@ def _leaf(name: str, task: str, cfg: dict) -> Leaf:
     elif cfg.get("output_type") == "multiple_choice":
         metric, aggregation, higher = "acc", None, None  # lm-eval's default for the type
     else:
-        raise SystemExit(f"{where}: its YAML has no metric_list; name the metric to average")
+        raise UsageError(f"{where}: its YAML has no metric_list; name the metric to average")
     if not isinstance(metric, str):
-        raise SystemExit(f"{where}: its first metric is a function; name a registered metric")
+        raise UsageError(f"{where}: its first metric is a function; name a registered metric")
     agg = aggregation or getattr(get_metric_aggregation(metric), "__name__", None)
     if agg != "mean":
-        raise SystemExit(f"{where}: its primary metric {metric} aggregates by {agg!r}, not by "
+        raise UsageError(f"{where}: its primary metric {metric} aggregates by {agg!r}, not by "
                          "the per-document mean that the paired bootstrap needs; put a mean "
                          "metric first in its metric_list")
     if (is_higher_better(metric) if higher is None else higher) is False:
-        raise SystemExit(f"{where}: its primary metric {metric} is lower-is-better; critical "
+        raise UsageError(f"{where}: its primary metric {metric} is lower-is-better; critical "
                          "sparsity needs an accuracy-like metric (higher is better) first")
     filters = cfg.get("filter_list") or []
     return Leaf(task, metric, filters[0]["name"] if filters else "none",

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from vllm_sparsity.eval import convert, registry, stats
+from vllm_sparsity.eval.errors import NotComparable
 from vllm_sparsity.eval.grid import ordered_grid, point_dir, point_name
 from vllm_sparsity.sites import sites_of
 
@@ -153,7 +154,7 @@ def build(out: Path, n_boot: int = 2000) -> dict:
     for t in tasks:  # paired: every point must have scored the same documents
         if len({len(c) for c in correct[t]}) != 1 or len(
                 {tuple(pt["tasks"][t]["doc_ids"]) for pt in points}) != 1:
-            raise ValueError(f"{out}: points scored different {t} documents")
+            raise NotComparable(f"{out}: points scored different {t} documents")
     correct = {t: np.stack(c) for t, c in correct.items()}  # [P, N]
 
     dense = points[0]
@@ -176,7 +177,10 @@ def build(out: Path, n_boot: int = 2000) -> dict:
     for c in [crit["average"], *crit["tasks"].values()]:
         c["p"] = by_sparsity.get(c["sparsity"])
 
-    result = {**cfg, "docs": {t: int(correct[t].shape[1]) for t in tasks},
+    # What the server ran (comparable.record_serving); None for folders from before it.
+    serving = (json.loads((out / "serving.json").read_text())
+               if (out / "serving.json").exists() else None)
+    result = {**cfg, "serving": serving, "docs": {t: int(correct[t].shape[1]) for t in tasks},
               "points": points, "critical_sparsity": crit}
     if (out / "search.json").exists():
         result["search_trace"] = json.loads((out / "search.json").read_text())
@@ -186,6 +190,7 @@ def build(out: Path, n_boot: int = 2000) -> dict:
              for pt in points}
     (out / "critical_sparsity.json").write_text(json.dumps(
         {"model": cfg["model"], "target": cfg["target"], "tasks": tasks, "limit": cfg["limit"],
+         "rule": cfg.get("rule", "top-p"), "q": cfg.get("q"), "serving": serving,
          "critical_sparsity": crit, "lm_eval_files": files}, indent=1) + "\n")
     plot(result, out / "curves.png")
     (out / "report.md").write_text(report(result))
@@ -240,6 +245,16 @@ def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _served(result: dict) -> str:
+    """report.md's line naming the rule and what the server ran (``serving``)."""
+    rule = result.get("rule", "top-p") + (f" (q={result['q']:g})" if result.get("q") else "")
+    s = result.get("serving") or {}
+    ran = ", ".join(f"{label} {s[k]}" for k, label in (
+        ("dtype", "dtype"), ("device", "device"), ("vllm", "vLLM"),
+        ("vllm_sparsity", "vllm-sparsity")) if s.get(k) is not None)
+    return f"Rule {rule}; served with {ran or 'settings not recorded'}."
+
+
 def report(result: dict) -> str:
     tasks, crit = result["tasks"], result["critical_sparsity"]
     sites = [*sites_of(result["target"]), "overall"]
@@ -252,6 +267,7 @@ def report(result: dict) -> str:
 
     lines = [
         f"# Critical sparsity: {Path(result['model']).name}, target `{result['target']}`", "",
+        _served(result), "",
         "Tasks (scored by lm-eval `local-completions`): "
         + ", ".join(f"{t} ({result['docs'][t]} docs)" for t in tasks) + ".", "",
         f"**Critical sparsity (average):** {fmt(crit['average'])}; paired bootstrap over "
@@ -290,7 +306,8 @@ def report(result: dict) -> str:
                                          f"{'pass' if t['passes'] else 'fail'}"
                                          + (" (within noise)" if t["within_noise"] else "")
                                          for t in sr["trace"])
-                  + f"; stopped: {sr['stopped']} (tol {sr['tol']}, budget {sr['max_points']}); "
+                  + f"; stopped: {sr['stopped']} (sparsity bracket {sr['tol']}, budget "
+                  f"{sr['max_points']}); "
                   f"critical p={point_name(sr['critical']['p'])}, bracket to p="
                   f"{'none' if sr['bracket']['fail_p'] is None else sr['bracket']['fail_p']}"
                   + ("" if width is None else f", width {width:.3f} of sparsity") + ".", ""]

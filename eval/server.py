@@ -17,6 +17,7 @@ from pathlib import Path
 import requests
 
 from vllm_sparsity.config import ENV_PREFIX, FIELDS, describe_p
+from vllm_sparsity.eval.errors import ServerError
 from vllm_sparsity.eval.grid import Point
 from vllm_sparsity.sites import sites_of, target_of
 
@@ -37,10 +38,10 @@ class Server:
         try:
             r = requests.get(f"{self.url}{route}", headers=self.headers, timeout=60)
         except requests.ConnectionError:
-            raise SystemExit(f"--url {self.url}: no server answers there (connection "
+            raise ServerError(f"--url {self.url}: no server answers there (connection "
                              "failed); pass the address of a running `vllm serve`") from None
         if r.status_code == 401:
-            raise SystemExit(f"--api-key: the server at {self.url} refused "
+            raise ServerError(f"--api-key: the server at {self.url} refused "
                              f"{'the key' if self.api_key else 'a request without a key'} "
                              "(HTTP 401); pass the --api-key it was started with")
         return r
@@ -48,14 +49,14 @@ class Server:
     def state(self) -> dict:
         r = self._get("/v1/sparsity")
         if r.status_code == 404:
-            raise SystemExit(f"--url {self.url}: the server has no /v1/sparsity route, so it runs "
+            raise ServerError(f"--url {self.url}: the server has no /v1/sparsity route, so it runs "
                              "without the plugin's endpoint; start it with VLLM_PLUGINS=sparsity "
                              "in its environment and --sparsity-p 1.0")
         if r.status_code == 409:
-            raise SystemExit(f"--url {self.url}: the server runs with sparsity off; start it with "
+            raise ServerError(f"--url {self.url}: the server runs with sparsity off; start it with "
                              "--sparsity-p 1.0 (and VLLM_PLUGINS=sparsity)")
         if r.status_code != 200:
-            raise RuntimeError(f"GET {self.url}/v1/sparsity: HTTP {r.status_code} {r.text[:300]} "
+            raise ServerError(f"GET {self.url}/v1/sparsity: HTTP {r.status_code} {r.text[:300]} "
                                "(start the server with VLLM_PLUGINS=sparsity and --sparsity-p)")
         return r.json()
 
@@ -63,7 +64,7 @@ class Server:
         r = requests.post(f"{self.url}/v1/sparsity", json={"p": p, "target": target},
                           headers=self.headers, timeout=60)
         if r.status_code != 200:
-            raise RuntimeError(f"POST {self.url}/v1/sparsity p={describe_p(p)} target={target}: "
+            raise ServerError(f"POST {self.url}/v1/sparsity p={describe_p(p)} target={target}: "
                                f"HTTP {r.status_code} {r.text[:300]}")
         return r.json()
 
@@ -74,7 +75,7 @@ class Server:
         it was loaded from); ``model`` matches either, or the last part of either path.
 
         Raises:
-            SystemExit: the server does not serve ``model``, or is not an OpenAI-compatible one.
+            ServerError: the server does not serve ``model``, or is not an OpenAI-compatible one.
         """
         r = self._get("/v1/models")
         try:
@@ -82,7 +83,7 @@ class Server:
         except (ValueError, KeyError, TypeError):
             served = None
         if not served:
-            raise SystemExit(f"--url {self.url}: GET /v1/models gave HTTP {r.status_code} without "
+            raise ServerError(f"--url {self.url}: GET /v1/models gave HTTP {r.status_code} without "
                              "a model list; is it a `vllm serve` (OpenAI-compatible) server?")
         wanted = {model.rstrip("/"), Path(model.rstrip("/")).name}
         for m in served:
@@ -90,7 +91,7 @@ class Server:
             if wanted & (names | {Path(n).name for n in names}):
                 return m["id"]
         listed = ", ".join(f"{m['id']} (from {m.get('root') or m['id']})" for m in served)
-        raise SystemExit(f"--model {model}: the server at {self.url} serves {listed}, not this "
+        raise ServerError(f"--model {model}: the server at {self.url} serves {listed}, not this "
                          "model; pass the path of the served model (its tokenizer is read there)")
 
 
@@ -169,7 +170,8 @@ def served(model: str, log: Path, url: str | None = None, api_key: str | None = 
     ``flags`` (default ``serve_flags()``: plugin on at p = 1.0 with target all_inputs, so that
     every target can be set at runtime; ``[]``: sparsity off, a dense reference) and ``--dtype
     dtype`` as vLLM reads it (auto: the checkpoint's), stopped on exit whatever happened. An
-    attached server computes in its own dtype (``dtype`` unused)."""
+    attached server computes in its own dtype (``dtype`` unused). ServerError when the started one
+    exits or is not ready within ``START_TIMEOUT_S``."""
     if url:
         yield Server(url.rstrip("/"), api_key)
         return
@@ -189,14 +191,14 @@ def served(model: str, log: Path, url: str | None = None, api_key: str | None = 
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}; log: {log}")
+                raise ServerError(f"vllm serve exited with {proc.returncode}; log: {log}")
             try:
                 if requests.get(f"{server.url}/health", timeout=2).status_code == 200:
                     break
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"vllm serve not ready after {START_TIMEOUT_S} s; log: {log}")
+                raise ServerError(f"vllm serve not ready after {START_TIMEOUT_S} s; log: {log}")
             time.sleep(2)
         yield server
     finally:

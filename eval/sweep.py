@@ -44,7 +44,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from vllm_sparsity.eval import convert, registry, report, search
+from vllm_sparsity.eval import comparable, convert, registry, report, search
+from vllm_sparsity.eval.errors import NotComparable, ServerError, UsageError
 from vllm_sparsity.eval.grid import (DENSE, Point, SweepConfig, check_grid, check_rule, dense_p,
                                      measured_sparsity, p_mode, per_site, point_dir, point_name)
 from vllm_sparsity.sites import sites_of
@@ -95,7 +96,7 @@ def _score(server: Server, cfg: SweepConfig, ps: list[Point], out: Path, include
            served_name: str, lm_tasks: list[str], per_request: bool) -> list[float]:
     """lm-eval at each p of ``ps``, all at once (one subprocess per p; its requests carry p when
     ``per_request``: numbers only), into each point's folder; returns each one's wall time in
-    seconds, in the order of ``ps``. RuntimeError naming the p and its log when one fails."""
+    seconds, in the order of ``ps``. ServerError naming the p and its log when one fails."""
     runs = []
     for p in ps:
         pdir = point_dir(out, p)
@@ -121,7 +122,7 @@ def _score(server: Server, cfg: SweepConfig, ps: list[Point], out: Path, include
                 proc.wait()
             log.close()
     if failed:
-        raise RuntimeError(f"lm-eval failed at {', '.join(failed)}")
+        raise ServerError(f"lm-eval failed at {', '.join(failed)}")
     return walls
 
 
@@ -173,7 +174,7 @@ def run_points_by_request(server: Server, cfg: SweepConfig, ps: list[float], out
     """``--p-mode request``: score every p of ``ps`` at once, each request carrying its p, and
     record each point's sparsity from the server's per-p counters (before and after). The server's
     settings are not touched: its target must already be the sweep's (``sweep`` checks).
-    RuntimeError when the server counted no activation for a p (it did not apply it)."""
+    ServerError when the server counted no activation for a p (it did not apply it)."""
     before = server.state()
     walls = _score(server, cfg, ps, out, include_path, served_name, lm_tasks, True)
     after = server.state()
@@ -181,7 +182,7 @@ def run_points_by_request(server: Server, cfg: SweepConfig, ps: list[float], out
     for p, wall in zip(ps, walls):
         sparsity = measured_sparsity(before, after, cfg.target, p)
         if not sparsity["activations"]:
-            raise RuntimeError(
+            raise ServerError(
                 f"p={p}: the server counted no activation for requests carrying it: it did not "
                 f"apply them, or its per-p counters ({after['request_p']['slots']} distinct p "
                 "per start-up) are all taken; rerun with --p-mode global")
@@ -198,7 +199,7 @@ def prepare_tasks(cfg: SweepConfig, out: Path) -> tuple[list[registry.TaskSpec],
     the cache) and a copy of ``--include-path`` under ``user/``. Writes ``<out>/tasks.json``."""
     specs = registry.resolve(cfg.tasks, cfg.include_path)
     if cfg.include_path and out.is_relative_to(Path(cfg.include_path).resolve()):
-        raise SystemExit(f"--out {out} lies inside --include-path {cfg.include_path}, whose copy "
+        raise UsageError(f"--out {out} lies inside --include-path {cfg.include_path}, whose copy "
                          "goes into it; put it elsewhere")
     folder = out / "tasks"
     shutil.rmtree(folder, ignore_errors=True)  # follows the current definitions
@@ -225,9 +226,11 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
     the dense reference (same ``api_key``); required with ``url``, else the sweep starts one.
 
     Raises:
-        SystemExit: a user error (a task that cannot be scored, a folder holding another sweep, a
-            server that does not fit: see ``registry`` and ``Server``; per-site points it cannot
-            run: ``check_grid``), in one sentence.
+        EvalError: in one sentence, with its exit status (``errors``): UsageError (a task that
+            cannot be scored: ``registry``; per-site points it cannot run: ``check_grid``),
+            NotComparable (a folder holding another sweep, or points another server scored:
+            ``comparable.record_serving``), ServerError (a server that does not fit or fails:
+            ``Server``, ``served``; lm-eval failing).
     """
     from tqdm import tqdm
 
@@ -242,7 +245,7 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
                          "server without sparsity: with --url, give that server's address as "
                          "--dense-url (or drop --url: the sweep then starts both)")
     if url and cfg.dtype != "auto":
-        raise SystemExit(f"--dtype {cfg.dtype}: applies to a server the sweep starts; the server "
+        raise UsageError(f"--dtype {cfg.dtype}: applies to a server the sweep starts; the server "
                          f"at --url {url} computes in the dtype it was started with")
     if not url:
         cfg = replace(cfg, dtype=serve_dtype(cfg.dtype))
@@ -250,7 +253,7 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "sweep.json"
     if cfg_file.exists() and _stored_config(cfg_file) != asdict(cfg):
-        raise SystemExit(f"{out} holds a sweep with other settings ({cfg_file}); "
+        raise NotComparable(f"{out} holds a sweep with other settings ({cfg_file}); "
                          "use another --out, or delete it")
     specs, include_path = prepare_tasks(cfg, out)
     cfg_file.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
@@ -267,6 +270,7 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
         with served(cfg.model, out / "server.log", url, api_key,
                     serve_flags(cfg.target, cfg.rule, cfg.q), cfg.dtype) as server:
             served_name, initial = server.served_model(cfg.model), server.state()
+            comparable.record_serving(out, initial)  # results.json's "serving"
             check_rule(initial, cfg)
             # An attached server at another target keeps it in request mode, and a request
             # carries one p: auto goes global for either.
@@ -275,7 +279,7 @@ def sweep(cfg: SweepConfig, out: Path, url: str | None = None, api_key: str | No
             restore = mode == "global"  # request mode changes nothing of an attached server
             if mode == "request" and initial["target"] != cfg.target:
                 if server.proc is None:
-                    raise SystemExit(
+                    raise ServerError(
                         f"--p-mode request: the server's target is {initial['target']}, the "
                         f"sweep's {cfg.target}; a request's p applies at the server's target "
                         "only: set the server's target, or use --p-mode global")

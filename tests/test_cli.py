@@ -47,4 +47,6 @@ def test_bad_usage_exits_2_with_the_usage_and_the_reason(capsys, argv, says):
 def test_eval_check_help_explains_results_and_baseline(capsys):
     code, out, _ = run(capsys, "eval", "check", "--help")
     assert code == 0
-    assert "folder of the sweep to judge" in out and "baseline JSON to judge against" in out
+    assert "the results.json of the sweep to judge" in out
+    assert "baseline JSON to judge against" in out and "exit status:" in out
+    assert "  3  results and baseline made with different settings" in out

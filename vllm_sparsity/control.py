@@ -15,7 +15,8 @@ Routes (opt-in: start the server with ``VLLM_PLUGINS=sparsity``; under ``/v1`` s
   and site, the monotonic counters ``zeroed`` and ``total`` (activations since start-up), merged
   over the workers as ``/metrics`` merges them (``counters.merge``); and ``"experts"``: per
   fused-MoE layer and site, the same counters per routed expert (lists indexed by expert id;
-  empty without routed experts).
+  empty without routed experts); and ``"serving"``: the model, dtype, device and vLLM and plugin
+  versions the server runs (``versions.serving``).
 - ``POST /v1/sparsity`` with ``Content-Type: application/json`` and a body such as
   ``{"p": 0.8, "target": "intermediate"}`` or ``{"p": {"input": 0.9, "intermediate": 0.8}}``
   (any key may be left out; at most ``MAX_BODY_BYTES``). ``rule`` and ``q`` are accepted when they
@@ -62,7 +63,7 @@ import json
 import logging
 from typing import Any
 
-from vllm_sparsity import analysis, counters, engine_rpc
+from vllm_sparsity import analysis, counters, engine_rpc, versions
 from vllm_sparsity import config as cfg
 from vllm_sparsity.config import (RULES, SparsityConfigError, parse_p_sites, parse_q,
                                   parse_target, quote)
@@ -109,7 +110,8 @@ async def _state(engine) -> dict[str, Any]:
                          "runtime control")
     return {**merged["settings"], "unknown_phase_tokens": merged["unknown_phase_tokens"],
             "layers": counters.route_layers(merged), "request_p": merged["request_p"],
-            "experts": counters.route_experts(merged)}
+            "experts": counters.route_experts(merged),
+            "serving": versions.serving(getattr(engine, "model_config", None))}
 
 
 async def arm_analysis(engine, tokens: int, rank_batch: int) -> dict[str, Any]:

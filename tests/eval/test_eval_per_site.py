@@ -12,8 +12,8 @@ from importlib.util import find_spec
 import numpy as np
 import pytest
 
-from test_eval_check import results
-from test_eval_errors import MODEL_ROOT, FakeVLLM, run
+from test_eval_check import SERVING, results
+from test_eval_errors import MODEL_ROOT, NOT_COMPARABLE, FakeVLLM, run
 from vllm_sparsity.config import SparsityConfigError
 from vllm_sparsity.eval import check, convert
 from vllm_sparsity.eval import sweep as sweep_mod
@@ -124,7 +124,8 @@ class FakeRoute(FakeVLLM):
         layers = [{"layer": 0, "site": s, "zeroed": z, "total": t}
                   for s, (z, t) in cls.counts.items()]
         return self.reply(200, {"p": cls.p, "target": cls.target, "rule": "top-p", "q": None,
-                                "layers": layers, "request_p": {"applied": True, "counters": {}}})
+                                "layers": layers, "request_p": {"applied": True, "counters": {}},
+                                "serving": SERVING})
 
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
@@ -234,7 +235,7 @@ def test_a_finished_per_site_sweep_resumes_and_refuses_another_grid(per_site_swe
     assert (len(handler.posts), len(scored)) == (n_posts, n_scored)
     other = [a if a != "input=0.95,intermediate=0.6" else "input=0.95,intermediate=0.5"
              for a in argv]
-    assert run(other) == (f"{out.resolve()} holds a sweep with other settings "
+    assert run(other, NOT_COMPARABLE) == (f"{out.resolve()} holds a sweep with other settings "
                           f"({out.resolve() / 'sweep.json'}); use another --out, or delete it")
 
 

@@ -11,6 +11,7 @@ from lm_eval.tasks import TaskManager
 
 from vllm_sparsity.eval import registry, report
 from vllm_sparsity.eval.cli import main
+from vllm_sparsity.eval.errors import ExitCode, UsageError
 
 DOCS = [{"q": "2 + 2 =", "choices": ["4", "5"], "gold": 0},
         {"q": "The sky is", "choices": ["green", "blue"], "gold": 1},
@@ -88,7 +89,7 @@ def test_a_group_pools_its_subtasks(own, tmp_path):
 ])
 def test_a_task_that_cannot_be_scored_fails_naming_it(own, name, message):
     folder, manager = own
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UsageError) as e:
         registry.resolve(["piqa", name], folder, manager)
     assert str(e.value).startswith(message.format(folder=folder))
 
@@ -96,32 +97,31 @@ def test_a_task_that_cannot_be_scored_fails_naming_it(own, name, message):
 def test_missing_data_file_and_include_path(own, tmp_path):
     folder, manager = own
     (folder / "my_task.jsonl").unlink()
-    with pytest.raises(SystemExit, match=f"--tasks my_task: its data file {folder}/my_task.jsonl "
+    with pytest.raises(UsageError, match=f"--tasks my_task: its data file {folder}/my_task.jsonl "
                                          "does not exist"):
         registry.resolve(["my_task"], folder, manager)
-    with pytest.raises(SystemExit, match="--include-path /nonexistent: not a folder"):
+    with pytest.raises(UsageError, match="--include-path /nonexistent: not a folder"):
         registry.resolve(["my_task"], "/nonexistent", manager)
 
 
-def test_registry_task_needing_the_hub_fails_before_any_server(tmp_path):
+def test_registry_task_needing_the_hub_fails_before_any_server(tmp_path, capsys):
     """Through the CLI with lm-eval's whole registry: a group whose data live on the Hub is
     refused before the sweep reaches --url (a dead port: reaching it would give another error)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    with pytest.raises(SystemExit) as e:
-        main(["sweep", "--model", "/models/m", "--url", dead, "--tasks", "piqa,mmlu",
-              "--p-grid", "1.0,0.9", "--out", str(tmp_path / "out")])
-    assert str(e.value).startswith("--tasks mmlu (its subtask mmlu_")
-    assert "its dataset 'cais/mmlu' comes from the Hugging Face Hub" in str(e.value)
+    assert main(["sweep", "--model", "/models/m", "--url", dead, "--tasks", "piqa,mmlu",
+                 "--p-grid", "1.0,0.9", "--out", str(tmp_path / "out")]) == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("vllm-sparsity eval: error: --tasks mmlu (its subtask mmlu_")
+    assert "its dataset 'cais/mmlu' comes from the Hugging Face Hub" in err
 
 
-def test_a_misspelled_registry_name_lists_each_close_match_once(tmp_path):
+def test_a_misspelled_registry_name_lists_each_close_match_once(tmp_path, capsys):
     """``hellaswag`` is both a built-in and lm-eval's task: suggested once, before any server."""
-    with pytest.raises(SystemExit) as e:
-        main(["sweep", "--model", "/models/m", "--url", "http://127.0.0.1:9", "--tasks",
-              "hellaswg", "--out", str(tmp_path / "out")])
-    msg = str(e.value)
+    assert main(["sweep", "--model", "/models/m", "--url", "http://127.0.0.1:9", "--tasks",
+                 "hellaswg", "--out", str(tmp_path / "out")]) == ExitCode.USAGE
+    msg = capsys.readouterr().err.removeprefix("vllm-sparsity eval: error: ").strip()
     assert msg.startswith("--tasks hellaswg: no such task or group in the built-in tasks, "
                           "lm-eval's registry; close matches: hellaswag, ")
     close = msg.split("close matches: ")[1].split(", ")

@@ -179,7 +179,7 @@ def test_sweep_with_search_writes_the_trace_and_the_grids_answer(tmp_path, monke
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     argv = ["sweep", "--model", MODEL_ROOT, "--url", url, "--tasks", "piqa", "--search",
-            "--tol", "0.001", "--out", str(tmp_path / "s")]
+            "--sparsity-bracket", "0.001", "--out", str(tmp_path / "s")]
     try:
         assert main(argv) == 0
         searched = list(scored)
