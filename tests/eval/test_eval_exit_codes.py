@@ -135,7 +135,7 @@ def test_sweep_statuses(tmp_path, monkeypatch):
     # A bug: its traceback, and 5 rather than 1 ("regressed").
     from vllm_sparsity.eval import grid
 
-    monkeypatch.setattr(grid, "ordered_grid", lambda points: 1 / 0)
+    monkeypatch.setattr(grid, "ordered_grid", lambda *args: 1 / 0)
     code, _, err = status(argv)
     assert code == ExitCode.INTERNAL and "ZeroDivisionError" in err and "Traceback" in err
 
