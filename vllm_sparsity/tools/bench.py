@@ -134,9 +134,20 @@ def _serve_measurements(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps({"tok_s": tok_s, "counts": counts}), flush=True)
 
 
-def _crossover(llm) -> dict[str, int]:
-    """{layer shape: rows up to which its sparse GEMV runs} of the first worker (placeholder)."""
-    return {}
+def _crossover(llm) -> dict[str, str]:
+    """{"<layer kind> (<site>)": "M (source), ..."}: the rows up to which each kind of layer runs
+    its sparse GEMV (``GET /v1/sparsity``'s ``crossover``), the distinct values over the model's
+    layers."""
+    from vllm_sparsity import counters
+
+    merged = counters.merge(llm.collective_rpc("vllm_sparsity_snapshot"))
+    seen: dict[str, set[str]] = {}
+    for (_, site), entry in merged["sites"].items():
+        c = entry.get("crossover")
+        if c:
+            kind = f"{entry['name'].rsplit('.', 1)[-1]} ({site})"
+            seen.setdefault(kind, set()).add(f"{c['m_max']} ({c['source']})")
+    return {kind: ", ".join(sorted(values)) for kind, values in seen.items()}
 
 
 def _tree_memory_gib(pid: int) -> dict[str, float]:
@@ -288,9 +299,9 @@ def _print_tables(results: dict, base: str, names: list[str], children: dict,
               f"x{mem['rss'] / base_rss:.3f} | {mem['pss']:.2f} | {mem['worker_rss']:.2f} |")
     for key, child in children.items():
         if child.crossover:
-            print(f"\ncrossover of engine {key} (sparse path up to M rows, per layer shape):")
-            for shape, m_max in sorted(child.crossover.items()):
-                print(f"  {shape}: {m_max}")
+            print(f"\ncrossover of engine {key} (sparse GEMV up to M rows; per layer kind):")
+            for kind, m_max in sorted(child.crossover.items()):
+                print(f"  {kind}: {m_max}")
 
 
 def main(argv: list[str] | None = None) -> int:
