@@ -95,7 +95,8 @@ def _serve_measurements(args: argparse.Namespace) -> None:
                   dtype="bfloat16", enable_prefix_caching=False, seed=0)
     if args.p is not None:
         kwargs["additional_config"] = {
-            "sparsity": {"p": args.p, "target": args.target, "backend": args.backend},
+            "sparsity": {"p": args.p, "target": args.target, "backend": args.backend,
+                         "mode": args.mode},
             "sparsity_metrics": args.metrics}
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
@@ -176,7 +177,7 @@ class _Child:
     def __init__(self, args: argparse.Namespace, key: str, p: float | None,
                  metrics_on: bool) -> None:
         cmd = [sys.executable, "-m", "vllm_sparsity.tools.bench", "--_child", "--model", args.model,
-               "--target", args.target, "--backend", args.backend,
+               "--target", args.target, "--backend", args.backend, "--mode", args.mode,
                "--prefill-tokens", str(args.prefill_tokens),
                "--decode-tokens", str(args.decode_tokens),
                "--max-num-batched-tokens", str(args.max_num_batched_tokens),
@@ -313,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="all_inputs")
     parser.add_argument("--backend", default="auto",
                         help="the plugin's backend: auto, cpu, torch (default: auto)")
+    parser.add_argument("--mode", default="exact",
+                        help="the plugin's --sparsity-mode: exact or speed (default: exact)")
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--streams", type=int, nargs="+", default=STREAMS,
@@ -348,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:  # the plugin's own checks, before minutes of start-up
             for p in args.p or [1.0]:
-                SparsityConfig(p=p, target=args.target, backend=args.backend)
+                SparsityConfig(p=p, target=args.target, backend=args.backend, mode=args.mode)
         except SparsityConfigError as e:
             parser.error(str(e))
     if args.model is None:
@@ -383,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     children = {}
     load = os.getloadavg()
-    print(f"model {args.model}; backend {args.backend}, target {args.target}; load average "
+    print(f"model {args.model}; backend {args.backend}, target {args.target}, mode {args.mode}; "
+          "load average "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
     try:
         for key, (p, metrics_on) in engines.items():  # one at a time: start-up compiles
