@@ -30,6 +30,8 @@ def test_sparsity_dense_reads_are_not_reported():
     (["--prefill-tokens", "0"], "--prefill-tokens must be >= 1, got 0"),
     (["--p", "1.5"], "p must be a number in [1e-06, 1], got 1.5"),
     (["--backend", "gpu"], "backend"),
+    (["--streams", "0", "4"], "--streams must be counts in [1, 256], got [0, 4]"),
+    (["--mode", "fast"], "mode"),
 ])
 def test_bad_flags_are_refused_before_start_up(argv, message, capsys, monkeypatch):
     def no_engine(*args, **kwargs):
@@ -40,3 +42,28 @@ def test_bad_flags_are_refused_before_start_up(argv, message, capsys, monkeypatc
     with pytest.raises(SystemExit):
         bench.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_stream_prompts_differ_and_stay_in_range():
+    # Rows of one decode batch must keep different entries: identical prompts would make the
+    # union of kept rows one row's set and flatter the sparse GEMV at M > 1.
+    prompts = [p["prompt_token_ids"] for p in bench.stream_prompts(16)]
+    assert prompts[0] == bench.SHORT_PROMPT
+    assert len({tuple(p) for p in prompts}) == 16
+    assert all(len(p) == len(bench.SHORT_PROMPT) and p[0] == bench.SHORT_PROMPT[0]
+               for p in prompts)
+    assert all(500 <= t < 5500 for p in prompts[1:] for t in p[1:])
+
+
+def test_summary_ratios_are_per_round_medians_with_range():
+    class Child:
+        def __init__(self, rss):
+            self.memory_gib, self.startup_s, self.crossover = {"rss": rss}, 1.0, None
+
+    configs = [("off", "off", None), ("p=0.7", "plugin", 0.7)]
+    runs = {"off": {"decode@2": [10.0, 20.0, 10.0], "counts": []},
+            "p=0.7": {"decode@2": [15.0, 20.0, 12.0], "counts": []}}
+    got = bench._summarize(runs, configs, ["decode@2"],
+                           {"off": Child(4.0), "plugin": Child(5.0)})["p=0.7"]
+    assert got["decode@2"] == {"tok_s": 15.0, "ratio": 1.2, "ratio_range": [1.0, 1.5]}
+    assert got["rss_ratio"] == 1.25

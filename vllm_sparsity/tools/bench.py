@@ -12,8 +12,13 @@ measured (``kernels/bench/results/cpu-avx2-2026-12-01/measurements.md``); config
 apart would compare the drift. A benchmark, not a test.
 
 - prefill: one prompt of ``--prefill-tokens`` token ids, ``max_tokens=1``.
-- decode: a short prompt generating ``--decode-tokens`` tokens (EOS ignored); decode time is that
-  run's time minus the same prompt's ``max_tokens=1`` time.
+- decode at each ``--streams`` count S: S different short prompts served together (one batch of S
+  decode rows), each generating ``--decode-tokens`` tokens (EOS ignored); decode time is that run's
+  time minus the same prompts' ``max_tokens=1`` time; tokens/s counts all S streams. The prompts
+  differ, so that the rows of a batch keep different entries (the union of their kept sets is what
+  a sparse GEMV over several rows reads).
+- crossover: the rows up to which each layer runs the sparse GEMV (the CPU backend measures it per
+  layer shape at start-up, ``kernels/crossover.py``), as ``GET /v1/sparsity`` reports it.
 - sparsity: the plugin's own counters (``counters``, read with the worker RPC behind ``GET
   /v1/sparsity``) over the decode runs of each p: the share of each site's inputs zeroed, and
   (kernel backends) the share of weight rows read, means over the layers.
@@ -49,6 +54,15 @@ import time
 
 # A fixed, model-independent short prompt for decode (token ids inside every vocabulary used here).
 SHORT_PROMPT = [2, 818, 5279, 529, 7001, 563]
+STREAMS = [1, 2, 4, 8, 16]
+
+
+def stream_prompts(n: int) -> list[dict]:
+    """``n`` different short decode prompts [6 token ids each]: ``SHORT_PROMPT`` for the first,
+    the others with its ids after the first shifted by a different step (ids stay in 500-5500)."""
+    return [{"prompt_token_ids": SHORT_PROMPT[:1] + [
+        SHORT_PROMPT[j] if i == 0 else 500 + (SHORT_PROMPT[j] + 977 * i) % 5000
+        for j in range(1, len(SHORT_PROMPT))]} for i in range(n)]
 
 
 def _decode_counts(llm) -> dict[str, list[float]]:
@@ -76,11 +90,13 @@ def _serve_measurements(args: argparse.Namespace) -> None:
     # SIGTERM from the parent: exit through Python, so that LLM shuts its engine core down.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     kwargs = dict(model=args.model, max_model_len=args.prefill_tokens + args.decode_tokens + 16,
-                  max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=4,
+                  max_num_batched_tokens=args.max_num_batched_tokens,
+                  max_num_seqs=max(args.streams),
                   dtype="bfloat16", enable_prefix_caching=False, seed=0)
     if args.p is not None:
         kwargs["additional_config"] = {
-            "sparsity": {"p": args.p, "target": args.target, "backend": args.backend},
+            "sparsity": {"p": args.p, "target": args.target, "backend": args.backend,
+                         "mode": args.mode},
             "sparsity_metrics": args.metrics}
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
@@ -88,32 +104,51 @@ def _serve_measurements(args: argparse.Namespace) -> None:
     # A fixed, model-independent prompt: token ids cycling through an ordinary range.
     long_prompt = {"prompt_token_ids": [2] + [1000 + i % 5000
                                               for i in range(args.prefill_tokens - 1)]}
-    short_prompt = {"prompt_token_ids": SHORT_PROMPT}
 
-    def timed(prompt, max_tokens):
+    def timed(prompts, max_tokens):
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         start = time.perf_counter()
-        llm.generate([prompt], params, use_tqdm=False)
+        llm.generate(prompts, params, use_tqdm=False)
         return time.perf_counter() - start
 
-    timed(long_prompt, 1), timed(short_prompt, 8)  # warm-up
-    print("READY " + json.dumps({"startup_s": startup_s}), flush=True)
+    timed([long_prompt], 1)  # warm-up
+    for n in args.streams:
+        timed(stream_prompts(n), 8)
+    ready = {"startup_s": startup_s, "crossover": _crossover(llm) if args.p is not None else None}
+    print("READY " + json.dumps(ready), flush=True)
     for line in sys.stdin:
-        kind, *p = line.split()
-        if p:
-            llm.collective_rpc("vllm_sparsity_set", args=(float(p[0]), None))
+        kind, streams, p = line.split()
+        if p != "-":
+            llm.collective_rpc("vllm_sparsity_set", args=(float(p), None))
         counts = None
         if kind == "prefill":
-            tok_s = args.prefill_tokens / timed(long_prompt, 1)
+            tok_s = args.prefill_tokens / timed([long_prompt], 1)
         else:
+            prompts = stream_prompts(int(streams))
             before = _decode_counts(llm) if args.p is not None else None
-            tok_s = args.decode_tokens / (timed(short_prompt, args.decode_tokens + 1)
-                                          - timed(short_prompt, 1))
+            tok_s = len(prompts) * args.decode_tokens / (
+                timed(prompts, args.decode_tokens + 1) - timed(prompts, 1))
             if before is not None:
                 after = _decode_counts(llm)
                 counts = {site: [a - b for a, b in zip(after[site], before[site])]
                           for site in after}
         print("RESULT " + json.dumps({"tok_s": tok_s, "counts": counts}), flush=True)
+
+
+def _crossover(llm) -> dict[str, str]:
+    """{"<layer kind> (<site>)": "M (source), ..."}: the rows up to which each kind of layer runs
+    its sparse GEMV (``GET /v1/sparsity``'s ``crossover``), the distinct values over the model's
+    layers."""
+    from vllm_sparsity import counters
+
+    merged = counters.merge(llm.collective_rpc("vllm_sparsity_snapshot"))
+    seen: dict[str, set[str]] = {}
+    for (_, site), entry in merged["sites"].items():
+        c = entry.get("crossover")
+        if c:
+            kind = f"{entry['name'].rsplit('.', 1)[-1]} ({site})"
+            seen.setdefault(kind, set()).add(f"{c['m_max']} ({c['source']})")
+    return {kind: ", ".join(sorted(values)) for kind, values in seen.items()}
 
 
 def _tree_memory_gib(pid: int) -> dict[str, float]:
@@ -142,11 +177,12 @@ class _Child:
     def __init__(self, args: argparse.Namespace, key: str, p: float | None,
                  metrics_on: bool) -> None:
         cmd = [sys.executable, "-m", "vllm_sparsity.tools.bench", "--_child", "--model", args.model,
-               "--target", args.target, "--backend", args.backend,
+               "--target", args.target, "--backend", args.backend, "--mode", args.mode,
                "--prefill-tokens", str(args.prefill_tokens),
                "--decode-tokens", str(args.decode_tokens),
                "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-               "--_child-metrics", str(int(metrics_on))]
+               "--_child-metrics", str(int(metrics_on)),
+               "--streams", *map(str, args.streams)]
         if p is not None:
             cmd += ["--_child-p", str(p)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SPARSITY_")}
@@ -161,7 +197,8 @@ class _Child:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, env=env)
         try:
-            self.startup_s = self._read("READY ")["startup_s"]
+            ready = self._read("READY ")
+            self.startup_s, self.crossover = ready["startup_s"], ready["crossover"]
         except BaseException:  # interrupted while it starts: end it (its handler shuts vLLM down)
             self.proc.terminate()
             self.proc.wait()
@@ -176,8 +213,8 @@ class _Child:
         sys.stderr.write(self.log.read()[-4000:])
         raise SystemExit(f"bench: a configuration's process exited ({self.proc.wait()})")
 
-    def measure(self, kind: str, p: float | None = None) -> dict:
-        self.proc.stdin.write(kind + ("" if p is None else f" {p!r}") + "\n")
+    def measure(self, kind: str, streams: int = 1, p: float | None = None) -> dict:
+        self.proc.stdin.write(f"{kind} {streams} " + ("-" if p is None else repr(p)) + "\n")
         self.proc.stdin.flush()
         return self._read("RESULT ")
 
@@ -211,6 +248,63 @@ def _sparsity(counts: list[dict]) -> dict[str, float]:
     return out
 
 
+def _name(kind: str, streams: int) -> str:
+    """A measurement's key: ``prefill``, or ``decode@S`` for S concurrent streams."""
+    return "prefill" if kind == "prefill" else f"decode@{streams}"
+
+
+def _summarize(runs: dict, configs: list, names: list[str], children: dict) -> dict:
+    """Per configuration: median tok/s of each measurement, the median of its per-round ratios to
+    the first configuration with their range, decode sparsity, and its engine's memory with the
+    ratio of its RSS to the first configuration's engine."""
+    base_label, base_key, _ = configs[0]
+    results = {}
+    for label, key, _ in configs:
+        r = runs[label]
+        mem = children[key].memory_gib
+        results[label] = {"engine": key, "startup_s": children[key].startup_s,
+                          "memory_gib": mem,
+                          "rss_ratio": mem["rss"] / children[base_key].memory_gib["rss"],
+                          "crossover": children[key].crossover,
+                          "decode_sparsity": _sparsity(r["counts"])}
+        for name in names:
+            ratios = [a / b for a, b in zip(r[name], runs[base_label][name])]
+            results[label][name] = {"tok_s": statistics.median(r[name]),
+                                    "ratio": statistics.median(ratios),
+                                    "ratio_range": [min(ratios), max(ratios)]}
+    return results
+
+
+def _print_tables(results: dict, base: str, names: list[str], children: dict,
+                  rounds: int) -> None:
+    """Markdown tables: tok/s and ratio (range) to ``base`` per measurement; sparsity; memory;
+    the crossover of each plugin engine."""
+    print(f"\n| {rounds} rounds | " + " | ".join(names) +
+          " | decode sparsity: input / intermediate (rows read) |")
+    print("|---" * (len(names) + 2) + "|")
+    for label, r in results.items():
+        s = r["decode_sparsity"]
+        sp = " / ".join(
+            f"{s[site]:.3f}" + (f" ({s[site + '_read']:.3f})" if site + "_read" in s else "")
+            for site in ("input", "intermediate") if site in s) or "-"
+        cells = [f"{r[n]['tok_s']:.1f}" + ("" if label == base else
+                 f" x{r[n]['ratio']:.3f} ({r[n]['ratio_range'][0]:.3f}-"
+                 f"{r[n]['ratio_range'][1]:.3f})") for n in names]
+        print(f"| {label} | " + " | ".join(cells) + f" | {sp} |")
+    print("\n| engine | start-up s | RSS GiB (all processes) | RSS ratio | PSS GiB | "
+          "largest process RSS GiB |\n|---|---|---|---|---|---|")
+    base_rss = next(iter(children.values())).memory_gib["rss"]
+    for key, child in children.items():
+        mem = child.memory_gib
+        print(f"| {key} | {child.startup_s:.0f} | {mem['rss']:.2f} | "
+              f"x{mem['rss'] / base_rss:.3f} | {mem['pss']:.2f} | {mem['worker_rss']:.2f} |")
+    for key, child in children.items():
+        if child.crossover:
+            print(f"\ncrossover of engine {key} (sparse GEMV up to M rows; per layer kind):")
+            for kind, m_max in sorted(child.crossover.items()):
+                print(f"  {kind}: {m_max}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-sparsity bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,8 +314,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="all_inputs")
     parser.add_argument("--backend", default="auto",
                         help="the plugin's backend: auto, cpu, torch (default: auto)")
+    parser.add_argument("--mode", default="exact",
+                        help="the plugin's --sparsity-mode: exact or speed (default: exact)")
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--streams", type=int, nargs="+", default=STREAMS,
+                        help="concurrent decode streams to measure, each count in every round "
+                        f"(default: {' '.join(map(str, STREAMS))})")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="vLLM's max_num_batched_tokens (default: --prefill-tokens)")
     parser.add_argument("--rounds", type=int, default=10,
@@ -245,12 +344,14 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("prefill_tokens", "decode_tokens", "rounds", "max_num_batched_tokens"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not all(1 <= n <= 256 for n in args.streams):
+        parser.error(f"--streams must be counts in [1, 256], got {args.streams}")
     if not args._child:
         from vllm_sparsity.config import SparsityConfig, SparsityConfigError
 
         try:  # the plugin's own checks, before minutes of start-up
             for p in args.p or [1.0]:
-                SparsityConfig(p=p, target=args.target, backend=args.backend)
+                SparsityConfig(p=p, target=args.target, backend=args.backend, mode=args.mode)
         except SparsityConfigError as e:
             parser.error(str(e))
     if args.model is None:
@@ -285,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     children = {}
     load = os.getloadavg()
-    print(f"model {args.model}; backend {args.backend}, target {args.target}; load average "
+    print(f"model {args.model}; backend {args.backend}, target {args.target}, mode {args.mode}; "
+          "load average "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
     try:
         for key, (p, metrics_on) in engines.items():  # one at a time: start-up compiles
@@ -294,57 +396,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"engine {key:>11}: start-up {children[key].startup_s:6.1f} s, resident "
                   f"{mem['rss']:.2f} GiB RSS, {mem['pss']:.2f} GiB PSS, largest process "
                   f"{mem['worker_rss']:.2f} GiB RSS", flush=True)
-        runs = {label: {"prefill": [], "decode": [], "counts": []} for label, _, _ in configs}
+        measures = [("prefill", 1)] + [("decode", n) for n in args.streams]
+        runs = {label: {**{_name(*m): [] for m in measures}, "counts": []}
+                for label, _, _ in configs}
         for i in range(args.rounds):
             order = configs if i % 2 == 0 else configs[::-1]
-            for kind in ("prefill", "decode"):
+            for kind, streams in measures:
                 for label, key, p in order:
-                    r = children[key].measure(kind, p)
-                    runs[label][kind].append(r["tok_s"])
+                    r = children[key].measure(kind, streams, p)
+                    runs[label][_name(kind, streams)].append(r["tok_s"])
                     if r["counts"] is not None:
                         runs[label]["counts"].append(r["counts"])
-            print(f"round {i + 1}/{args.rounds}: " + ", ".join(
-                f"{label} {runs[label]['prefill'][-1]:.1f}/{runs[label]['decode'][-1]:.2f}"
-                for label, _, _ in configs) + " tok/s (prefill/decode)", flush=True)
+            print(f"round {i + 1}/{args.rounds} (tok/s): " + "; ".join(
+                f"{label} " + " ".join(f"{runs[label][_name(*m)][-1]:.1f}" for m in measures)
+                for label, _, _ in configs), flush=True)
     finally:
         for child in children.values():
             child.close()
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    base = configs[0][0]
-    results = {}
-    for label, key, _ in configs:
-        r = runs[label]
-        results[label] = {"engine": key, "startup_s": children[key].startup_s,
-                          "memory_gib": children[key].memory_gib,
-                          "decode_sparsity": _sparsity(r["counts"])}
-        for kind in ("prefill", "decode"):
-            ratios = [a / b for a, b in zip(r[kind], runs[base][kind])]
-            results[label][f"{kind}_tok_s"] = statistics.median(r[kind])
-            results[label][f"{kind}_ratio"] = statistics.median(ratios)
-            results[label][f"{kind}_ratio_range"] = [min(ratios), max(ratios)]
-    print(f"\n| {args.rounds} rounds | prefill tok/s | prefill ratio (range) | decode tok/s | "
-          "decode ratio (range) | decode sparsity: input / intermediate (rows read) |")
-    print("|---|---|---|---|---|---|")
-    for label, r in results.items():
-        s = r["decode_sparsity"]
-        sp = " / ".join(
-            f"{s[site]:.3f}" + (f" ({s[site + '_read']:.3f})" if site + "_read" in s else "")
-            for site in ("input", "intermediate") if site in s) or "-"
-        ratio = ("1" if label == base else
-                 f"x{r['prefill_ratio']:.3f} ({r['prefill_ratio_range'][0]:.3f}-"
-                 f"{r['prefill_ratio_range'][1]:.3f})")
-        dratio = ("1" if label == base else
-                  f"x{r['decode_ratio']:.3f} ({r['decode_ratio_range'][0]:.3f}-"
-                  f"{r['decode_ratio_range'][1]:.3f})")
-        print(f"| {label} | {r['prefill_tok_s']:.1f} | {ratio} | {r['decode_tok_s']:.2f} | "
-              f"{dratio} | {sp} |")
-    print("\n| engine | start-up s | RSS GiB (all processes) | PSS GiB | largest process RSS GiB |"
-          "\n|---|---|---|---|---|")
-    for key, child in children.items():
-        mem = child.memory_gib
-        print(f"| {key} | {child.startup_s:.0f} | {mem['rss']:.2f} | {mem['pss']:.2f} | "
-              f"{mem['worker_rss']:.2f} |")
+    results = _summarize(runs, configs, [_name(*m) for m in measures], children)
+    _print_tables(results, configs[0][0], [_name(*m) for m in measures], children, args.rounds)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "results": results, "runs": runs}, f, indent=2)
