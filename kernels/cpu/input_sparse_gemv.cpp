@@ -19,10 +19,11 @@
 // GEMV layout: Wt [K, N] contiguous (K-major: row k holds the N weights that x[k] multiplies), so
 // a dropped input skips one whole contiguous row. The kept rows of all M rows (their union) are
 // read once; each output row uses only its own kept entries (the others are multiplied as zeros).
-// Threads split N into column chunks (at::parallel_for); within a chunk the fp32 accumulators
-// [M, chunk] stay in L1 and the kept weight rows stream through in groups of 4: every group's
-// slice is contiguous (1-8 KB per row), and the next group's slice is prefetched while the current
-// one is summed. Memory bandwidth bounds decode, so the time tracks the kept share of the rows.
+// Threads split N into equal column chunks (at::parallel_for); within a chunk the fp32
+// accumulators [M, chunk] stay in L1 and the kept weight rows stream through in groups of 8: every
+// group's slice is contiguous (1-16 KB per row), each weight vector is loaded and converted once
+// for all M rows, and the next group's slice is prefetched while the current one is summed.
+// Memory bandwidth bounds decode, so the time tracks the kept share of the rows.
 //
 // Instruction sets: one source, built once per ISA by kernels/cpu_backend.py (as vLLM builds
 // _C_AVX2 / _C_AVX512): -mavx512f ... gives 16-lane fp32 vectors, -mavx2 -mfma -mf16c 8-lane ones.
@@ -278,41 +279,58 @@ std::tuple<at::Tensor, at::Tensor> top_p_sparsify(const at::Tensor& x, const at:
 // ---------------------------------------------------------------------------------------------
 // Input-sparse GEMV over a K-major weight.
 
-constexpr int kGroup = 4;          // weight rows summed per pass over the accumulators
-constexpr int kAccFloats = 4096;   // accumulator budget per thread: 16 KB, L1-resident
-constexpr int kMaxM = kAccFloats / 256;  // rows of x per call (chunks keep >= 256 columns)
+constexpr int kGroup = 8;           // weight rows summed per pass over the accumulators
+constexpr int kAccFloats = 8192;    // accumulator budget per thread: 32 KB, L1-resident
+constexpr int kMaxM = 16;           // rows of x per call (chunks keep >= 512 columns)
 
-template <typename T, bool kPrefetch>
-inline void group_pass(float* acc, const T* const* rows, const T* const* next, const float* xm,
-                       int64_t cols) {
-  const Vec x0 = vset1(xm[0]), x1 = vset1(xm[1]), x2 = vset1(xm[2]), x3 = vset1(xm[3]);
+// One group of kGroup kept weight rows into the accumulators acc [M, cols] of a column chunk:
+// each vector of weights is loaded and converted once, then FMA'd into all M rows (xg [kGroup, M]:
+// the inputs each row multiplies). next: the following group's rows, prefetched one line per line
+// read here (non-temporal: they are read once, and the accumulators must stay in L1); nullptr when
+// there is none.
+template <typename T>
+inline void group_pass(float* acc, int64_t cols, const T* const* rows, const T* const* next,
+                       const float* xg, int64_t M) {
   constexpr int kLine = 64 / sizeof(T);  // elements per cache line
   int64_t v = 0;
   for (; v + kLanes <= cols; v += kLanes) {
-    if (kPrefetch && v % kLine == 0) {
-      for (int i = 0; i < kGroup; ++i) _mm_prefetch(reinterpret_cast<const char*>(next[i] + v),
-                                                    _MM_HINT_T0);
+    if (next != nullptr && v % kLine == 0) {
+      for (int i = 0; i < kGroup; ++i)
+        _mm_prefetch(reinterpret_cast<const char*>(next[i] + v), _MM_HINT_NTA);
     }
-    Vec s = vload(acc + v);
-    s = vfma(x0, vload(rows[0] + v), s);
-    s = vfma(x1, vload(rows[1] + v), s);
-    s = vfma(x2, vload(rows[2] + v), s);
-    s = vfma(x3, vload(rows[3] + v), s);
-    vstore(acc + v, s);
+    Vec w[kGroup];
+    for (int i = 0; i < kGroup; ++i) w[i] = vload(rows[i] + v);
+    for (int64_t m = 0; m < M; ++m) {
+      float* a = acc + m * cols + v;
+      Vec s = vload(a);
+      for (int i = 0; i < kGroup; ++i) s = vfma(vset1(xg[i * M + m]), w[i], s);
+      vstore(a, s);
+    }
   }
   for (; v < cols; ++v) {
-    float s = acc[v];
-    for (int i = 0; i < kGroup; ++i) s = std::fma(xm[i], float(rows[i][v]), s);
-    acc[v] = s;
+    for (int64_t m = 0; m < M; ++m) {
+      float s = acc[m * cols + v];
+      for (int i = 0; i < kGroup; ++i) s = std::fma(xg[i * M + m], float(rows[i][v]), s);
+      acc[m * cols + v] = s;
+    }
   }
 }
 
+// One kept weight row (the last ones, outside full groups) into acc [M, cols]; xm [M].
 template <typename T>
-inline void row_pass(float* acc, const T* row, float xm, int64_t cols) {
-  const Vec x0 = vset1(xm);
+inline void row_pass(float* acc, int64_t cols, const T* row, const float* xm, int64_t M) {
   int64_t v = 0;
-  for (; v + kLanes <= cols; v += kLanes) vstore(acc + v, vfma(x0, vload(row + v), vload(acc + v)));
-  for (; v < cols; ++v) acc[v] = std::fma(xm, float(row[v]), acc[v]);
+  for (; v + kLanes <= cols; v += kLanes) {
+    const Vec w = vload(row + v);
+    for (int64_t m = 0; m < M; ++m) {
+      float* a = acc + m * cols + v;
+      vstore(a, vfma(vset1(xm[m]), w, vload(a)));
+    }
+  }
+  for (; v < cols; ++v) {
+    for (int64_t m = 0; m < M; ++m)
+      acc[m * cols + v] = std::fma(xm[m], float(row[v]), acc[m * cols + v]);
+  }
 }
 
 // Columns [n0, n0 + cols) of y for all M rows: idx [nk] the kept weight rows (ascending), xv
@@ -324,27 +342,16 @@ void gemv_chunk(const T* wt, int64_t N, const int64_t* idx, const float* xv, int
   std::fill(acc, acc + M * cols, 0.0f);
   const T* rows[kGroup];
   const T* next[kGroup];
-  float xg[kGroup];
   int64_t g = 0;
   for (; g + kGroup <= nk; g += kGroup) {
     const bool has_next = g + 2 * kGroup <= nk;
     for (int i = 0; i < kGroup; ++i) {
       rows[i] = wt + idx[g + i] * N + n0;
-      next[i] = wt + idx[has_next ? g + kGroup + i : g + i] * N + n0;
+      if (has_next) next[i] = wt + idx[g + kGroup + i] * N + n0;
     }
-    for (int64_t m = 0; m < M; ++m) {
-      for (int i = 0; i < kGroup; ++i) xg[i] = xv[(g + i) * M + m];
-      // Rows of this group stay in L1 for the later rows of x: prefetch the next group once.
-      if (m == 0 && has_next)
-        group_pass<T, true>(acc + m * cols, rows, next, xg, cols);
-      else
-        group_pass<T, false>(acc + m * cols, rows, next, xg, cols);
-    }
+    group_pass<T>(acc, cols, rows, has_next ? next : nullptr, xv + g * M, M);
   }
-  for (; g < nk; ++g) {
-    const T* row = wt + idx[g] * N + n0;
-    for (int64_t m = 0; m < M; ++m) row_pass<T>(acc + m * cols, row, xv[g * M + m], cols);
-  }
+  for (; g < nk; ++g) row_pass<T>(acc, cols, wt + idx[g] * N + n0, xv + g * M, M);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t j = 0; j < cols; ++j) {
       float s = acc[m * cols + j];
@@ -409,13 +416,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_sparse_gemv(
     const int64_t nk = int64_t(idx.size());
     rows_read.data_ptr<int64_t>()[0] = nk;
     if (M == 0 || N == 0) return;
-    // Column chunks: as wide as the accumulator budget allows (a power of two, so rows stream in
-    // long contiguous runs), narrower when N is too small to give every thread one.
-    int64_t chunk = 1;
-    while (chunk * 2 * M <= kAccFloats) chunk *= 2;
-    const int64_t threads = at::get_num_threads();
-    const int64_t even = (N + threads - 1) / threads;
-    chunk = std::min(chunk, (even + kLanes - 1) / kLanes * kLanes);
+    // Column chunks: every thread gets the same number of equal chunks (a multiple of the vector
+    // width), each as wide as the accumulator budget allows, so that every kept weight row streams
+    // in runs of up to kAccFloats / M columns.
+    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                                   (N + kLanes - 1) / kLanes));
+    const int64_t per_thread = (N + threads - 1) / threads;
+    const int64_t max_chunk = std::max<int64_t>(kLanes, kAccFloats / M / kLanes * kLanes);
+    const int64_t pieces = (per_thread + max_chunk - 1) / max_chunk;
+    const int64_t chunk = ((per_thread + pieces - 1) / pieces + kLanes - 1) / kLanes * kLanes;
     const int64_t n_chunks = (N + chunk - 1) / chunk;
     const scalar_t* w = wt.data_ptr<scalar_t>();
     const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
