@@ -241,7 +241,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--models", nargs="*", help=f"subset of {[s[0] for s in SHAPES]}")
     ap.add_argument("--batches", type=int, nargs="*", help=f"rows M (default {list(BATCHES)})")
-    ap.add_argument("--threads", type=int, nargs="*", help=f"thread counts (default {list(THREADS)})")
+    ap.add_argument("--threads", type=int, nargs="*",
+                    help=f"thread counts (default {list(THREADS)})")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill comparison")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per cell (default: 5 for "
                     "weights over 50M entries, 9 below)")

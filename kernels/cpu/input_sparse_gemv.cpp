@@ -316,42 +316,28 @@ inline void group_pass(float* acc, int64_t cols, const T* const* rows, const T* 
   }
 }
 
-// One kept weight row (the last ones, outside full groups) into acc [M, cols]; xm [M].
-template <typename T>
-inline void row_pass(float* acc, int64_t cols, const T* row, const float* xm, int64_t M) {
-  int64_t v = 0;
-  for (; v + kLanes <= cols; v += kLanes) {
-    const Vec w = vload(row + v);
-    for (int64_t m = 0; m < M; ++m) {
-      float* a = acc + m * cols + v;
-      vstore(a, vfma(vset1(xm[m]), w, vload(a)));
-    }
-  }
-  for (; v < cols; ++v) {
-    for (int64_t m = 0; m < M; ++m)
-      acc[m * cols + v] = std::fma(xm[m], float(row[v]), acc[m * cols + v]);
-  }
-}
-
-// Columns [n0, n0 + cols) of y for all M rows: idx [nk] the kept weight rows (ascending), xv
-// [nk, M] the inputs they multiply (0 where a row does not keep that input).
+// Columns [n0, n0 + cols) of y for all M rows: idx [nk] the kept weight rows (ascending; nk a
+// multiple of kGroup, padded with -1: a row of zeros), xv [nk, M] the inputs they multiply (0 where
+// a row does not keep that input, and for the padding).
 template <typename T>
 void gemv_chunk(const T* wt, int64_t N, const int64_t* idx, const float* xv, int64_t nk, int64_t M,
                 int64_t n0, int64_t cols, const T* bias, T* y) {
+  alignas(64) static const float kZeros[kAccFloats] = {};  // all-zero bits in every dtype
   alignas(64) float acc[kAccFloats];
   std::fill(acc, acc + M * cols, 0.0f);
+  const auto row = [&](int64_t k) {
+    return k < 0 ? reinterpret_cast<const T*>(kZeros) : wt + k * N + n0;
+  };
   const T* rows[kGroup];
   const T* next[kGroup];
-  int64_t g = 0;
-  for (; g + kGroup <= nk; g += kGroup) {
-    const bool has_next = g + 2 * kGroup <= nk;
+  for (int64_t g = 0; g < nk; g += kGroup) {
+    const bool has_next = g + kGroup < nk;
     for (int i = 0; i < kGroup; ++i) {
-      rows[i] = wt + idx[g + i] * N + n0;
-      if (has_next) next[i] = wt + idx[g + kGroup + i] * N + n0;
+      rows[i] = row(idx[g + i]);
+      if (has_next) next[i] = row(idx[g + kGroup + i]);
     }
     group_pass<T>(acc, cols, rows, has_next ? next : nullptr, xv + g * M, M);
   }
-  for (; g < nk; ++g) row_pass<T>(acc, cols, wt + idx[g] * N + n0, xv + g * M, M);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t j = 0; j < cols; ++j) {
       float s = acc[m * cols + j];
@@ -415,6 +401,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_sparse_gemv(
     }
     const int64_t nk = int64_t(idx.size());
     rows_read.data_ptr<int64_t>()[0] = nk;
+    idx.resize((nk + kGroup - 1) / kGroup * kGroup, -1);  // whole groups: pad with zero rows
+    xv.resize(idx.size() * M, 0.0f);
     if (M == 0 || N == 0) return;
     // Column chunks: every thread gets the same number of equal chunks (a multiple of the vector
     // width), each as wide as the accumulator budget allows, so that every kept weight row streams
@@ -432,8 +420,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_sparse_gemv(
     at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t n0 = c * chunk;
-        gemv_chunk<scalar_t>(w, N, idx.data(), xv.data(), nk, M, n0, std::min(chunk, N - n0), b,
-                             yp);
+        gemv_chunk<scalar_t>(w, N, idx.data(), xv.data(), int64_t(idx.size()), M, n0,
+                             std::min(chunk, N - n0), b, yp);
       }
     });
   });
