@@ -45,7 +45,7 @@ def fixed_crossover(monkeypatch):
     monkeypatch.setenv(crossover.ENV, str(M_MAX))
 
 
-K, N = 301, 137  # odd: not a multiple of the vector width (8 or 16) nor of the group of 4 rows
+K, N = 301, 137  # odd: not a multiple of the vector width (8 or 16) nor of the group of 8 rows
 
 
 def edge_batch(m, k, dtype, seed):
@@ -115,8 +115,8 @@ def test_gemv_every_decode_batch(dtype, p):
 
 @pytest.mark.parametrize("m", [1, 3, M_MAX])
 def test_gemv_many_chunks_and_groups(m):
-    # N spans several column chunks per thread (chunks of at most 4096 / m columns) with a ragged
-    # last one; K leaves kept rows outside the groups of 4.
+    # N spans several column chunks per thread (chunks of at most 8192 / m columns) with a ragged
+    # last one; K leaves kept rows outside the groups of 8 (padded with zero rows).
     k, n = 1031, 4099
     w, _ = weights(torch.bfloat16, n=n, k=k, seed=4)
     x = activations(m, k, torch.bfloat16, seed=5)
