@@ -24,7 +24,8 @@ median over rounds of sparse / dense time and the range of those per-round ratio
 by other jobs on shared cores).
 
 Usage: python kernels/bench/bench_cpu_sparse_gemv.py --out DIR [--quick] [--dtype bf16|fp32]
-[--rounds N] [--batches M ...] [--threads T ...] [--no-prefill] [--from-csv CSV]
+[--rounds N] [--batches M ...] [--threads T ...] [--clock wall|cpu] [--no-prefill]
+[--from-csv CSV]
 Writes DIR/bench_cpu_sparse_gemv.csv, DIR/bench_cpu_sparse_gemv.png and DIR/bench_cpu_sparse_gemv.md
 (the summary: one markdown table per thread count, the ratio at s = 0.3 / 0.5 / 0.7 for each M).
 The full run (4 shapes, 2 layers, 4 batch sizes, 2 thread counts, then the prefill comparison)
@@ -89,11 +90,20 @@ def p_for_sparsity(x: torch.Tensor, s: float) -> float:
     return hi
 
 
+# Clock of every sample: wall time, or CPU time (--clock cpu: the calling thread's with 1 thread,
+# where the kernel and oneDNN both run on it; the process's, all threads summed, with more), which
+# leaves out the time other jobs held the cores.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+clock = CLOCKS["wall"]
+
+
 def timed(fn, iters: int) -> float:
-    t0 = time.perf_counter()
+    now = clock if clock is not time.thread_time or torch.get_num_threads() == 1 else \
+        time.process_time
+    t0 = now()
     for _ in range(iters):
         fn()
-    return (time.perf_counter() - t0) / iters
+    return (now() - t0) / iters
 
 
 def bench_cell(layer, kind, wt, m, k, threads, rounds, dtype, seed):
@@ -243,6 +253,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="*", help=f"rows M (default {list(BATCHES)})")
     ap.add_argument("--threads", type=int, nargs="*",
                     help=f"thread counts (default {list(THREADS)})")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time, or CPU "
+                    "time (the calling thread's at 1 thread, the process's above): on cores "
+                    "shared with other jobs")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill comparison")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per cell (default: 5 for "
                     "weights over 50M entries, 9 below)")
@@ -257,6 +270,8 @@ def main() -> None:
                      "threads": int(r["threads"]), "s": float(r["s"])} for r in csv.DictReader(f)]
         write_summary(rows, args.out)
         return
+    global clock
+    clock = CLOCKS[args.clock]
     dtype = DTYPES[args.dtype]
     isa = cpu_backend.load_ops()
     shapes = [s for s in SHAPES if not args.models or s[0] in args.models]
@@ -267,7 +282,7 @@ def main() -> None:
     batches, threads = args.batches or batches, args.threads or threads
     args.out.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
-    print(f"kernel build: {isa}; torch {torch.__version__}; dtype {args.dtype}"
+    print(f"kernel build: {isa}; torch {torch.__version__}; dtype {args.dtype}; clock {args.clock}"
           f"; load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     rows = []
     header = (f"{'model':12} {'layer':12} {'K':>6} {'N':>6} {'M':>2} {'thr':>3} {'s':>4} "

@@ -378,31 +378,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_sparse_gemv(
     // milliseconds), so that the call forks threads once, for the GEMV.
     std::vector<uint32_t> thr(M);
     for (int64_t m = 0; m < M; ++m) thr[m] = threshold_code<scalar_t>(xp + m * ld, K, pv(m));
-    int64_t* kp = kept.data_ptr<int64_t>();
-    // Union of the rows' kept sets, and per kept row the M inputs it multiplies.
-    std::vector<int64_t> idx;
-    std::vector<float> xv;
-    idx.reserve(K);
-    xv.reserve(K * M);
+    // Union of the rows' kept sets, and per kept row the M inputs it multiplies (branch-free:
+    // every k writes its slot, which only a kept k keeps), padded to whole groups with zero rows.
+    std::vector<int64_t> idx(K + kGroup, -1);
+    std::vector<float> xv((K + kGroup) * M, 0.0f);
+    int64_t counts[kMaxM] = {};
+    int64_t nk = 0;
     for (int64_t k = 0; k < K; ++k) {
       bool any = false;
-      float vals[kMaxM];
+      float* vals = xv.data() + nk * M;
       for (int64_t m = 0; m < M; ++m) {
         const scalar_t v = xp[m * ld + k];
         const bool keep = C::of(v) >= thr[m];
-        kp[m] += keep;
+        counts[m] += keep;
         any |= keep;
         vals[m] = keep ? float(v) : 0.0f;
       }
-      if (any) {
-        idx.push_back(k);
-        xv.insert(xv.end(), vals, vals + M);
-      }
+      idx[nk] = k;
+      nk += any;
     }
-    const int64_t nk = int64_t(idx.size());
+    std::copy(counts, counts + M, kept.data_ptr<int64_t>());
     rows_read.data_ptr<int64_t>()[0] = nk;
-    idx.resize((nk + kGroup - 1) / kGroup * kGroup, -1);  // whole groups: pad with zero rows
-    xv.resize(idx.size() * M, 0.0f);
+    const int64_t padded = (nk + kGroup - 1) / kGroup * kGroup;
+    std::fill(idx.begin() + nk, idx.end(), -1);  // slot nk may hold a dropped k
     if (M == 0 || N == 0) return;
     // Column chunks: every thread gets the same number of equal chunks (a multiple of the vector
     // width), each as wide as the accumulator budget allows, so that every kept weight row streams
@@ -420,7 +418,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_sparse_gemv(
     at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t n0 = c * chunk;
-        gemv_chunk<scalar_t>(w, N, idx.data(), xv.data(), int64_t(idx.size()), M, n0,
+        gemv_chunk<scalar_t>(w, N, idx.data(), xv.data(), padded, M, n0,
                              std::min(chunk, N - n0), b, yp);
       }
     });
