@@ -28,9 +28,10 @@
 // Instruction sets: one source, built once per ISA by kernels/cpu_backend.py (as vLLM builds
 // _C_AVX2 / _C_AVX512): -mavx512f ... gives 16-lane fp32 vectors, -mavx2 -mfma -mf16c 8-lane ones.
 // bf16 -> fp32 is a 16-bit shift, fp16 -> fp32 is F16C / AVX-512F vcvtph2ps; products are then
-// fp32 FMAs (exact for bf16 x bf16). AVX-512-BF16's vdpbf16ps is not used: it sums adjacent pairs
-// along K, which needs a pair-interleaved weight layout that breaks skipping single rows, and the
-// conversion it saves is not the bottleneck of a bandwidth-bound GEMV.
+// fp32 FMAs (exact for bf16 x bf16). AVX-512-BF16's vdpbf16ps is not used: two kept rows can be
+// interleaved in registers (vpunpck[lh]wd) for it, but it halves only the FMAs, which bound the
+// loop only at about 8 rows and more, where the dense GEMM is faster anyway (results:
+// kernels/bench/results/cpu-amd-epyc-zen5-avx512bf16-2026-12-07/sparse_gemv_rows_once.md).
 //
 // Source: the rule is the paper's (Szatkowski et al., "Universal Properties of Activation Sparsity
 // in Modern LLMs", Sec. 3.1) as restated in vllm_sparsity/rule.py; the K-major input-sparse GEMV
