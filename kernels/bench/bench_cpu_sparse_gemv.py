@@ -19,10 +19,13 @@ own dense speed against vLLM's).
 
 Method: every configuration of a (shape, layer, M, threads) cell stays alive, and each round times
 dense then each s once (each sample is a loop of calls lasting >= ~10 ms); the table gives the
-median over rounds of sparse / dense time and the range of those per-round ratios.
+median over rounds of sparse / dense time and the range of those per-round ratios; the CSV also has
+``ratio_of_min``, the fastest sparse sample over the fastest dense one (the samples least disturbed
+by other jobs on shared cores).
 
 Usage: python kernels/bench/bench_cpu_sparse_gemv.py --out DIR [--quick] [--dtype bf16|fp32]
-[--rounds N] [--from-csv CSV]
+[--rounds N] [--batches M ...] [--threads T ...] [--clock wall|cpu] [--no-prefill]
+[--from-csv CSV]
 Writes DIR/bench_cpu_sparse_gemv.csv, DIR/bench_cpu_sparse_gemv.png and DIR/bench_cpu_sparse_gemv.md
 (the summary: one markdown table per thread count, the ratio at s = 0.3 / 0.5 / 0.7 for each M).
 The full run (4 shapes, 2 layers, 4 batch sizes, 2 thread counts, then the prefill comparison)
@@ -87,11 +90,20 @@ def p_for_sparsity(x: torch.Tensor, s: float) -> float:
     return hi
 
 
+# Clock of every sample: wall time, or CPU time (--clock cpu: the calling thread's with 1 thread,
+# where the kernel and oneDNN both run on it; the process's, all threads summed, with more), which
+# leaves out the time other jobs held the cores.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+clock = CLOCKS["wall"]
+
+
 def timed(fn, iters: int) -> float:
-    t0 = time.perf_counter()
+    now = clock if clock is not time.thread_time or torch.get_num_threads() == 1 else \
+        time.process_time
+    t0 = now()
     for _ in range(iters):
         fn()
-    return (time.perf_counter() - t0) / iters
+    return (now() - t0) / iters
 
 
 def bench_cell(layer, kind, wt, m, k, threads, rounds, dtype, seed):
@@ -123,7 +135,8 @@ def bench_cell(layer, kind, wt, m, k, threads, rounds, dtype, seed):
             "dense_ms": round(statistics.median(times["dense"]) * 1e3, 4),
             "sparse_ms": round(statistics.median(times[s]) * 1e3, 4),
             "ratio": round(statistics.median(ratios), 3),
-            "ratio_lo": round(min(ratios), 3), "ratio_hi": round(max(ratios), 3), "dense": kind,
+            "ratio_lo": round(min(ratios), 3), "ratio_hi": round(max(ratios), 3),
+            "ratio_of_min": round(min(times[s]) / min(times["dense"]), 3), "dense": kind,
             "vs_p1": round(statistics.median(vs_p1), 3),
             "p1_vs_dense": round(statistics.median(
                 [a / b for a, b in zip(times["p1"], times["dense"])]), 3),
@@ -237,6 +250,13 @@ def main() -> None:
                     "{1, 8}, 1 thread")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--models", nargs="*", help=f"subset of {[s[0] for s in SHAPES]}")
+    ap.add_argument("--batches", type=int, nargs="*", help=f"rows M (default {list(BATCHES)})")
+    ap.add_argument("--threads", type=int, nargs="*",
+                    help=f"thread counts (default {list(THREADS)})")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time, or CPU "
+                    "time (the calling thread's at 1 thread, the process's above): on cores "
+                    "shared with other jobs")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the prefill comparison")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per cell (default: 5 for "
                     "weights over 50M entries, 9 below)")
     ap.add_argument("--from-csv", type=Path, help="only rewrite the summary and the PNG of a CSV "
@@ -250,6 +270,8 @@ def main() -> None:
                      "threads": int(r["threads"]), "s": float(r["s"])} for r in csv.DictReader(f)]
         write_summary(rows, args.out)
         return
+    global clock
+    clock = CLOCKS[args.clock]
     dtype = DTYPES[args.dtype]
     isa = cpu_backend.load_ops()
     shapes = [s for s in SHAPES if not args.models or s[0] in args.models]
@@ -257,14 +279,15 @@ def main() -> None:
     if args.quick:
         shapes = [s for s in shapes if s[0] in ("gemma3-270m", "llama3.1-8b")]
         batches, threads = (1, 8), (1,)
+    batches, threads = args.batches or batches, args.threads or threads
     args.out.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
-    print(f"kernel build: {isa}; torch {torch.__version__}; dtype {args.dtype}"
+    print(f"kernel build: {isa}; torch {torch.__version__}; dtype {args.dtype}; clock {args.clock}"
           f"; load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     rows = []
     header = (f"{'model':12} {'layer':12} {'K':>6} {'N':>6} {'M':>2} {'thr':>3} {'s':>4} "
               f"{'s_meas':>6} {'read':>5} {'dense ms':>9} {'ratio':>6} {'range':>13} {'vs_p1':>6} "
-              f"{'p1/dense':>8} dense")
+              f"{'p1/dense':>8} {'min/min':>7} dense")
     print(header)
     for seed, (model, hidden, inter) in enumerate(shapes):
         for layer_name, k, n in (("gate_up_proj", hidden, 2 * inter),
@@ -285,7 +308,8 @@ def main() -> None:
                               f"{r['s']:4} {r['s_measured']:6} {r['rows_read']:5} "
                               f"{r['dense_ms']:9.3f} {r['ratio']:6.3f} "
                               f"{r['ratio_lo']:6.3f}-{r['ratio_hi']:<6.3f} {r['vs_p1']:6.3f} "
-                              f"{r['p1_vs_dense']:8.3f} {kind}", flush=True)
+                              f"{r['p1_vs_dense']:8.3f} {r['ratio_of_min']:7.3f} {kind}",
+                              flush=True)
             del layer, wt
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
@@ -295,6 +319,8 @@ def main() -> None:
         wr.writeheader()
         wr.writerows(rows)
     write_summary(rows, args.out)
+    if args.no_prefill:
+        return
     torch.set_num_threads(1)
     bench_prefill([s for s in shapes if s[0] != "gemma3-27b"] if not args.quick else shapes[:1],
                   dtype)

@@ -19,17 +19,19 @@
 // GEMV layout: Wt [K, N] contiguous (K-major: row k holds the N weights that x[k] multiplies), so
 // a dropped input skips one whole contiguous row. The kept rows of all M rows (their union) are
 // read once; each output row uses only its own kept entries (the others are multiplied as zeros).
-// Threads split N into column chunks (at::parallel_for); within a chunk the fp32 accumulators
-// [M, chunk] stay in L1 and the kept weight rows stream through in groups of 4: every group's
-// slice is contiguous (1-8 KB per row), and the next group's slice is prefetched while the current
-// one is summed. Memory bandwidth bounds decode, so the time tracks the kept share of the rows.
+// Threads split N into equal column chunks (at::parallel_for); within a chunk the fp32
+// accumulators [M, chunk] stay in L1 and the kept weight rows stream through in groups of 8: every
+// group's slice is contiguous (1-16 KB per row), each weight vector is loaded and converted once
+// for all M rows, and the next group's slice is prefetched while the current one is summed.
+// Memory bandwidth bounds decode, so the time tracks the kept share of the rows.
 //
 // Instruction sets: one source, built once per ISA by kernels/cpu_backend.py (as vLLM builds
 // _C_AVX2 / _C_AVX512): -mavx512f ... gives 16-lane fp32 vectors, -mavx2 -mfma -mf16c 8-lane ones.
 // bf16 -> fp32 is a 16-bit shift, fp16 -> fp32 is F16C / AVX-512F vcvtph2ps; products are then
-// fp32 FMAs (exact for bf16 x bf16). AVX-512-BF16's vdpbf16ps is not used: it sums adjacent pairs
-// along K, which needs a pair-interleaved weight layout that breaks skipping single rows, and the
-// conversion it saves is not the bottleneck of a bandwidth-bound GEMV.
+// fp32 FMAs (exact for bf16 x bf16). AVX-512-BF16's vdpbf16ps is not used: two kept rows can be
+// interleaved in registers (vpunpck[lh]wd) for it, but it halves only the FMAs, which bound the
+// loop only at about 8 rows and more, where the dense GEMM is faster anyway (results:
+// kernels/bench/results/cpu-amd-epyc-zen5-avx512bf16-2026-12-07/sparse_gemv_rows_once.md).
 //
 // Source: the rule is the paper's (Szatkowski et al., "Universal Properties of Activation Sparsity
 // in Modern LLMs", Sec. 3.1) as restated in vllm_sparsity/rule.py; the K-major input-sparse GEMV
@@ -278,72 +280,64 @@ std::tuple<at::Tensor, at::Tensor> top_p_sparsify(const at::Tensor& x, const at:
 // ---------------------------------------------------------------------------------------------
 // Input-sparse GEMV over a K-major weight.
 
-constexpr int kGroup = 4;          // weight rows summed per pass over the accumulators
-constexpr int kAccFloats = 4096;   // accumulator budget per thread: 16 KB, L1-resident
-constexpr int kMaxM = kAccFloats / 256;  // rows of x per call (chunks keep >= 256 columns)
+constexpr int kGroup = 8;           // weight rows summed per pass over the accumulators
+constexpr int kAccFloats = 8192;    // accumulator budget per thread: 32 KB, L1-resident
+constexpr int kMaxM = 16;           // rows of x per call (chunks keep >= 512 columns)
 
-template <typename T, bool kPrefetch>
-inline void group_pass(float* acc, const T* const* rows, const T* const* next, const float* xm,
-                       int64_t cols) {
-  const Vec x0 = vset1(xm[0]), x1 = vset1(xm[1]), x2 = vset1(xm[2]), x3 = vset1(xm[3]);
+// One group of kGroup kept weight rows into the accumulators acc [M, cols] of a column chunk:
+// each vector of weights is loaded and converted once, then FMA'd into all M rows (xg [kGroup, M]:
+// the inputs each row multiplies). next: the following group's rows, prefetched one line per line
+// read here (non-temporal: they are read once, and the accumulators must stay in L1); nullptr when
+// there is none.
+template <typename T>
+inline void group_pass(float* acc, int64_t cols, const T* const* rows, const T* const* next,
+                       const float* xg, int64_t M) {
   constexpr int kLine = 64 / sizeof(T);  // elements per cache line
   int64_t v = 0;
   for (; v + kLanes <= cols; v += kLanes) {
-    if (kPrefetch && v % kLine == 0) {
-      for (int i = 0; i < kGroup; ++i) _mm_prefetch(reinterpret_cast<const char*>(next[i] + v),
-                                                    _MM_HINT_T0);
+    if (next != nullptr && v % kLine == 0) {
+      for (int i = 0; i < kGroup; ++i)
+        _mm_prefetch(reinterpret_cast<const char*>(next[i] + v), _MM_HINT_NTA);
     }
-    Vec s = vload(acc + v);
-    s = vfma(x0, vload(rows[0] + v), s);
-    s = vfma(x1, vload(rows[1] + v), s);
-    s = vfma(x2, vload(rows[2] + v), s);
-    s = vfma(x3, vload(rows[3] + v), s);
-    vstore(acc + v, s);
+    Vec w[kGroup];
+    for (int i = 0; i < kGroup; ++i) w[i] = vload(rows[i] + v);
+    for (int64_t m = 0; m < M; ++m) {
+      float* a = acc + m * cols + v;
+      Vec s = vload(a);
+      for (int i = 0; i < kGroup; ++i) s = vfma(vset1(xg[i * M + m]), w[i], s);
+      vstore(a, s);
+    }
   }
   for (; v < cols; ++v) {
-    float s = acc[v];
-    for (int i = 0; i < kGroup; ++i) s = std::fma(xm[i], float(rows[i][v]), s);
-    acc[v] = s;
+    for (int64_t m = 0; m < M; ++m) {
+      float s = acc[m * cols + v];
+      for (int i = 0; i < kGroup; ++i) s = std::fma(xg[i * M + m], float(rows[i][v]), s);
+      acc[m * cols + v] = s;
+    }
   }
 }
 
-template <typename T>
-inline void row_pass(float* acc, const T* row, float xm, int64_t cols) {
-  const Vec x0 = vset1(xm);
-  int64_t v = 0;
-  for (; v + kLanes <= cols; v += kLanes) vstore(acc + v, vfma(x0, vload(row + v), vload(acc + v)));
-  for (; v < cols; ++v) acc[v] = std::fma(xm, float(row[v]), acc[v]);
-}
-
-// Columns [n0, n0 + cols) of y for all M rows: idx [nk] the kept weight rows (ascending), xv
-// [nk, M] the inputs they multiply (0 where a row does not keep that input).
+// Columns [n0, n0 + cols) of y for all M rows: idx [nk] the kept weight rows (ascending; nk a
+// multiple of kGroup, padded with -1: a row of zeros), xv [nk, M] the inputs they multiply (0 where
+// a row does not keep that input, and for the padding).
 template <typename T>
 void gemv_chunk(const T* wt, int64_t N, const int64_t* idx, const float* xv, int64_t nk, int64_t M,
                 int64_t n0, int64_t cols, const T* bias, T* y) {
+  alignas(64) static const float kZeros[kAccFloats] = {};  // all-zero bits in every dtype
   alignas(64) float acc[kAccFloats];
   std::fill(acc, acc + M * cols, 0.0f);
+  const auto row = [&](int64_t k) {
+    return k < 0 ? reinterpret_cast<const T*>(kZeros) : wt + k * N + n0;
+  };
   const T* rows[kGroup];
   const T* next[kGroup];
-  float xg[kGroup];
-  int64_t g = 0;
-  for (; g + kGroup <= nk; g += kGroup) {
-    const bool has_next = g + 2 * kGroup <= nk;
+  for (int64_t g = 0; g < nk; g += kGroup) {
+    const bool has_next = g + kGroup < nk;
     for (int i = 0; i < kGroup; ++i) {
-      rows[i] = wt + idx[g + i] * N + n0;
-      next[i] = wt + idx[has_next ? g + kGroup + i : g + i] * N + n0;
+      rows[i] = row(idx[g + i]);
+      if (has_next) next[i] = row(idx[g + kGroup + i]);
     }
-    for (int64_t m = 0; m < M; ++m) {
-      for (int i = 0; i < kGroup; ++i) xg[i] = xv[(g + i) * M + m];
-      // Rows of this group stay in L1 for the later rows of x: prefetch the next group once.
-      if (m == 0 && has_next)
-        group_pass<T, true>(acc + m * cols, rows, next, xg, cols);
-      else
-        group_pass<T, false>(acc + m * cols, rows, next, xg, cols);
-    }
-  }
-  for (; g < nk; ++g) {
-    const T* row = wt + idx[g] * N + n0;
-    for (int64_t m = 0; m < M; ++m) row_pass<T>(acc + m * cols, row, xv[g * M + m], cols);
+    group_pass<T>(acc, cols, rows, has_next ? next : nullptr, xv + g * M, M);
   }
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t j = 0; j < cols; ++j) {
@@ -385,37 +379,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_sparse_gemv(
     // milliseconds), so that the call forks threads once, for the GEMV.
     std::vector<uint32_t> thr(M);
     for (int64_t m = 0; m < M; ++m) thr[m] = threshold_code<scalar_t>(xp + m * ld, K, pv(m));
-    int64_t* kp = kept.data_ptr<int64_t>();
-    // Union of the rows' kept sets, and per kept row the M inputs it multiplies.
-    std::vector<int64_t> idx;
-    std::vector<float> xv;
-    idx.reserve(K);
-    xv.reserve(K * M);
+    // Union of the rows' kept sets, and per kept row the M inputs it multiplies (branch-free:
+    // every k writes its slot, which only a kept k keeps), padded to whole groups with zero rows.
+    std::vector<int64_t> idx(K + kGroup, -1);
+    std::vector<float> xv((K + kGroup) * M, 0.0f);
+    int64_t counts[kMaxM] = {};
+    int64_t nk = 0;
     for (int64_t k = 0; k < K; ++k) {
       bool any = false;
-      float vals[kMaxM];
+      float* vals = xv.data() + nk * M;
       for (int64_t m = 0; m < M; ++m) {
         const scalar_t v = xp[m * ld + k];
         const bool keep = C::of(v) >= thr[m];
-        kp[m] += keep;
+        counts[m] += keep;
         any |= keep;
         vals[m] = keep ? float(v) : 0.0f;
       }
-      if (any) {
-        idx.push_back(k);
-        xv.insert(xv.end(), vals, vals + M);
-      }
+      idx[nk] = k;
+      nk += any;
     }
-    const int64_t nk = int64_t(idx.size());
+    std::copy(counts, counts + M, kept.data_ptr<int64_t>());
     rows_read.data_ptr<int64_t>()[0] = nk;
+    const int64_t padded = (nk + kGroup - 1) / kGroup * kGroup;
+    std::fill(idx.begin() + nk, idx.end(), -1);  // slot nk may hold a dropped k
     if (M == 0 || N == 0) return;
-    // Column chunks: as wide as the accumulator budget allows (a power of two, so rows stream in
-    // long contiguous runs), narrower when N is too small to give every thread one.
-    int64_t chunk = 1;
-    while (chunk * 2 * M <= kAccFloats) chunk *= 2;
-    const int64_t threads = at::get_num_threads();
-    const int64_t even = (N + threads - 1) / threads;
-    chunk = std::min(chunk, (even + kLanes - 1) / kLanes * kLanes);
+    // Column chunks: every thread gets the same number of equal chunks (a multiple of the vector
+    // width), each as wide as the accumulator budget allows, so that every kept weight row streams
+    // in runs of up to kAccFloats / M columns.
+    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                                   (N + kLanes - 1) / kLanes));
+    const int64_t per_thread = (N + threads - 1) / threads;
+    const int64_t max_chunk = std::max<int64_t>(kLanes, kAccFloats / M / kLanes * kLanes);
+    const int64_t pieces = (per_thread + max_chunk - 1) / max_chunk;
+    const int64_t chunk = ((per_thread + pieces - 1) / pieces + kLanes - 1) / kLanes * kLanes;
     const int64_t n_chunks = (N + chunk - 1) / chunk;
     const scalar_t* w = wt.data_ptr<scalar_t>();
     const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
@@ -423,8 +419,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_sparse_gemv(
     at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t n0 = c * chunk;
-        gemv_chunk<scalar_t>(w, N, idx.data(), xv.data(), nk, M, n0, std::min(chunk, N - n0), b,
-                             yp);
+        gemv_chunk<scalar_t>(w, N, idx.data(), xv.data(), padded, M, n0,
+                             std::min(chunk, N - n0), b, yp);
       }
     });
   });

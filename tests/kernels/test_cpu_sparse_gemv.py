@@ -45,7 +45,7 @@ def fixed_crossover(monkeypatch):
     monkeypatch.setenv(crossover.ENV, str(M_MAX))
 
 
-K, N = 301, 137  # odd: not a multiple of the vector width (8 or 16) nor of the group of 4 rows
+K, N = 301, 137  # odd: not a multiple of the vector width (8 or 16) nor of the group of 8 rows
 
 
 def edge_batch(m, k, dtype, seed):
@@ -115,13 +115,55 @@ def test_gemv_every_decode_batch(dtype, p):
 
 @pytest.mark.parametrize("m", [1, 3, M_MAX])
 def test_gemv_many_chunks_and_groups(m):
-    # N spans several column chunks per thread (chunks of at most 4096 / m columns) with a ragged
-    # last one; K leaves kept rows outside the groups of 4.
+    # N spans several column chunks per thread (chunks of at most 8192 / m columns) with a ragged
+    # last one; K leaves kept rows outside the groups of 8 (padded with zero rows).
     k, n = 1031, 4099
     w, _ = weights(torch.bfloat16, n=n, k=k, seed=4)
     x = activations(m, k, torch.bfloat16, seed=5)
     y, _, _ = ops.cpu_input_sparse_gemv(x, ptensor(0.6), w.t().contiguous(), None)
     assert_close(y, x, 0.6, w, None)
+
+
+# Odd shapes: fewer rows than one group of 8 and columns than one vector; neither a multiple of the
+# group nor of the vector width (8 or 16); more columns than one accumulator chunk (8192 / M).
+ODD_SHAPES = [(5, 3), (301, 137), (1031, 8209)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k, n", ODD_SHAPES)
+def test_gemv_numerics_every_row_count(dtype, k, n):
+    # M = 1 .. 16 (the kernel's limit; 1, 3, 16 on the large shape), with the edge rows (all zero, NaN, outlier, tie, +-Inf)
+    # first, last, or absent; a bias; p < 1 and p = 1.
+    w, b = weights(dtype, n=n, k=k, seed=9)
+    wt = w.t().contiguous()
+    x = edge_batch(16, max(k, 8), dtype, seed=10)[:, :k].contiguous()  # keeps NaN and +Inf
+    assert int(ops.cpu_input_sparse_gemv_max_rows()) == 16
+    for p in (0.6, 1.0):
+        for m in (range(1, 17) if k * n < 10**6 else (1, 3, 16)):
+            for rows in (x[:m], x[-m:]):  # edge rows at the end of the batch / at its start
+                y, kept, rows_read = ops.cpu_input_sparse_gemv(rows, ptensor(p), wt, b)
+                mask = top_p_mask(rows, ptensor(p))
+                assert y.shape == (m, n) and y.dtype == dtype
+                assert torch.equal(kept, mask.sum(-1))
+                assert rows_read.tolist() == [int(mask.any(0).sum())]
+                assert_close(y, rows, p, w, b)
+
+
+def test_the_other_build_too(tmp_path, monkeypatch):
+    # Both builds this CPU can run: this process loaded one (torch ops of the same names cannot be
+    # loaded twice), a child process runs the numerics above on the other.
+    other = {"avx512": "avx2", "avx2": "avx512"}[ISA]
+    monkeypatch.setenv(cpu_backend.ISA_ENV, other)
+    _, reason = cpu_backend.select_isa()
+    if reason is not None:
+        pytest.skip(f"cpu kernels unavailable here: {reason}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
+         __file__, "-k", "numerics or disjoint", f"--basetemp={tmp_path / 'child'}"],
+        env={**os.environ, cpu_backend.ISA_ENV: other}, capture_output=True, text=True,
+        timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-2000:]
 
 
 def test_rows_with_disjoint_masks_do_not_leak():
