@@ -257,6 +257,7 @@ def prepare(layer: torch.nn.Module, inner=None) -> None:
     decision = crossover.decide_for(wt, _DENSE[-1], build=select_isa()[0])
     hook = _tp_hook(layer)
     if hook is not None:  # one crossover for every TP rank: they must take the same branch
+        layer.sparsity_reduce_id = _reduce_id(hook)  # here, eagerly: not while a graph traces
         least = _least_over_ranks(decision.m_max, hook)
         if least != decision.m_max:
             decision = crossover.Decision(least, f"{decision.source}, least over the TP ranks",
@@ -392,8 +393,11 @@ def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor,
     skip_rule = mode == "speed"
     if all_reduce is None:
         return input_sparse_linear(x2, p, layer, bias, skip_rule=skip_rule)
+    reduce_id = getattr(layer, "sparsity_reduce_id", None)
+    if reduce_id is None or _REDUCE[reduce_id] is not all_reduce:  # another hook (eager callers)
+        reduce_id = _reduce_id(all_reduce)
     return torch.ops.vllm_sparsity.cpu_sharded_input_sparse_linear(
-        x2, p, layer.sparsity_wt, bias, layer.sparsity_dense_id, _reduce_id(all_reduce),
+        x2, p, layer.sparsity_wt, bias, layer.sparsity_dense_id, reduce_id,
         layer.sparsity_m_max, skip_rule)
 
 
