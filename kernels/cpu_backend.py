@@ -14,9 +14,10 @@ Same interface as the Triton backend (``kernels/triton_backend.py``):
   ``F.linear`` fallback, e.g. bf16 on a CPU without AVX-512, where oneDNN has no bf16 matmul), it
   stays as it is: ``F.linear`` on a transposed view of ``Wt`` would save that copy but ran prefill
   GEMMs several times slower (``kernels/bench/results/cpu-avx2-2026-12-01/measurements.md``).
-- ``apply_counted(layer, x2, p, bias, all_reduce)``: one op, ``torch.ops.vllm_sparsity.
+- ``apply_counted(layer, x2, p, bias, all_reduce, mode)``: one op, ``torch.ops.vllm_sparsity.
   cpu_input_sparse_linear``, that takes the batch branch at run time (under torch.compile a Python
   ``if M <= m_max`` would be evaluated once, at trace time; see ``kernels/triton_backend.py``).
+- ``crossover_of(layer)``: the layer's crossover as ``GET /v1/sparsity`` reports it.
 
 Batch policy. ``M <= layer.sparsity_m_max`` rows: ``cpu_input_sparse_gemv`` (threshold, union of the
 rows' kept weight rows read once, per-row masks). Above (prefill, large batches):
@@ -33,9 +34,19 @@ where torch's CPU capability is AVX512 and /proc/cpuinfo has those flags, else `
 (``-fopenmp``, resolving to torch's own libgomp) so that ``at::parallel_for`` uses the threads torch
 gives the worker. ``VLLM_SPARSITY_CPU_ISA=avx2`` forces the AVX2 build (tests, comparisons).
 
-Tensor parallelism: ``down_proj``'s input is a shard of K, and the global rule needs histograms
-summed across ranks; the kernel has no such hook, so with ``all_reduce`` the layer runs the torch
-rule (``rule.top_p_sparsify``) then the dense GEMM: exact, no speed-up.
+Mode (``config.SparsityConfig.mode``): in ``speed`` a batch past ``sparsity_m_max`` skips the rule
+and runs the dense GEMM on x as it is (kept = K per row, all K weight rows read): the layer is
+dense for that step. ``exact`` runs the rule at every batch size.
+
+Tensor parallelism: ``down_proj``'s input is a shard of K, and the global rule needs each radix
+level's histogram summed across the ranks: ``cpu_sharded_input_sparse_linear`` runs the torch rule
+with the ``all_reduce`` hook (``rule.top_p_sparsify``: the whole rows' kept set, this rank's shard
+of it), then the same batch policy: up to ``sparsity_m_max`` rows ``cpu_input_sparse_gemv`` on the
+sparsified shard at p = 1 (it keeps every nonzero, i.e. exactly the rule's kept set, and reads
+only those weight rows), above it the dense GEMM. The hook is called inside the op, so that the
+batch branch (and, in speed mode, whether the rule and its all-reduces run at all) is taken at
+run time; every rank sees the same M and, as ``prepare`` agrees on it, the same
+``sparsity_m_max``, so all ranks take the same branch and call the hook together.
 """
 
 from __future__ import annotations
@@ -53,6 +64,9 @@ import torch
 from vllm_sparsity.kernels import crossover
 from vllm_sparsity.kernels._registry import dispatcher_op, register_fake
 from vllm_sparsity.rule import top_p_sparsify
+
+# p = 1 for the GEMV on an already sparsified input: keeps every nonzero, i.e. the rule's kept set.
+_KEEP_ALL = torch.ones(1, dtype=torch.float64)
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SOURCE = Path(__file__).resolve().parent / "cpu" / "input_sparse_gemv.cpp"
@@ -173,13 +187,45 @@ def unsupported_reason(layer: torch.nn.Module) -> str | None:
 # Dense GEMM of each prepared layer, called by index from inside the op (a callable cannot be an
 # op argument; the index is a constant of the traced graph). One entry per layer and process.
 _DENSE: list[Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]] = []
+# The TP all-reduce hooks, by index, as _DENSE (one entry per distinct hook).
+_REDUCE: list[Callable[[torch.Tensor], None]] = []
+
+
+def _reduce_id(all_reduce: Callable[[torch.Tensor], None]) -> int:
+    if not any(f is all_reduce for f in _REDUCE):
+        _REDUCE.append(all_reduce)
+    return next(i for i, f in enumerate(_REDUCE) if f is all_reduce)
+
+
+def _least_over_ranks(m_max: int, all_reduce: Callable[[torch.Tensor], None]) -> int:
+    """The least ``m_max`` over the TP ranks, through the sum-only hook: a one-hot float64
+    [m_max + 1 ..] vector summed over the ranks, its first nonzero entry. Every rank must call it
+    together."""
+    rows = int(torch.ops.vllm_sparsity.cpu_input_sparse_gemv_max_rows())
+    hot = torch.zeros(rows + 1, dtype=torch.float64)
+    hot[m_max] = 1.0
+    all_reduce(hot)
+    return int(hot.nonzero()[0, 0])
+
+
+def _tp_hook(layer: torch.nn.Module) -> Callable[[torch.Tensor], None] | None:
+    """The all-reduce over the layer's TP ranks: its sparse method's hook (an input split over K),
+    else vLLM's TP group when the layer is split over ranks at all (``tp_size``), else None."""
+    hook = getattr(getattr(layer, "quant_method", None), "all_reduce", None)
+    if hook is None and getattr(layer, "tp_size", 1) > 1:
+        from vllm_sparsity._vllm_compat import tp_all_reduce
+
+        hook = tp_all_reduce
+    return hook
 
 
 def prepare(layer: torch.nn.Module, inner=None) -> None:
     """Keep a K-major copy of ``layer.weight`` (buffer ``sparsity_wt`` [K, N]), then run vLLM's own
     weight step ``inner.process_weights_after_loading(layer)`` for the dense path, then set
     ``layer.sparsity_m_max``, the crossover of the layer's shape (``crossover.decide_for``: the
-    first layer of a shape may time both paths, about a second or more). Idempotent.
+    first layer of a shape may time both paths, about a second or more), and its decision
+    ``layer.sparsity_crossover``. Under TP (``_tp_hook``) the ranks agree on the least of their
+    crossovers (a collective: every rank prepares its layers in the same order). Idempotent.
 
     Args:
         layer: a linear layer with its weight [N, K] loaded.
@@ -208,7 +254,27 @@ def prepare(layer: torch.nn.Module, inner=None) -> None:
     else:
         _DENSE.append(lambda x, bias: torch.nn.functional.linear(x, layer.sparsity_wt.t(), bias))
     layer.sparsity_dense_id = len(_DENSE) - 1
-    layer.sparsity_m_max = crossover.decide_for(wt, _DENSE[-1], build=select_isa()[0]).m_max
+    decision = crossover.decide_for(wt, _DENSE[-1], build=select_isa()[0])
+    hook = _tp_hook(layer)
+    if hook is not None:  # one crossover for every TP rank: they must take the same branch
+        layer.sparsity_reduce_id = _reduce_id(hook)  # here, eagerly: not while a graph traces
+        least = _least_over_ranks(decision.m_max, hook)
+        if least != decision.m_max:
+            decision = crossover.Decision(least, f"{decision.source}, least over the TP ranks",
+                                          decision.ratios)
+    layer.sparsity_crossover = decision
+    layer.sparsity_m_max = decision.m_max
+
+
+def crossover_of(layer: torch.nn.Module) -> dict | None:
+    """The backend interface's ``crossover``: ``{"m_max": rows up to which the sparse GEMV runs,
+    "measured": whether timed on this CPU (now or from the cache), "source": "measured", "cache",
+    the override variable or why not measured}``; None before ``prepare``."""
+    decision = getattr(layer, "sparsity_crossover", None)
+    if decision is None:
+        return None
+    return {"m_max": decision.m_max, "measured": decision.source.startswith(("measured", "cache")),
+            "source": decision.source}
 
 
 def column_bytes(layer: torch.nn.Module) -> int:
@@ -222,27 +288,58 @@ def column_bytes(layer: torch.nn.Module) -> int:
     return w.shape[0] * w.element_size() if isinstance(w, torch.Tensor) and w.dim() == 2 else 0
 
 
-def _input_sparse_linear(x, p, wt, bias, dense_id, m_max):
+def _dense_bias(x, bias):
     # vLLM's sgl-kernel path stores biases in fp32; the kernel wants x's dtype (bias values came
     # from that dtype, so the cast is exact).
-    if bias is not None and bias.dtype != x.dtype:
-        bias = bias.to(x.dtype)
+    return bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
+
+
+def _ruleless(x, bias, dense_id):
+    """Speed mode past the crossover: the dense GEMM on x, nothing zeroed, every row read."""
+    return (_DENSE[dense_id](x, bias), torch.full((x.shape[0],), x.shape[1], dtype=torch.int64),
+            torch.full((1,), x.shape[1], dtype=torch.int64))
+
+
+def _sparse_branch(x, p, m_max):
     # p >= 1 in every row keeps every nonzero: the dense GEMM reads no more and gives the
     # plugin-off output bit for bit (p is a CPU tensor: reading it is no device sync).
-    if x.shape[0] <= m_max and bool((p < 1.0).any()):
+    return x.shape[0] <= m_max and bool((p < 1.0).any())
+
+
+def _input_sparse_linear(x, p, wt, bias, dense_id, m_max, skip_rule=False):
+    bias = _dense_bias(x, bias)
+    if _sparse_branch(x, p, m_max):
         return torch.ops.vllm_sparsity.cpu_input_sparse_gemv(x, p, wt, bias)
+    if skip_rule and x.shape[0] > m_max:
+        return _ruleless(x, bias, dense_id)
     xs, kept = torch.ops.vllm_sparsity.cpu_top_p_sparsify(x, p)
     return _DENSE[dense_id](xs, bias), kept, kept.new_full((1,), x.shape[1])
 
 
-# A plain dispatcher kernel (kernels/_registry.py): a decode step calls it twice per MLP.
+def _sharded_input_sparse_linear(x, p, wt, bias, dense_id, reduce_id, m_max, skip_rule=False):
+    # Every rank takes the same branch (same M, same m_max, same p): the hook's calls match.
+    bias = _dense_bias(x, bias)
+    if skip_rule and x.shape[0] > m_max:
+        return _ruleless(x, bias, dense_id)
+    xs, kept = top_p_sparsify(x, p, _REDUCE[reduce_id])
+    if _sparse_branch(x, p, m_max):
+        y, _, rows_read = torch.ops.vllm_sparsity.cpu_input_sparse_gemv(xs, _KEEP_ALL, wt, bias)
+        return y, kept, rows_read
+    return _DENSE[dense_id](xs, bias), kept, kept.new_full((1,), x.shape[1])
+
+
+# Plain dispatcher kernels (kernels/_registry.py): a decode step calls one twice per MLP.
 dispatcher_op("cpu_input_sparse_linear", "(Tensor x, Tensor p, Tensor wt, Tensor? bias, "
-              "int dense_id, int m_max) -> (Tensor, Tensor, Tensor)", _input_sparse_linear,
-              _gemv_fake, "CPU")
+              "int dense_id, int m_max, bool skip_rule=False) -> (Tensor, Tensor, Tensor)",
+              _input_sparse_linear, _gemv_fake, "CPU")
+dispatcher_op("cpu_sharded_input_sparse_linear", "(Tensor x, Tensor p, Tensor wt, Tensor? bias, "
+              "int dense_id, int reduce_id, int m_max, bool skip_rule=False) -> "
+              "(Tensor, Tensor, Tensor)", _sharded_input_sparse_linear, _gemv_fake, "CPU")
 
 
 def input_sparse_linear(x: torch.Tensor, p: torch.Tensor, layer: torch.nn.Module,
-                        bias: torch.Tensor | None = None, m_max: int | None = None
+                        bias: torch.Tensor | None = None, m_max: int | None = None,
+                        skip_rule: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``y = top_p(x) @ Wt (+ bias)``, kept counts and weight rows read
     (``torch.ops.vllm_sparsity.cpu_input_sparse_linear``).
@@ -256,11 +353,12 @@ def input_sparse_linear(x: torch.Tensor, p: torch.Tensor, layer: torch.nn.Module
         m_max: rows up to which the sparse GEMV runs (at most the kernel's
             ``cpu_input_sparse_gemv_max_rows()``, 16; 0: never); above it, the rule then the dense
             GEMM. Default: the layer's crossover, ``layer.sparsity_m_max``.
+        skip_rule: above ``m_max``, no rule (speed mode): the dense GEMM on x, kept = K.
 
     Returns:
         ``(y, kept, rows_read)``: y [M, N] in x's dtype; kept int64 [M], inputs kept per row (the
-        torch rule's count); rows_read int64 [1], rows of Wt loaded (the union of the rows' kept
-        sets on the sparse path, all K on the dense one).
+        torch rule's count; K without the rule); rows_read int64 [1], rows of Wt loaded (the
+        union of the rows' kept sets on the sparse path, all K on the dense one).
 
     Raises:
         RuntimeError: from the op, naming the bad argument (shape, dtype, stride, p).
@@ -268,13 +366,14 @@ def input_sparse_linear(x: torch.Tensor, p: torch.Tensor, layer: torch.nn.Module
     if m_max is None:
         m_max = layer.sparsity_m_max
     return torch.ops.vllm_sparsity.cpu_input_sparse_linear(x, p, layer.sparsity_wt, bias,
-                                                           layer.sparsity_dense_id, m_max)
+                                                           layer.sparsity_dense_id, m_max,
+                                                           skip_rule)
 
 
 def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor,
                   bias: torch.Tensor | None = None,
-                  all_reduce: Callable[[torch.Tensor], None] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  all_reduce: Callable[[torch.Tensor], None] | None = None,
+                  mode: str = "exact") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The layer's output for input x2 under the top-p rule, through the CPU kernels.
 
     Args:
@@ -284,15 +383,22 @@ def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor,
             ``state.RuntimeState.token_p``).
         bias: the bias vLLM passes to ``quant_method.apply`` (None when it adds it itself).
         all_reduce: None for whole rows; for x2 a shard of K across TP ranks, the in-place sum over
-            them: the torch rule with global histograms, then the dense GEMM (see module doc).
+            them (``cpu_sharded_input_sparse_linear``, see module doc): every rank calls this
+            together.
+        mode: ``"exact"`` or ``"speed"`` (no rule above the crossover, see module doc).
 
     Returns:
         ``(y2, kept_per_row, rows_read)`` as ``input_sparse_linear``.
     """
+    skip_rule = mode == "speed"
     if all_reduce is None:
-        return input_sparse_linear(x2, p, layer, bias)
-    xs, kept = top_p_sparsify(x2, p, all_reduce)
-    return _DENSE[layer.sparsity_dense_id](xs, bias), kept, kept.new_full((1,), x2.shape[1])
+        return input_sparse_linear(x2, p, layer, bias, skip_rule=skip_rule)
+    reduce_id = getattr(layer, "sparsity_reduce_id", None)
+    if reduce_id is None or _REDUCE[reduce_id] is not all_reduce:  # another hook (eager callers)
+        reduce_id = _reduce_id(all_reduce)
+    return torch.ops.vllm_sparsity.cpu_sharded_input_sparse_linear(
+        x2, p, layer.sparsity_wt, bias, layer.sparsity_dense_id, reduce_id,
+        layer.sparsity_m_max, skip_rule)
 
 
 def main() -> int:

@@ -9,7 +9,7 @@ Entry ``"triton"`` of ``vllm_sparsity.backends.BACKENDS`` (that module states th
   copy of the weight stays resident; the transpose needs a second copy transiently, one layer at a
   time. Same move as vLLM's own XPU path (``UnquantizedLinearMethod.process_weights_after_loading``:
   ``weight.t().contiguous().t()``).
-- ``apply_counted(layer, x2, p, bias, all_reduce)`` on every forward: one custom op,
+- ``apply_counted(layer, x2, p, bias, all_reduce, mode)`` on every forward: one custom op,
   ``torch.ops.vllm_sparsity.input_sparse_linear``, so the batch-size branch below is taken at run
   time inside the op. (Written as Python in the traced forward, torch.compile would evaluate
   ``M <= M_MAX`` once, on the size it traces with, and vLLM drops shape guards: every batch size
@@ -45,6 +45,12 @@ from vllm_sparsity.kernels.top_p_threshold import launch, sparsify, top_p_thresh
 
 # Largest batch (rows of x) sent to the sparse GEMV; above it, mask + dense GEMM. Untimed guess.
 M_MAX = 8
+
+
+def crossover_of(layer: torch.nn.Module) -> dict:
+    """The backend interface's ``crossover``: the fixed ``M_MAX``, not measured (module doc)."""
+    return {"m_max": M_MAX, "measured": False,
+            "source": "fixed (triton_backend.M_MAX), not yet measured on a GPU"}
 
 
 def unsupported_reason(layer: torch.nn.Module) -> str | None:
@@ -93,7 +99,7 @@ def column_bytes(layer: torch.nn.Module) -> int:
     return w.shape[0] * w.element_size()
 
 
-def _input_sparse_linear_fake(x, p, wt, bias=None, m_max=M_MAX):
+def _input_sparse_linear_fake(x, p, wt, bias=None, m_max=M_MAX, skip_rule=False):
     return (x.new_empty(x.shape[0], wt.shape[1]), x.new_empty(x.shape[0], dtype=torch.int64),
             x.new_empty(1, dtype=torch.int64))
 
@@ -112,14 +118,18 @@ def _columns_read(keep: torch.Tensor) -> torch.Tensor:
 
 def _batch_policy(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, m_max: int,
                   threshold: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-                  masked: Callable[[], tuple[torch.Tensor, torch.Tensor]]
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  masked: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                  skip_rule: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The batch policy of the module doc, for both ops: up to ``m_max`` rows, ``threshold()``
     (thr int32 [M], kept) feeds the sparse GEMV; above, ``masked()`` (sparsified x, kept) feeds the
-    dense GEMM. Returns ``(y, kept, columns_read)``."""
+    dense GEMM, or with ``skip_rule`` (speed mode) x itself (kept = K, every column read).
+    Returns ``(y, kept, columns_read)``."""
     if x.shape[0] <= m_max:
         thr, kept = threshold()
         return _sparse_gemv(x, thr, wt, bias), kept, _columns_read(_keep(x, thr))
+    if skip_rule:
+        full = torch.full((x.shape[0],), x.shape[1], dtype=torch.int64, device=x.device)
+        return F.linear(x, wt.t(), bias), full, full[:1].clone()
     xs, kept = masked()
     return F.linear(xs, wt.t(), bias), kept, kept.new_full((1,), x.shape[1])
 
@@ -127,7 +137,8 @@ def _batch_policy(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, 
 @custom_op("input_sparse_linear", _input_sparse_linear_fake)
 def input_sparse_linear(x: torch.Tensor, p: torch.Tensor, wt: torch.Tensor,
                         bias: torch.Tensor | None = None,
-                        m_max: int = M_MAX) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        m_max: int = M_MAX, skip_rule: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``y = top_p(x) @ wt (+ bias)``, kept counts and weight rows read
     (``torch.ops.vllm_sparsity.input_sparse_linear``).
 
@@ -138,6 +149,7 @@ def input_sparse_linear(x: torch.Tensor, p: torch.Tensor, wt: torch.Tensor,
         wt: K-major weight [K, N], x's dtype, contiguous (``kmajor_weight(layer)``).
         bias: optional [N], x's dtype.
         m_max: rows up to which the sparse GEMV runs; above it, mask then dense GEMM.
+        skip_rule: above ``m_max``, no mask (speed mode): the dense GEMM on x, kept = K.
 
     Returns:
         ``(y, kept, columns_read)``: y [M, N] in x's dtype; kept int64 [M], inputs kept per row
@@ -147,17 +159,19 @@ def input_sparse_linear(x: torch.Tensor, p: torch.Tensor, wt: torch.Tensor,
     Raises:
         ValueError: as ``top_p_threshold`` and ``sparse_gemv``.
     """
-    return _batch_policy(x, wt, bias, m_max, lambda: launch(x, p), lambda: sparsify(x, p))
+    return _batch_policy(x, wt, bias, m_max, lambda: launch(x, p), lambda: sparsify(x, p),
+                         skip_rule)
 
 
-def _thresholded_linear_fake(x, thr, wt, bias=None, m_max=M_MAX):
+def _thresholded_linear_fake(x, thr, wt, bias=None, m_max=M_MAX, skip_rule=False):
     return _input_sparse_linear_fake(x, None, wt, bias, m_max)
 
 
 @custom_op("thresholded_linear", _thresholded_linear_fake)
 def thresholded_linear(x: torch.Tensor, thr: torch.Tensor, wt: torch.Tensor,
                        bias: torch.Tensor | None = None,
-                       m_max: int = M_MAX) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       m_max: int = M_MAX, skip_rule: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``input_sparse_linear`` with the threshold given instead of p
     (``torch.ops.vllm_sparsity.thresholded_linear``): for a threshold found across shards of K
     (``top_p_threshold_sharded``). Same batch policy, same outputs.
@@ -166,7 +180,7 @@ def thresholded_linear(x: torch.Tensor, thr: torch.Tensor, wt: torch.Tensor,
         x: activations [M, K] (this rank's shard of K), bf16/fp16, unit stride along K.
         thr: int32 [M] on x's device: x[m, k] is kept iff ``code(x[m, k]) >= thr[m]`` (0 keeps
             the row whole).
-        wt, bias, m_max: as ``input_sparse_linear``.
+        wt, bias, m_max, skip_rule: as ``input_sparse_linear``.
 
     Returns:
         ``(y, kept, columns_read)`` as ``input_sparse_linear`` (kept: of this shard).
@@ -179,13 +193,14 @@ def thresholded_linear(x: torch.Tensor, thr: torch.Tensor, wt: torch.Tensor,
     kept = keep.sum(dim=-1)
     return _batch_policy(
         x, wt, bias, m_max, lambda: (thr, kept),
-        lambda: (torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)), kept))
+        lambda: (torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)), kept),
+        skip_rule)
 
 
 def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor,
                   bias: torch.Tensor | None = None,
-                  all_reduce: Callable[[torch.Tensor], None] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  all_reduce: Callable[[torch.Tensor], None] | None = None,
+                  mode: str = "exact") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The layer's output for input x2 under the top-p rule, through the Triton kernels.
 
     Args:
@@ -197,6 +212,9 @@ def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor,
         all_reduce: None when x2 holds whole rows; for x2 a shard of K across TP ranks, the
             in-place sum over them (see ``top_p_threshold_sharded``): the rule is then the global
             one, and every rank must call this together.
+        mode: ``"speed"``: no rule past ``M_MAX`` rows (the dense GEMM on x2, kept = K). Under TP
+            the sharded threshold still runs there (it is traced outside the op, and its
+            all-reduces must match on every rank); only its result is unused.
 
     Returns:
         ``(y2, kept_per_row, columns_read)``: y2 [M, N] in x2's dtype (this shard's partial
@@ -206,7 +224,8 @@ def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor,
     Raises:
         ValueError: shapes/dtypes the kernels refuse.
     """
+    skip_rule = mode == "speed"
     if all_reduce is None:
-        return input_sparse_linear(x2, p, kmajor_weight(layer), bias, M_MAX)
+        return input_sparse_linear(x2, p, kmajor_weight(layer), bias, M_MAX, skip_rule)
     thr = top_p_threshold_sharded(x2, p, all_reduce)
-    return thresholded_linear(x2, thr, kmajor_weight(layer), bias, M_MAX)
+    return thresholded_linear(x2, thr, kmajor_weight(layer), bias, M_MAX, skip_rule)

@@ -39,11 +39,11 @@ def make_layer(K: int, N: int, dtype=torch.bfloat16, seed: int = 0) -> torch.nn.
 
 def sparse(layer: torch.nn.Module, p: float, backend: str = "torch", metrics: bool = False,
            site: str = "input", max_tokens: int = 64, rule: str = "top-p",
-           q: float | None = None) -> RuntimeState:
+           q: float | None = None, mode: str = "exact") -> RuntimeState:
     """Install the seam on ``layer`` at ``site`` as ``replace_mlp`` does (weights then prepared);
     return the state holding its p and phase buffers (every token prefill until changed)."""
-    state = RuntimeState(SparsityConfig(p=p, target=site, backend=backend, rule=rule, q=q),
-                         torch.device("cpu"), max_tokens, metrics)
+    state = RuntimeState(SparsityConfig(p=p, target=site, backend=backend, rule=rule, q=q,
+                                        mode=mode), torch.device("cpu"), max_tokens, metrics)
     sparse_linear.install(layer, "layer", site, 3, state, backend)
     layer.quant_method.process_weights_after_loading(layer)
     return state

@@ -317,3 +317,40 @@ def test_bad_p_per_site_names_the_flag_and_the_allowed_values(flags, additional,
     with pytest.raises(SparsityConfigError) as e:
         resolve(flags, additional, env)
     assert message in str(e.value)
+
+
+# ---------------------------------------------------------------- mode
+
+
+def test_mode_from_each_source_precedence_and_default():
+    assert resolve({"p": "0.5"}, {}, {}).mode == "exact"
+    assert resolve({"p": "0.5", "mode": "speed"}, {}, {}).mode == "speed"
+    assert resolve({}, {"sparsity": {"p": 0.5, "mode": "speed"}}, {}).mode == "speed"
+    env = {"VLLM_SPARSITY_P": "0.5", "VLLM_SPARSITY_MODE": "speed"}
+    assert resolve({}, {}, env).mode == "speed"
+    assert resolve({"mode": "exact"}, {"sparsity": {"mode": "speed"}}, env).mode == "exact"
+    speed = SparsityConfig(p=0.5, mode="speed")
+    assert SparsityConfig.from_additional_config({"sparsity": speed.to_dict()}) == speed
+
+
+@pytest.mark.parametrize("flags, additional, env, message", [
+    ({"mode": "fast"}, {}, {}, "--sparsity-mode must be one of exact, speed; got 'fast'"),
+    ({"mode": ""}, {}, {}, "--sparsity-mode must be one of exact, speed; got ''"),
+    ({}, {"sparsity": {"mode": "SPEED"}}, {}, "--additional-config sparsity.mode must be one of "
+     "exact, speed; got 'SPEED'"),
+    ({}, {"sparsity": {"mode": 1}}, {}, "--additional-config sparsity.mode must be one of exact, "
+     "speed; got 1"),
+    ({}, {}, {"VLLM_SPARSITY_MODE": "dense"}, "VLLM_SPARSITY_MODE must be one of exact, speed; "
+     "got 'dense'"),
+])
+def test_bad_mode_names_its_source_and_the_allowed_values(flags, additional, env, message):
+    with pytest.raises(SparsityConfigError) as e:
+        resolve({"p": "0.5", **flags}, additional, env)
+    assert str(e.value) == message
+
+
+def test_mode_without_p_is_refused_and_the_object_checks_it():
+    with pytest.raises(SparsityConfigError, match="--sparsity-mode given without p"):
+        resolve({"mode": "speed"}, {}, {})
+    with pytest.raises(SparsityConfigError, match="mode must be one of exact, speed; got 'x'"):
+        SparsityConfig(p=0.5, mode="x")

@@ -547,10 +547,12 @@ def test_model_without_gated_mlp_is_served_dense(one_rank):
          "down_proj) nor routed experts to sparsify; serving it dense")]
 
 
-def _mlp_on_rank(rank, world_size, ident):
+def _mlp_on_rank(rank, world_size, ident, backend):
     """One rank: vLLM's TP group over the gloo world, the MLP's output (eager and compiled), the
-    down_proj input shard it saw and its counters."""
+    down_proj input shard it saw and its counters. The cpu backend's crossover is fixed per rank
+    (8 on rank 0, 16 on rank 1): the ranks agree on 8, so TOKENS rows take the sparse GEMV."""
     os.environ["VLLM_DIST_IDENT"] = ident  # names vLLM's CPU shared-memory group, as its workers do
+    os.environ["VLLM_SPARSITY_CPU_M_MAX"] = str(8 * (rank + 1))
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.distributed import parallel_state
     from vllm.model_executor.layers.activation import SiluAndMul
@@ -574,8 +576,8 @@ def _mlp_on_rank(rank, world_size, ident):
             mlp.gate_up_proj.weight.weight_loader(mlp.gate_up_proj.weight, w["gate"], 0)
             mlp.gate_up_proj.weight.weight_loader(mlp.gate_up_proj.weight, w["up"], 1)
             mlp.down_proj.weight.weight_loader(mlp.down_proj.weight, w["down"])
-            replaced = replace_mlp(model, SparsityConfig(p=P, target="all_inputs", backend="torch"),
-                                   max_num_tokens=64)
+            replaced = replace_mlp(model, SparsityConfig(p=P, target="all_inputs",
+                                                         backend=backend), max_num_tokens=64)
             for layer in (mlp.gate_up_proj, mlp.down_proj):
                 layer.quant_method.process_weights_after_loading(layer)
             seen = []
@@ -586,15 +588,25 @@ def _mlp_on_rank(rank, world_size, ident):
             counts = counters.zeroed_total(mlp.down_proj.sparsity_stats)
             y_compiled = torch.compile(mlp, backend="aot_eager", fullgraph=True)(w["x"])
             return {"replaced": replaced, "y": y, "y_compiled": y_compiled, "h": seen[0],
-                    "counts": counts,
+                    "counts": counts, "m_max": [getattr(layer, "sparsity_m_max", None)
+                                                for layer in (mlp.gate_up_proj, mlp.down_proj)],
                     "reduces": [mlp.gate_up_proj.quant_method.all_reduce is None,
                                 mlp.down_proj.quant_method.all_reduce is not None]}
         finally:
             parallel_state.destroy_model_parallel()
 
 
-def test_intermediate_site_applies_the_global_rule_over_vllm_tp_group(tmp_path):
-    ranks = run_ranks(_mlp_on_rank, 2, tmp_path, f"vllm-sparsity-test-{os.getpid()}")
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_intermediate_site_applies_the_global_rule_over_vllm_tp_group(tmp_path, backend):
+    if backend == "cpu":
+        from vllm_sparsity.kernels import cpu_backend
+
+        if cpu_backend.select_isa()[1] is not None:
+            pytest.skip(f"cpu kernels unavailable here: {cpu_backend.select_isa()[1]}")
+    ranks = run_ranks(_mlp_on_rank, 2, tmp_path, f"vllm-sparsity-test-{os.getpid()}", backend)
+    # The cpu backend's TP ranks agree on the least crossover (gate_up_proj through vLLM's TP
+    # group, down_proj through its rule's hook).
+    assert all(r["m_max"] == ([8, 8] if backend == "cpu" else [None, None]) for r in ranks)
     w = _weights()
     assert ranks[0]["replaced"] == ["layers.0.gate_up_proj", "layers.0.down_proj"]
     assert all(r["reduces"] == [True, True] for r in ranks)  # only down_proj's input is split

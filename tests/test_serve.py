@@ -33,6 +33,12 @@ def test_server_reports_the_configured_sparsity(sparse_server):
     # Gemma 3 270M: 18 layers, both sites of each.
     assert {(r["layer"], r["site"]) for r in state["layers"]} == {
         (i, s) for i in range(18) for s in ("input", "intermediate")}
+    assert state["mode"] == "exact"
+    # Each layer's batch policy: the crossover this server fixes (conftest), not measured.
+    want = ({"m_max": 8, "measured": False, "source": "VLLM_SPARSITY_CPU_M_MAX"}
+            if state["resolved_backend"] == "cpu" else None)
+    assert state["resolved_backend"] in ("cpu", "torch")
+    assert all(r["crossover"] == want for r in state["layers"]), state["layers"][0]
 
 
 def test_control_route_needs_the_api_key(sparse_server):

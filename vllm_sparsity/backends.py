@@ -1,15 +1,20 @@
 """The compute backends of the sparse seam, by name, and how ``auto`` picks one per layer.
 
-A backend is a module with four functions (``sparse_linear.InputSparseLinearMethod`` calls them):
+A backend is a module with five functions (``sparse_linear.InputSparseLinearMethod`` calls them):
 
 - ``unsupported_reason(layer) -> str | None``: why it cannot serve ``layer`` (None: it can);
   checkable before the weights are loaded;
 - ``prepare(layer)``: once, after the weights are loaded (weight layout);
-- ``apply_counted(layer, x2, p, bias, all_reduce) -> (y2, kept, columns_read)``: the layer's
-  output [M, N] for input x2 [M, K] under the rule, inputs kept per row int64 [M], and weight
-  columns loaded int64 [1] (None: all K, a dense GEMM). ``all_reduce``: None for whole rows, else
-  the in-place sum over the TP ranks holding the other shards of K (the global rule). ``p``:
-  float64 [M, 1], the p of each row (the step's per-token p), or [1] for every row;
+- ``apply_counted(layer, x2, p, bias, all_reduce, mode) -> (y2, kept, columns_read)``: the
+  layer's output [M, N] for input x2 [M, K] under the rule, inputs kept per row int64 [M], and
+  weight columns loaded int64 [1] (None: all K, a dense GEMM). ``all_reduce``: None for whole
+  rows, else the in-place sum over the TP ranks holding the other shards of K (the global rule).
+  ``p``: float64 [M, 1], the p of each row (the step's per-token p), or [1] for every row.
+  ``mode`` (``config.MODES``): ``"speed"`` skips the rule where the crossover sends M to the
+  dense GEMM (kept = K per row, every column read);
+- ``crossover_of(layer) -> dict | None``: after ``prepare``, ``{"m_max": rows of x up to which
+  the sparse GEMM runs (0: never), "measured": bool, whether timed on this machine (now or from
+  its cache), "source": how it was decided}``; None for a backend without a sparse GEMM (torch);
 - ``column_bytes(layer) -> int``: bytes of one input feature's weights (one column of the [N, K]
   weight) on this rank that its GEMM reads, after ``prepare``; 0 when the weight is not a plain
   2-D tensor (nothing is then reported skipped).

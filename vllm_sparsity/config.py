@@ -3,11 +3,12 @@
 Sources, highest precedence first:
 
 1. ``vllm serve`` flags: ``--sparsity-p``, ``--sparsity-target``, ``--sparsity-backend``,
-   ``--sparsity-rule``, ``--sparsity-q``;
+   ``--sparsity-rule``, ``--sparsity-q``, ``--sparsity-mode``;
 2. ``--additional-config '{"sparsity": {"p": 0.9, "target": "all_inputs", "backend": "auto",
-   "rule": "top-p"}}'`` (also ``LLM(..., additional_config={"sparsity": {...}})`` offline);
+   "rule": "top-p", "mode": "exact"}}'`` (also ``LLM(..., additional_config={"sparsity": {...}})``
+   offline);
 3. environment variables ``VLLM_SPARSITY_P``, ``VLLM_SPARSITY_TARGET``, ``VLLM_SPARSITY_BACKEND``,
-   ``VLLM_SPARSITY_RULE``, ``VLLM_SPARSITY_Q``.
+   ``VLLM_SPARSITY_RULE``, ``VLLM_SPARSITY_Q``, ``VLLM_SPARSITY_MODE``.
 
 p is one number for every site of the target, or one per site: ``input=0.95,intermediate=0.85``
 (flags, environment) or ``{"input": 0.95, "intermediate": 0.85}`` (additional_config, the route).
@@ -33,9 +34,12 @@ TARGETS: tuple[str, ...] = tuple(sites.TARGETS)
 SITES: tuple[str, ...] = tuple(sites.SITES)
 BACKENDS: tuple[str, ...] = ("auto", *backends.BACKENDS)
 RULES: tuple[str, ...] = tuple(rule.RULES)
+# exact: the rule at every batch size; speed: no rule where the crossover sends a step to the
+# dense GEMM (see ``SparsityConfig.mode``).
+MODES: tuple[str, ...] = ("exact", "speed")
 ADDITIONAL_CONFIG_KEY = "sparsity"
 ENV_PREFIX = "VLLM_SPARSITY_"
-FIELDS = ("p", "target", "backend", "rule", "q")
+FIELDS = ("p", "target", "backend", "rule", "q", "mode")
 TARGET_CHOICES = f"one of {', '.join(TARGETS)} or a comma list of sites ({','.join(SITES)})"
 
 # The metrics switch (not a field: it is no part of the ``/v1/sparsity`` answer).
@@ -97,6 +101,12 @@ class SparsityConfig:
         rule: a key of ``rule.RULES``: ``"top-p"`` (default), ``"top-k"``, ``"max-p"`` or
             ``"lq"`` (paper Sec. 3 and App. A). Fixed at start-up (compiled into the graph).
         q: the L_q exponent, a finite number > 0, for ``rule="lq"`` only (None otherwise).
+        mode: ``"exact"`` (default: the rule at every step) or ``"speed"``: on the layers of a
+            kernel backend (cpu, triton), a step with more rows (tokens) than the layer's
+            crossover, which the dense GEMM serves, skips the rule altogether, so that layer is
+            dense for that step. The same prompt may then get sparse or dense MLPs depending on
+            the batch it shares. The torch backend has no sparse GEMM and keeps the rule at every
+            step in both modes. Fixed at start-up.
     """
 
     p: float | dict[str, float]
@@ -104,9 +114,11 @@ class SparsityConfig:
     backend: str = "auto"
     rule: str = "top-p"
     q: float | None = None
+    mode: str = "exact"
 
     def __post_init__(self) -> None:
         _check_choice(self.rule, RULES, "rule")
+        _check_choice(self.mode, MODES, "mode")
         _check_choice(self.backend, BACKENDS, "backend")
         object.__setattr__(self, "p", parse_p_sites(self.p, "p", strings=False,
                                                     rule_name=self.rule))
@@ -155,8 +167,8 @@ def resolve(
     """Merge the three sources (flags > additional_config > environment) into one config.
 
     Args:
-        flags: ``{"p", "target", "backend", "rule", "q"}`` from the ``--sparsity-*`` flags; None
-            values are unset.
+        flags: ``{"p", "target", "backend", "rule", "q", "mode"}`` from the ``--sparsity-*``
+            flags; None values are unset.
         additional_config: vLLM's ``additional_config`` dict; its ``"sparsity"`` section is read.
         environ: environment (default ``os.environ``); ``VLLM_SPARSITY_*`` variables are read.
 
@@ -203,7 +215,7 @@ def resolve(
                 "to turn sparsity on"
             )
         return None
-    for field, choices in (("backend", BACKENDS), ("rule", RULES)):
+    for field, choices in (("backend", BACKENDS), ("rule", RULES), ("mode", MODES)):
         if field in values:
             _check_choice(values[field], choices, origin[field])
     values["p"] = parse_p_sites(values["p"], origin["p"],

@@ -184,6 +184,8 @@ class SiteInfo:
         column_bytes: bytes of one input feature's weights on this rank that the site's GEMM
             reads (0: none, or a weight that is not a plain 2-D tensor: nothing is skipped).
         experts: a routed experts' site, with ``sparsity_expert_stats``.
+        crossover: the backend's crossover of the site's layer (``backends``' ``crossover``:
+            ``{"m_max", "measured", "source"}``), None for a site without a sparse GEMM.
     """
 
     site: str
@@ -191,6 +193,7 @@ class SiteInfo:
     split: bool
     column_bytes: Callable[[], int]
     experts: bool = False
+    crossover: Callable[[], dict[str, Any] | None] = lambda: None
 
 
 def snapshot(state, tp_rank: int, latency: dict | None) -> dict[str, Any]:
@@ -206,24 +209,26 @@ def snapshot(state, tp_rank: int, latency: dict | None) -> dict[str, Any]:
         ``settings`` (``state.settings()``), ``p_by_site``, ``tp_rank``, ``latency``, ``sites``
         (rows ``[layer, site, name, bytes per weight column on this rank, split]``, split: the
         input is split over K across TP ranks), ``stats`` (the matching int64 [3, WIDTH]
-        buffers as lists), ``experts`` (per routed-expert site ``[layer, site, name, split,
+        buffers as lists), ``crossover`` (per row of ``sites``, the site's crossover or None),
+        ``experts`` (per routed-expert site ``[layer, site, name, split,
         zeroed per expert, total per expert]``) and ``unknown_phase_tokens`` (tokens counted as
         prefill because their phase could not be told, ``state.RuntimeState``).
     """
     layers = [layer for _, layer in state.layers]
     stats = torch.stack([layer.sparsity_stats for layer in layers]).tolist() if layers else []
     p_stats = torch.stack([layer.sparsity_p_stats for layer in layers]).tolist() if layers else []
-    sites, experts = [], []
+    sites, experts, crossover = [], [], []
     for name, layer in state.layers:
         info: SiteInfo = layer.sparsity_site
         sites.append([info.layer_index, info.site, name, info.column_bytes(), info.split])
+        crossover.append(info.crossover())
         if info.experts:
             zeroed, total = layer.sparsity_expert_stats.t().tolist()
             experts.append([info.layer_index, info.site, name, info.split, zeroed, total])
     return {"settings": state.settings(), "p_by_site": state.p_by_site(), "tp_rank": tp_rank,
             "sites": sites, "stats": stats, "latency": latency, "p_stats": p_stats,
             "p_slots": state.p_slots_by_key(), "request_p_applied": state.request_p_applied,
-            "experts": experts,
+            "experts": experts, "crossover": crossover,
             "unknown_phase_tokens": int(state.unknown_phase_tokens.sum())}
 
 
@@ -254,7 +259,8 @@ def disagreement(per_worker: list[dict | None]) -> list[dict[str, Any]]:
 def merge(per_worker: list[dict | None]) -> dict[str, Any] | None:
     """One view of all workers' snapshots (see the module doc for the rank rules): the first's
     ``settings`` (plus ``"disagreement"``, see ``disagreement``) and ``p_by_site``, ``sites``
-    {(layer, site): {"name", "split", "rows": per phase [WIDTH], "skipped_bytes": per phase}},
+    {(layer, site): {"name", "split", "rows": per phase [WIDTH], "skipped_bytes": per phase,
+    "crossover": the first worker's (TP ranks agree on it, see ``kernels/cpu_backend.py``)}},
     ``latency`` (summed over TP rank 0 workers, or None), ``unknown_phase_tokens`` (summed over TP
     rank 0 workers: every rank sees the same tokens) and ``workers`` (snapshots merged). Bytes
     skipped are summed over every rank (each skips its own shard of the weight). None when no
@@ -270,10 +276,12 @@ def merge(per_worker: list[dict | None]) -> dict[str, Any] | None:
                                          if s["tp_rank"] == 0)
     for snap in snaps:
         lead = snap["tp_rank"] == 0
-        for (layer, site, name, per_column, split), rows in zip(snap["sites"], snap["stats"]):
+        crossovers = snap.get("crossover") or [None] * len(snap["sites"])
+        for (layer, site, name, per_column, split), rows, crossover in zip(
+                snap["sites"], snap["stats"], crossovers):
             entry = sites.setdefault((layer, site), {
                 "name": name, "split": bool(split), "rows": [[0] * WIDTH for _ in PHASES],
-                "skipped_bytes": [0] * len(PHASES)})
+                "skipped_bytes": [0] * len(PHASES), "crossover": crossover})
             for phase in (PREFILL, DECODE):
                 if lead:
                     entry["rows"][phase] = [a + b for a, b in
@@ -347,9 +355,10 @@ def route_experts(merged: dict[str, Any]) -> list[dict[str, Any]]:
 
 def route_layers(merged: dict[str, Any]) -> list[dict[str, Any]]:
     """The ``/v1/sparsity`` rows of a merged snapshot: per (layer, site), in order, the monotonic
-    counters ``zeroed`` and ``total`` over the real tokens (prefill + decode)."""
+    counters ``zeroed`` and ``total`` over the real tokens (prefill + decode), and the layer's
+    ``crossover`` (``{"m_max", "measured", "source"}``; None: no sparse GEMM at that site)."""
     return [{"layer": layer, "site": site, "name": entry["name"],
              "zeroed": sum(entry["rows"][ph][ZEROED] for ph in (PREFILL, DECODE)),
              "total": sum(entry["rows"][ph][TOTAL] for ph in (PREFILL, DECODE)),
-             "split": entry["split"]}
+             "split": entry["split"], "crossover": entry.get("crossover")}
             for (layer, site), entry in merged["sites"].items()]

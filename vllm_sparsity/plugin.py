@@ -51,10 +51,14 @@ _FLAG_HELP = {
     "q": "Exponent of the lq rule, a finite number > 0 (lq only).",
     "backend": "Sparse compute backend: auto (triton on CUDA, cpu on x86-64 CPUs with AVX2 or "
     "AVX-512, torch elsewhere), triton, cpu or torch. Default: auto.",
+    "mode": "exact: the rule at every step; speed: steps whose batch is past a layer's crossover "
+    "(where the dense GEMM is faster than the sparse one) skip the rule on that layer, which is "
+    "then dense for the step (cpu and triton backends). Default: exact.",
 }
 _FLAG_METAVAR = {"p": "P", "target": "{" + ",".join(cfg.TARGETS) + "}|SITE,...",
                  "backend": "{" + ",".join(cfg.BACKENDS) + "}",
-                 "rule": "{" + ",".join(cfg.RULES) + "}", "q": "Q"}
+                 "rule": "{" + ",".join(cfg.RULES) + "}", "q": "Q",
+                 "mode": "{" + ",".join(cfg.MODES) + "}"}
 
 
 def register() -> None:

@@ -43,6 +43,8 @@ class InputSparseLinearMethod(LinearMethodBase):
         detailed_counts: also keep the histogram and weight-column counters (metrics on).
         threshold: the rule's threshold function (``rule.threshold_of``; default top-p). The
             torch backend applies it; the kernel backends implement top-p only.
+        mode: ``config.MODES``: ``"speed"`` lets a kernel backend skip the rule on the steps its
+            crossover sends to the dense GEMM (``config.SparsityConfig.mode``).
 
     Raises:
         ValueError: unknown backend, or a kernel backend with a rule other than top-p.
@@ -52,13 +54,15 @@ class InputSparseLinearMethod(LinearMethodBase):
                  backend: str = "torch",
                  all_reduce: Callable[[torch.Tensor], None] | None = None,
                  detailed_counts: bool = False,
-                 threshold: Callable[..., torch.Tensor] = rule.top_p_threshold) -> None:
+                 threshold: Callable[..., torch.Tensor] = rule.top_p_threshold,
+                 mode: str = "exact") -> None:
         if backend not in backends.BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(backends.BACKENDS)}, "
                              f"got {backend!r}")
         if backend in backends.TOP_P_ONLY and threshold is not rule.top_p_threshold:
             raise ValueError(f"the {backend} backend implements the top-p rule only")
         self.threshold = threshold
+        self.mode = mode
         self.inner = inner
         self.site = site
         self.layer_index = layer_index
@@ -104,7 +108,8 @@ class InputSparseLinearMethod(LinearMethodBase):
         p = sparse_site.step_p(layer, x2.shape[0])
         if self.observer is not None:  # the rule's mask again: the backends do not return it
             self.observer(x2, rule.kept_mask(x2, p, self.threshold, self.all_reduce))
-        y2, kept, columns_read = self._backend.apply_counted(layer, x2, p, bias, self.all_reduce)
+        y2, kept, columns_read = self._backend.apply_counted(layer, x2, p, bias, self.all_reduce,
+                                                             self.mode)
         sparse_site.record(layer, kept, x2.shape[-1], columns_read, self.detailed_counts)
         return y2.view(*x.shape[:-1], y2.shape[-1])
 
@@ -114,18 +119,20 @@ def install(layer: torch.nn.Module, name: str, site: str, layer_index: int, stat
             all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
     """Swap ``layer.quant_method`` for an ``InputSparseLinearMethod``, mark the layer as needing
     an unquantized input, attach its site buffers (``sparse_site.attach``: p of ``site`` and the
-    step buffers of ``state``, a ``state.RuntimeState``; fresh counters; weight-column bytes from
-    the backend) and append ``(name, layer)`` to ``state.layers``. The rule is the state's
-    (``RuntimeState.threshold``).
+    step buffers of ``state``, a ``state.RuntimeState``; fresh counters; weight-column bytes and
+    crossover from the backend) and append ``(name, layer)`` to ``state.layers``. The rule and
+    mode are the state's (``RuntimeState.threshold``, ``config.mode``).
     ``all_reduce``: for an input split over K across TP ranks (see ``InputSparseLinearMethod``).
     """
     layer.quant_method = InputSparseLinearMethod(layer.quant_method, site, layer_index, backend,
-                                                 all_reduce, state.metrics, state.threshold)
+                                                 all_reduce, state.metrics, state.threshold,
+                                                 state.config.mode)
     # The rule reads the input's values: producers must not hand this layer a pre-quantized
     # activation (fp8/nvfp4 methods advertise one, and Llama-style MLPs then fuse act-and-mul with
     # the quantization; vLLM's ``fusion.quant_activation.get_input_quant_key``).
     _vllm_compat.require_unquantized_input(layer)
     backend_module = layer.quant_method._backend
     sparse_site.attach(layer, site, layer_index, state, all_reduce,
-                       lambda: backend_module.column_bytes(layer))
+                       lambda: backend_module.column_bytes(layer),
+                       crossover=lambda: backend_module.crossover_of(layer))
     state.layers.append((name, layer))

@@ -30,7 +30,8 @@ from vllm_sparsity import counters
 
 def attach(module: torch.nn.Module, site: str, layer_index: int, state,
            all_reduce: Callable[[torch.Tensor], None] | None = None,
-           column_bytes: Callable[[], int] | None = None, num_experts: int = 0) -> None:
+           column_bytes: Callable[[], int] | None = None, num_experts: int = 0,
+           crossover: Callable[[], dict | None] | None = None) -> None:
     """Register the site buffers of the module doc on ``module`` (p of ``site`` and the step
     buffers of ``state``, a ``state.RuntimeState``; fresh counters) and its ``sparsity_site``.
 
@@ -42,6 +43,8 @@ def attach(module: torch.nn.Module, site: str, layer_index: int, state,
         column_bytes: bytes of one input feature's weights on this rank that the site's GEMM
             reads (``backends``' ``column_bytes``); None: the site reads no weight (0).
         num_experts: routed experts of the site (0: not an experts' site).
+        crossover: the backend's crossover of the site's layer (``backends``' ``crossover``);
+            None: the site has no sparse GEMM.
     """
     device = state.phase.device
     module.register_buffer("sparsity_p", state.p[site], persistent=False)
@@ -55,7 +58,8 @@ def attach(module: torch.nn.Module, site: str, layer_index: int, state,
         module.register_buffer("sparsity_expert_stats", counters.new_expert_stats(
             num_experts, device), persistent=False)
     module.sparsity_site = counters.SiteInfo(site, layer_index, all_reduce is not None,
-                                             column_bytes or (lambda: 0), num_experts > 0)
+                                             column_bytes or (lambda: 0), num_experts > 0,
+                                             crossover or (lambda: None))
 
 
 def step_p(module: torch.nn.Module, rows: int, token: torch.Tensor | None = None

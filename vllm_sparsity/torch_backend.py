@@ -32,13 +32,19 @@ def column_bytes(layer: torch.nn.Module) -> int:
     return w.shape[0] * w.element_size() if isinstance(w, torch.Tensor) and w.dim() == 2 else 0
 
 
+def crossover_of(layer: torch.nn.Module) -> None:
+    """None: no sparse GEMM, so no crossover (the rule runs at every batch size, in both modes)."""
+    return None
+
+
 def apply_counted(layer: torch.nn.Module, x2: torch.Tensor, p: torch.Tensor,
                   bias: torch.Tensor | None = None,
-                  all_reduce: Callable[[torch.Tensor], None] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, None]:
+                  all_reduce: Callable[[torch.Tensor], None] | None = None,
+                  mode: str = "exact") -> tuple[torch.Tensor, torch.Tensor, None]:
     """``(inner.apply(rule(x2)), kept [M], None)``: x2 [M, K]; p float64 [1] or [M, 1] (one per
     row); the rule is the method's ``threshold`` (``rule.threshold_of``); the GEMM reads every
-    column (None). ``all_reduce`` as ``rule.top_p_threshold``."""
+    column (None). ``all_reduce`` as ``rule.top_p_threshold``. ``mode`` changes nothing here: with
+    no crossover, no step is sent to a dense path past it."""
     method = layer.quant_method
     xs, kept = sparsify(x2, p, method.threshold, all_reduce)
     return method.inner.apply(layer, xs, bias), kept, None

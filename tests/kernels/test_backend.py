@@ -208,3 +208,23 @@ def test_apply_with_one_p_per_row(m):
                         for i, pi in enumerate(ps)])
     assert torch.equal(kept, rows.sum(-1))
     assert_close_to_ref(y, *ref_sparse_gemv(x, None, layer.weight.detach(), None, rows), K)
+
+
+def test_speed_mode_past_m_max_is_the_dense_gemm_and_the_crossover_is_reported():
+    layer = make_layer()
+    triton_backend.prepare(layer)
+    assert triton_backend.crossover_of(layer) == {
+        "m_max": triton_backend.M_MAX, "measured": False,
+        "source": "fixed (triton_backend.M_MAX), not yet measured on a GPU"}
+    p = ptensor(0.6)
+    for m in (triton_backend.M_MAX, triton_backend.M_MAX + 1):
+        x = activations(m, K, torch.bfloat16, seed=m)
+        exact = triton_backend.apply_counted(layer, x, p, None, None, "exact")
+        for all_reduce in (None, lambda t: t.mul_(2)):  # whole rows; two ranks of the same shard
+            y, kept, read = triton_backend.apply_counted(layer, x, p, None, all_reduce, "speed")
+            if m <= triton_backend.M_MAX:  # the rule, as in exact mode
+                assert torch.equal(y, exact[0]) and torch.equal(kept, exact[1])
+                continue
+            assert torch.equal(y, torch.nn.functional.linear(x, layer.weight))
+            assert kept.tolist() == [K] * m and read.tolist() == [K]
+            assert not torch.equal(y, exact[0])

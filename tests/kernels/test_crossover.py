@@ -192,3 +192,17 @@ def test_real_measurement_returns_a_valid_m_and_caches_it(fresh_cache, monkeypat
     assert entry["key"] == crossover.cache_key(torch.bfloat16, N, K, crossover.EXPECTED_SPARSITY,
                                                 cpu_backend.select_isa()[0])
     assert all(r > 0 for r in entry["ratios"].values())
+
+
+def test_the_backend_reports_how_each_layers_crossover_was_decided(monkeypatch):
+    timer = lambda wt, dense, s: FakeTimer(lambda m: 0.5 if m <= 3 else 2.0)  # noqa: E731
+    assert cpu_backend.crossover_of(prepared_layer(timer, monkeypatch)) == {
+        "m_max": 3, "measured": True, "source": "measured"}
+    monkeypatch.setattr(crossover, "_DECIDED", {})  # a new process: the cache answers
+    monkeypatch.setattr(crossover, "LayerTimer", lambda wt, dense, s: never_called)
+    assert cpu_backend.crossover_of(prepared_layer(None, monkeypatch)) == {
+        "m_max": 3, "measured": True, "source": "cache"}
+    monkeypatch.setenv(crossover.ENV, "5")
+    assert cpu_backend.crossover_of(prepared_layer(None, monkeypatch)) == {
+        "m_max": 5, "measured": False, "source": crossover.ENV}
+    assert cpu_backend.crossover_of(torch.nn.Linear(2, 2)) is None  # not prepared
