@@ -11,8 +11,8 @@
 //   significand times the bin's power of two. One scalar pass sums, per bin, the codes and the
 //   count packed in one 64-bit integer (4 copies of the histogram break the dependency chains of
 //   rows whose entries share a few exponents); sum(codes) - count * base is the sum of
-//   significands, scaled once by ldexp. Integer sums are exact, and so are the float64 per-bin sums
-//   of rule.py (K entries of <= 11-bit significands at one exponent), so both give the same bins.
+//   significands, scaled once by a power of two. Integer sums are exact, and so are the float64
+//   per-bin sums of rule.py (K entries of <= 11-bit significands at one exponent): same bins.
 // - level 1 resolves only the boundary bin: its 128 digits are single codes, so its histogram is
 //   count * magnitude per code (exact), counted over the entries a vector compare finds in it.
 // - the sparsify op then zeroes with a vector compare and a masked store, counting the kept ones.
@@ -77,26 +77,35 @@ template <> struct Code<float> {
 // One level's digit from its float64 histogram, as rule.py: mass at or above each digit (summed
 // from the top digit down, as flip-cumsum-flip does) plus the mass above the bin found so far; the
 // digit is the largest whose mass reaches the target. Updates `above` to the mass above the digit.
+// Empty digits at either end are not summed: adding +0 changes no sum, so their reach is the
+// reach next to them.
 inline int pick_digit(const double* hist, int n_bins, double target, double& above) {
+  int hi = n_bins - 1, lo = 0;
+  while (hi >= 0 && hist[hi] == 0) --hi;
+  while (lo < hi && hist[lo] == 0) ++lo;
   double reach[256];
   double run = 0.0;
   int count = 0;
-  for (int d = n_bins - 1; d >= 0; --d) {
+  for (int d = hi; d >= lo; --d) {
     run += hist[d];
     reach[d] = run + above;
     count += reach[d] >= target;
   }
+  const double top = above, bottom = hi >= lo ? reach[lo] : above;  // beyond hi, below lo
+  count += (n_bins - 1 - hi) * (top >= target) + lo * (bottom >= target);
   const int d = std::max(count - 1, 0);
-  if (d < n_bins - 1) above = reach[d + 1];
+  if (d < n_bins - 1) above = d + 1 > hi ? top : d + 1 < lo ? bottom : reach[d + 1];
   return d;
 }
 
 // The row's target p * total from level 0's histogram (summed along the digits, as torch sums a
-// row); at least the smallest positive float64 where the row has mass (rule.py: a p * total that
-// underflows is reached at the largest entry). NaN for a row holding a NaN.
+// row; empty digits skipped, as adding +0 changes nothing); at least the smallest positive float64
+// where the row has mass (rule.py: a p * total that underflows is reached at the largest entry).
+// NaN for a row holding a NaN.
 inline double row_target(const double* hist, double p) {
   double total = 0.0;
-  for (int d = 0; d < 256; ++d) total += hist[d];
+  for (int d = 0; d < 256; ++d)
+    if (hist[d] != 0) total += hist[d];
   const double target = total * p;
   return total > 0 ? std::max(target, std::numeric_limits<double>::denorm_min()) : target;
 }
@@ -140,28 +149,49 @@ uint32_t threshold_code_radix(const T* x, int64_t K, double p) {
 constexpr int kCopies = 4;               // level-0 histogram copies (independent add chains)
 constexpr uint64_t kCountOne = 1ull << 40;  // packed bin: count << 40 | sum of 15-bit codes
 
-// Counts [128] of the codes of x[0..K) whose top 8 bits are `bin`, indexed by their low 7 bits.
+// Adds to counts [128] the codes of x[0..K) whose top 8 bits are `bin`, indexed by their low 7
+// bits. Branch-free (the hits are irregular): AVX-512 compresses each vector's hits into a buffer,
+// then tallies it; AVX2 tallies every entry, the others into a spare slot. 4 tally copies.
 inline void count_bin(const uint16_t* x, int64_t K, uint32_t bin, uint32_t* counts) {
+  uint32_t tally[kCopies][129] = {};
   int64_t k = 0;
-#if defined(__AVX512BW__)
-  const __m512i mask = _mm512_set1_epi16(0x7FFF), want = _mm512_set1_epi16(int16_t(bin));
-  for (; k + 32 <= K; k += 32) {
-    const __m512i v = _mm512_and_si512(_mm512_loadu_si512(x + k), mask);
-    uint32_t hit = _mm512_cmpeq_epi16_mask(_mm512_srli_epi16(v, 7), want);
-    for (; hit != 0; hit &= hit - 1) ++counts[x[k + __builtin_ctz(hit)] & 127];
-  }
-#else
-  const __m256i mask = _mm256_set1_epi16(0x7FFF), want = _mm256_set1_epi16(int16_t(bin));
+#if defined(__AVX512F__)
+  constexpr int64_t kBuf = 1024;
+  alignas(64) uint32_t buf[kBuf + 16];
+  int64_t n = 0;
+  auto flush = [&] {
+    int64_t i = 0;
+    for (; i + kCopies <= n; i += kCopies)
+      for (int j = 0; j < kCopies; ++j) ++tally[j][buf[i + j]];
+    for (; i < n; ++i) ++tally[0][buf[i]];
+    n = 0;
+  };
+  const __m512i want = _mm512_set1_epi32(int32_t(bin)), low = _mm512_set1_epi32(127);
+  const __m512i mag = _mm512_set1_epi32(0x7FFF);
   for (; k + 16 <= K; k += 16) {
-    const __m256i v = _mm256_and_si256(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k)), mask);
-    // Two mask bits per 16-bit lane: step over both.
-    uint32_t hit = _mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_srli_epi16(v, 7), want));
-    for (; hit != 0; hit &= hit - 1, hit &= hit - 1) ++counts[x[k + __builtin_ctz(hit) / 2] & 127];
+    const __m512i c = _mm512_and_si512(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k))), mag);
+    const __mmask16 hit = _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(c, 7), want);
+    // A register compress then a full store (a masked compress-store is slow on some CPUs).
+    _mm512_storeu_si512(buf + n, _mm512_maskz_compress_epi32(hit, _mm512_and_si512(c, low)));
+    n += __builtin_popcount(hit);
+    if (n >= kBuf) flush();
+  }
+  flush();
+#else
+  for (; k + kCopies <= K; k += kCopies) {
+    for (int j = 0; j < kCopies; ++j) {
+      const uint32_t c = x[k + j] & 0x7FFF;
+      ++tally[j][(c >> 7) == bin ? (c & 127) : 128];
+    }
   }
 #endif
-  for (; k < K; ++k)
-    if (((x[k] & 0x7FFF) >> 7) == bin) ++counts[x[k] & 127];
+  for (; k < K; ++k) {
+    const uint32_t c = x[k] & 0x7FFF;
+    if ((c >> 7) == bin) ++tally[0][c & 127];
+  }
+  for (int d = 0; d < 128; ++d)
+    for (int j = 0; j < kCopies; ++j) counts[d] += tally[j][d];
 }
 
 // Threshold code of one bf16/fp16 row (see the file's head): 0 keeps the whole row (a NaN row).
@@ -193,7 +223,10 @@ uint32_t threshold_code_16(const T* xt, int64_t K, double p) {
     // Significand = code - (max(e, 1) - 1) << kMant at exponent field e; the bin's scale is
     // 2^(max(e, 1) - bias - kMant).
     const int e = std::max<int>(b >> (C::kMant - 7), 1);
-    hist[b] = std::ldexp(double(sum - n * (uint64_t(e - 1) << C::kMant)), e - C::kBias - C::kMant);
+    const uint64_t scale = uint64_t(e - C::kBias - C::kMant + 1023) << 52;  // a normal double
+    double pow2;
+    std::memcpy(&pow2, &scale, 8);
+    hist[b] = n ? double(sum - n * (uint64_t(e - 1) << C::kMant)) * pow2 : 0.0;
   }
   const double target = row_target(hist, p);
   double above = 0.0;
