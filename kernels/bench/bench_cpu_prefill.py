@@ -10,9 +10,13 @@ per-channel scale), p = 0.5 of each row's mass.
 Method: per (shape, layer, M, threads) cell, each round times the dense GEMM then the rule (each
 sample a loop of calls lasting >= ~20 ms), so that a load change on shared cores hits both; the
 table gives the median over rounds of rule / dense time and the range of those per-round ratios.
+``--clock wall`` times wall-clock seconds (what a request waits); ``--clock cpu`` the process's CPU
+seconds, which leave out the time other jobs hold a shared core: with one thread, the work itself
+(with more, it also counts the threads' spinning, so the script refuses it).
 
 Usage: python kernels/bench/bench_cpu_prefill.py --out DIR [--models ...] [--m 64 128 512]
-[--threads 1 2] [--rounds N]. Writes DIR/bench_cpu_prefill.csv and prints one line per cell.
+[--threads 1 2] [--rounds N] [--clock wall|cpu]. Writes DIR/bench_cpu_prefill-CLOCK.csv and prints
+one line per cell.
 """
 
 from __future__ import annotations
@@ -35,11 +39,15 @@ from vllm_sparsity.kernels import cpu_backend  # noqa: E402
 SAMPLE_S = 0.02  # each timing sample loops calls for at least this long
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
 def timed(fn, iters: int) -> float:
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(iters):
         fn()
-    return (time.perf_counter() - t0) / iters
+    return (clock() - t0) / iters
 
 
 def bench_cell(layer, x: torch.Tensor, p: torch.Tensor, rounds: int) -> dict:
@@ -68,14 +76,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=7, help="rounds per cell, >= 1")
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     args = ap.parse_args()
     if args.rounds < 1 or min(args.m, default=1) < 1 or min(args.threads, default=1) < 1:
         ap.error("--rounds, --m and --threads must be >= 1")
+    if args.clock == "cpu" and max(args.threads) > 1:
+        ap.error("--clock cpu needs --threads 1 (CPU seconds of several threads sum their spins)")
+    global clock
+    clock = CLOCKS[args.clock]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     isa = cpu_backend.load_ops()
     args.out.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
-    print(f"kernel build {isa}; torch {torch.__version__}; {args.dtype}; load average before: "
+    print(f"kernel build {isa}; torch {torch.__version__}; {args.dtype}; {args.clock} clock; "
+          f"load average before: "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
     p = torch.tensor([0.5], dtype=torch.float64)
     rows = []
@@ -91,7 +105,7 @@ def main() -> None:
                 torch.set_num_threads(threads)
                 for m in args.m:
                     r = {"model": model, "layer": layer_name, "K": k, "N": n, "M": m,
-                         "threads": threads, "dense": kind, "isa": isa, "dtype": args.dtype,
+                         "threads": threads, "clock": args.clock, "dense": kind, "isa": isa, "dtype": args.dtype,
                          **bench_cell(layer, inputs(m, k, dtype, seed), p, args.rounds)}
                     rows.append(r)
                     print(f"{model:12} {layer_name:12} K {k:5} N {n:5} M {m:3} threads {threads}"
@@ -101,7 +115,7 @@ def main() -> None:
             del layer
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    with (args.out / "bench_cpu_prefill.csv").open("w", newline="") as f:
+    with (args.out / f"bench_cpu_prefill-{args.clock}.csv").open("w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))
         wr.writeheader()
         wr.writerows({key: round(v, 4) if isinstance(v, float) else v for key, v in r.items()}
