@@ -146,7 +146,7 @@ uint32_t threshold_code_radix(const T* x, int64_t K, double p) {
   return finish_code<T>(prefix, p);
 }
 
-constexpr int kCopies = 4;               // level-0 histogram copies (independent add chains)
+constexpr int kCopies = 4;  // histogram copies (independent add chains); 4 codes per load
 constexpr uint64_t kCountOne = 1ull << 40;  // packed bin: count << 40 | sum of 15-bit codes
 
 // Adds to counts [128] the codes of x[0..K) whose top 8 bits are `bin`, indexed by their low 7
@@ -201,9 +201,13 @@ uint32_t threshold_code_16(const T* xt, int64_t K, double p) {
   const uint16_t* x = reinterpret_cast<const uint16_t*>(xt);
   alignas(64) uint64_t packed[kCopies][256] = {};
   int64_t k = 0;
+  static_assert(kCopies == 4, "one 64-bit load per round of the copies");
   for (; k + kCopies <= K; k += kCopies) {
+    uint64_t four;
+    std::memcpy(&four, x + k, 8);
+    four &= 0x7FFF7FFF7FFF7FFFull;
     for (int i = 0; i < kCopies; ++i) {
-      const uint32_t c = x[k + i] & 0x7FFF;
+      const uint32_t c = uint32_t(four >> (16 * i)) & 0xFFFF;
       packed[i][c >> 7] += kCountOne | c;
     }
   }
