@@ -5,19 +5,20 @@
 // from the exact top-p rule of vllm_sparsity/rule.py: a radix select over the codes with float64
 // histograms of |x| mass, 2 levels of 8 + 7 bits for bf16/fp16, 4 for fp32.
 //
-// bf16/fp16 compute the same float64 histograms in fewer, cheaper passes:
-// - level 0 bins the top 8 code bits, so every entry of a bin has the same exponent (bf16: the bin
-//   is the exponent; fp16: exponent and 3 mantissa bits) and its magnitude is an integer
-//   significand times the bin's power of two. One scalar pass sums, per bin, the codes and the
-//   count packed in one 64-bit integer (4 copies of the histogram break the dependency chains of
-//   rows whose entries share a few exponents); sum(codes) - count * base is the sum of
-//   significands, scaled once by a power of two. Integer sums are exact, and so are the float64
-//   per-bin sums of rule.py (K entries of <= 11-bit significands at one exponent): same bins.
-// - level 1 resolves only the boundary bin: its 128 digits are single codes, so its histogram is
-//   count * magnitude per code (exact), counted over the entries a vector compare finds in it.
+// The same float64 histograms in fewer, cheaper passes:
+// - level 0 bins the top 8 code bits, so every entry of a bin has the same exponent (bf16, fp32:
+//   the bin is the exponent; fp16: exponent and 3 mantissa bits) and its magnitude is an integer
+//   significand times the bin's power of two. One scalar pass sums the significands per bin in
+//   64-bit integers (bf16/fp16: codes and count packed in one integer, sum(codes) - count * base
+//   being the significands' sum); 4 copies of the histogram break the dependency chains of rows
+//   whose entries share a few exponents. Integer sums are exact, and so are the float64 per-bin
+//   sums of rule.py (K entries of <= 24-bit significands at one exponent): same bins.
+// - the next levels resolve only the boundary bin. bf16/fp16: its 128 digits are single codes, so
+//   its histogram is count * magnitude per code (exact), counted over the entries a vector compare
+//   finds in it. fp32: levels 1-3 run over its codes, gathered in one pass.
 // - the sparsify op then zeroes with a vector compare and a masked store, counting the kept ones.
-// From the histograms on, the float64 operations (row total, target, reach) are rule.py's, as
-// before, so the thresholds are bit-identical to it wherever rule.py's sums are exact.
+// From the histograms on, the float64 operations (row total, target, reach) are rule.py's, so the
+// thresholds are bit-identical to it wherever rule.py's sums are exact (see rule.py).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -118,36 +119,15 @@ uint32_t finish_code(uint32_t prefix, double p) {
   return p >= 1.0 ? 1 : prefix;
 }
 
-// Threshold code of one fp32 row by the generic radix select: one pass over the row per level,
-// float64 histograms summed along k (as scatter_add_ does). 0 keeps the whole row (a NaN row).
-template <typename T>
-uint32_t threshold_code_radix(const T* x, int64_t K, double p) {
-  using C = Code<T>;
-  double hist[256];
-  uint32_t prefix = 0;
-  double above = 0.0, target = 0.0;
-  int bits_left = C::kBits;
-  for (int level = 0; level < C::kLevels; ++level) {
-    const int bits = C::kDigits[level];
-    const int n_bins = 1 << bits;
-    bits_left -= bits;
-    std::fill(hist, hist + n_bins, 0.0);
-    for (int64_t k = 0; k < K; ++k) {
-      const uint32_t c = C::of(x[k]);
-      if (level == 0 || (c >> (bits_left + bits)) == prefix)
-        hist[(c >> bits_left) & (n_bins - 1)] += C::mag(c);
-    }
-    if (level == 0) {
-      target = row_target(hist, p);
-      if (std::isnan(target)) return 0;  // a NaN in the row: keep it whole
-    }
-    prefix = (prefix << bits) | uint32_t(pick_digit(hist, n_bins, target, above));
-  }
-  return finish_code<T>(prefix, p);
-}
-
 constexpr int kCopies = 4;  // histogram copies (independent add chains); 4 codes per load
 constexpr uint64_t kCountOne = 1ull << 40;  // packed bin: count << 40 | sum of 15-bit codes
+
+inline double pow2(int e) {  // 2^e for a normal float64 exponent, exactly
+  const uint64_t b = uint64_t(e + 1023) << 52;
+  double d;
+  std::memcpy(&d, &b, 8);
+  return d;
+}
 
 // Adds to counts [128] the codes of x[0..K) whose top 8 bits are `bin`, indexed by their low 7
 // bits. Branch-free (the hits are irregular): AVX-512 compresses each vector's hits into a buffer,
@@ -227,10 +207,8 @@ uint32_t threshold_code_16(const T* xt, int64_t K, double p) {
     // Significand = code - (max(e, 1) - 1) << kMant at exponent field e; the bin's scale is
     // 2^(max(e, 1) - bias - kMant).
     const int e = std::max<int>(b >> (C::kMant - 7), 1);
-    const uint64_t scale = uint64_t(e - C::kBias - C::kMant + 1023) << 52;  // a normal double
-    double pow2;
-    std::memcpy(&pow2, &scale, 8);
-    hist[b] = n ? double(sum - n * (uint64_t(e - 1) << C::kMant)) * pow2 : 0.0;
+    hist[b] = n ? double(sum - n * (uint64_t(e - 1) << C::kMant)) * pow2(e - C::kBias - C::kMant)
+                : 0.0;
   }
   const double target = row_target(hist, p);
   double above = 0.0;
@@ -245,6 +223,54 @@ uint32_t threshold_code_16(const T* xt, int64_t K, double p) {
   return finish_code<T>((bin << 7) | uint32_t(pick_digit(hist1, 128, target, above)), p);
 }
 
+// Threshold code of one fp32 row: level 0 as for bf16/fp16 (the bin is the exponent: per-bin
+// integer sums of 24-bit significands), then levels 1-3 (8, 8, 7 bits) over the boundary bin's
+// codes only, gathered in one pass; at one exponent the float64 sums of rule.py are exact too.
+inline uint32_t threshold_code_32(const float* xf, int64_t K, double p) {
+  using C = Code<float>;
+  const uint32_t* x = reinterpret_cast<const uint32_t*>(xf);
+  alignas(64) uint64_t sums[kCopies][256] = {};
+  uint32_t top = 0;  // the largest code: above +Inf's, a NaN
+  auto add = [&](int i, uint32_t c) {
+    const uint32_t e = c >> 23;
+    sums[i][e] += (c & 0x7FFFFF) | (uint32_t(e != 0) << 23);
+    top = std::max(top, c);
+  };
+  int64_t k = 0;
+  for (; k + kCopies <= K; k += kCopies)
+    for (int i = 0; i < kCopies; ++i) add(i, x[k + i] & 0x7FFFFFFF);
+  for (; k < K; ++k) add(0, x[k] & 0x7FFFFFFF);
+  if (top > C::kInf) return 0;  // a NaN in the row: keep it whole
+  double hist[256];
+  for (int b = 0; b < 256; ++b) {
+    uint64_t s = 0;
+    for (int i = 0; i < kCopies; ++i) s += sums[i][b];
+    hist[b] = s == 0 ? 0.0 : b == 255 ? std::numeric_limits<double>::infinity()
+                                      : double(s) * pow2(std::max(b, 1) - 150);
+  }
+  const double target = row_target(hist, p);
+  double above = 0.0;
+  uint32_t prefix = pick_digit(hist, 256, target, above);
+  if (prefix == 255) return finish_code<float>(C::kInf, p);  // as for bf16/fp16
+  std::vector<uint32_t> codes(K);
+  int64_t n = 0;
+  for (k = 0; k < K; ++k) {  // branch-free gather of the boundary bin's codes, in row order
+    codes[n] = x[k] & 0x7FFFFFFF;
+    n += (codes[n] >> 23) == prefix;
+  }
+  int bits_left = 23;
+  for (int level = 1; level < C::kLevels; ++level) {
+    const int bits = C::kDigits[level];
+    bits_left -= bits;
+    std::fill(hist, hist + (1 << bits), 0.0);
+    for (int64_t i = 0; i < n; ++i)
+      if ((codes[i] >> (bits_left + bits)) == prefix)
+        hist[(codes[i] >> bits_left) & ((1 << bits) - 1)] += C::mag(codes[i]);
+    prefix = (prefix << bits) | uint32_t(pick_digit(hist, 1 << bits, target, above));
+  }
+  return finish_code<float>(prefix, p);
+}
+
 // Threshold code of one row x[0..K) (rule.top_p_threshold's): entry k is kept iff
 // code(x[k]) >= result; 0 keeps the whole row (a NaN row). K < 2^24 (the packed counts).
 template <typename T>
@@ -252,7 +278,7 @@ uint32_t threshold_code(const T* x, int64_t K, double p) {
   if constexpr (sizeof(T) == 2) {
     return threshold_code_16(x, K, p);
   } else {
-    return threshold_code_radix(x, K, p);
+    return threshold_code_32(x, K, p);
   }
 }
 
@@ -272,13 +298,33 @@ int64_t zero_below(const T* xt, T* yt, int64_t K, uint32_t thr) {
       n += __builtin_popcount(keep);
     }
 #else
-    // Codes are below 2^15, so a signed compare with thr - 1 (from -1) is code >= thr.
+    // Codes are below 2^15 (fp32: 2^31), so a signed compare with thr - 1 (from -1) is code >= thr.
     const __m256i mask = _mm256_set1_epi16(0x7FFF), t = _mm256_set1_epi16(int16_t(thr - 1));
     for (; k + 16 <= K; k += 16) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
       const __m256i keep = _mm256_cmpgt_epi16(_mm256_and_si256(v, mask), t);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + k), _mm256_and_si256(v, keep));
       n += __builtin_popcount(_mm256_movemask_epi8(keep)) / 2;
+    }
+#endif
+  } else {
+    const uint32_t* x = reinterpret_cast<const uint32_t*>(xt);
+    uint32_t* y = reinterpret_cast<uint32_t*>(yt);
+#if defined(__AVX512F__)
+    const __m512i mask = _mm512_set1_epi32(0x7FFFFFFF), t = _mm512_set1_epi32(int32_t(thr));
+    for (; k + 16 <= K; k += 16) {
+      const __m512i v = _mm512_loadu_si512(x + k);
+      const __mmask16 keep = _mm512_cmpge_epu32_mask(_mm512_and_si512(v, mask), t);
+      _mm512_storeu_si512(y + k, _mm512_maskz_mov_epi32(keep, v));
+      n += __builtin_popcount(keep);
+    }
+#else
+    const __m256i mask = _mm256_set1_epi32(0x7FFFFFFF), t = _mm256_set1_epi32(int32_t(thr - 1));
+    for (; k + 8 <= K; k += 8) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
+      const __m256i keep = _mm256_cmpgt_epi32(_mm256_and_si256(v, mask), t);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + k), _mm256_and_si256(v, keep));
+      n += __builtin_popcount(_mm256_movemask_ps(_mm256_castsi256_ps(keep)));
     }
 #endif
   }
