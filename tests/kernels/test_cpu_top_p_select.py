@@ -27,7 +27,8 @@ LOW_RANGE = {torch.bfloat16: (-133, -103), torch.float16: (-24, 15), torch.float
 HIGH_RANGE = {torch.bfloat16: (95, 126), torch.float16: (-10, 15), torch.float32: (95, 126)}
 # NaN and Inf bit patterns with their sign: each NaN level-0 bin (bf16: 255; fp16: 248-255).
 SPECIALS = {torch.bfloat16: [0x7F80, 0x7FC0, 0x7F81, 0xFFFF, 0xFF80],
-            torch.float16: [0x7C00, 0x7C01, 0x7E00, 0x7FFF, 0xFC00, 0x7C80, 0xFD00]}
+            torch.float16: [0x7C00, 0x7C01, 0x7E00, 0x7FFF, 0xFC00, 0x7C80, 0xFD00],
+            torch.float32: [0x7F800000, 0x7FC00000, 0x7F800001, 0xFFFFFFFF, 0xFF800000]}
 
 
 def spread(m, k, dtype, lo, hi, seed):
@@ -53,13 +54,14 @@ def cases(dtype, k, seed):
     edge[3, k // 3] = float("nan")
     edge[4, k - 1] = 1e4 if dtype == torch.float16 else 1e30  # one outlier holding all the mass
     out["edge"] = edge
-    if dtype in SPECIALS:  # each NaN pattern in a row of its own, with an Inf at its side
-        rows = spread(len(SPECIALS[dtype]), k, dtype, -8, 8, seed + 3)
-        bits = rows.view(torch.int16)
-        for i, pattern in enumerate(SPECIALS[dtype]):
-            bits[i, (7 * i) % k] = pattern - (1 << 16 if pattern >= 1 << 15 else 0)
-            bits[i, (7 * i + 1) % k] = SPECIALS[dtype][0]
-        out["nan payloads"] = rows
+    # Each NaN (or -Inf) pattern in a row of its own, with an Inf at its side.
+    rows = spread(len(SPECIALS[dtype]), k, dtype, -8, 8, seed + 3)
+    width = 8 * rows.element_size()
+    bits = rows.view(torch.int32 if width == 32 else torch.int16)
+    for i, pattern in enumerate(SPECIALS[dtype]):
+        bits[i, (7 * i) % k] = pattern - (1 << width if pattern >= 1 << (width - 1) else 0)
+        bits[i, (7 * i + 1) % k] = SPECIALS[dtype][0]
+    out["nan payloads"] = rows
     return out
 
 
