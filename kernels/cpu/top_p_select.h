@@ -25,6 +25,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -129,16 +130,27 @@ inline double pow2(int e) {  // 2^e for a normal float64 exponent, exactly
   return d;
 }
 
+// Lane indices that move the set lanes of an 8-bit mask to the front, one byte each (AVX2's
+// left-pack; AVX-512 has a compress instruction).
+inline const uint64_t* left_pack_table() {
+  static const auto table = [] {
+    std::array<uint64_t, 256> t{};
+    for (int m = 0; m < 256; ++m)
+      for (int i = 0, j = 0; i < 8; ++i)
+        if (m >> i & 1) t[m] |= uint64_t(i) << (8 * j++);
+    return t;
+  }();
+  return table.data();
+}
+
 // Adds to counts [128] the codes of x[0..K) whose top 8 bits are `bin`, indexed by their low 7
-// bits. Branch-free (the hits are irregular): AVX-512 compresses each vector's hits into a buffer,
-// then tallies it; AVX2 tallies every entry, the others into a spare slot. 4 tally copies.
+// bits. Branch-free (the hits are irregular): each vector's hits are packed into a buffer
+// (compress or left-pack), which is then tallied in 4 copies.
 inline void count_bin(const uint16_t* x, int64_t K, uint32_t bin, uint32_t* counts) {
-  uint32_t tally[kCopies][129] = {};
-  int64_t k = 0;
-#if defined(__AVX512F__)
+  uint32_t tally[kCopies][128] = {};
   constexpr int64_t kBuf = 1024;
   alignas(64) uint32_t buf[kBuf + 16];
-  int64_t n = 0;
+  int64_t n = 0, k = 0;
   auto flush = [&] {
     int64_t i = 0;
     for (; i + kCopies <= n; i += kCopies)
@@ -146,6 +158,7 @@ inline void count_bin(const uint16_t* x, int64_t K, uint32_t bin, uint32_t* coun
     for (; i < n; ++i) ++tally[0][buf[i]];
     n = 0;
   };
+#if defined(__AVX512F__)
   const __m512i want = _mm512_set1_epi32(int32_t(bin)), low = _mm512_set1_epi32(127);
   const __m512i mag = _mm512_set1_epi32(0x7FFF);
   for (; k + 16 <= K; k += 16) {
@@ -157,19 +170,28 @@ inline void count_bin(const uint16_t* x, int64_t K, uint32_t bin, uint32_t* coun
     n += __builtin_popcount(hit);
     if (n >= kBuf) flush();
   }
-  flush();
 #else
-  for (; k + kCopies <= K; k += kCopies) {
-    for (int j = 0; j < kCopies; ++j) {
-      const uint32_t c = x[k + j] & 0x7FFF;
-      ++tally[j][(c >> 7) == bin ? (c & 127) : 128];
-    }
+  const uint64_t* pack = left_pack_table();
+  const __m256i want = _mm256_set1_epi32(int32_t(bin)), low = _mm256_set1_epi32(127);
+  const __m256i mag = _mm256_set1_epi32(0x7FFF);
+  for (; k + 8 <= K; k += 8) {
+    const __m256i c = _mm256_and_si256(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + k))), mag);
+    const int hit = _mm256_movemask_ps(
+        _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_srli_epi32(c, 7), want)));
+    const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(pack[hit])));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf + n),
+                        _mm256_permutevar8x32_epi32(_mm256_and_si256(c, low), perm));
+    n += __builtin_popcount(hit);
+    if (n >= kBuf) flush();
   }
 #endif
   for (; k < K; ++k) {
     const uint32_t c = x[k] & 0x7FFF;
-    if ((c >> 7) == bin) ++tally[0][c & 127];
+    buf[n] = c & 127;
+    n += (c >> 7) == bin;
   }
+  flush();
   for (int d = 0; d < 128; ++d)
     for (int j = 0; j < kCopies; ++j) counts[d] += tally[j][d];
 }
