@@ -1,6 +1,7 @@
 """The CPU backend of ``InputSparseLinearMethod``: exact top-p threshold fused with an input-sparse
 GEMV over a K-major weight copy for decode batches, the rule in C++ then vLLM's own dense GEMM
-above them. Kernels: ``kernels/cpu/input_sparse_gemv.cpp``.
+above them. Kernels: ``kernels/cpu/input_sparse_gemv.cpp`` (it includes
+``kernels/cpu/top_p_select.h``, the threshold and the sparsify op).
 
 Same interface as the Triton backend (``kernels/triton_backend.py``):
 

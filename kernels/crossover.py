@@ -58,7 +58,8 @@ ENV = "VLLM_SPARSITY_CPU_M_MAX"
 CACHE_FILE = "cpu_crossover.json"
 # Bump when the measurement changes (inputs, timing, decision): older entries then miss.
 METHOD = 1
-SOURCE = Path(__file__).resolve().parent / "cpu" / "input_sparse_gemv.cpp"
+# The kernels' sources (a change invalidates the cached decisions).
+SOURCES = sorted((Path(__file__).resolve().parent / "cpu").glob("*.[ch]*"))
 
 # (path, M) -> seconds per call; path is "sparse" or "dense".
 Timer = Callable[[str, int], float]
@@ -183,7 +184,7 @@ def cache_key(dtype: torch.dtype, n: int, k: int, sparsity: float, build: str | 
     model, flags = cpu_identity()
     return {"method": METHOD, "cpu": model, "flags": flags, "torch": torch.__version__,
             "vllm": vllm_version, "isa": build,
-            "kernel": hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16],
+            "kernel": hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES)).hexdigest()[:16],
             "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
             "N": n, "K": k, "sparsity": sparsity}
 

@@ -365,7 +365,8 @@ def test_docker_build_context_stays_small():
     assert not [f for f in sent if "__pycache__" in f or f.endswith(".pyc")]
     # What `pip install` of the package reads is all there.
     assert {"pyproject.toml", "README.md", "vllm_sparsity/plugin.py",
-            "kernels/cpu/input_sparse_gemv.cpp", "eval/__init__.py"} <= set(sent)
+            "kernels/cpu/input_sparse_gemv.cpp", "kernels/cpu/top_p_select.h",
+            "eval/__init__.py"} <= set(sent)
 
 
 def test_kubernetes_deployment_service_and_monitor_agree():

@@ -1,11 +1,11 @@
 // Top-p threshold and fused input-sparse GEMV on the CPU (torch ops under vllm_sparsity::).
 //
 // Maths: keep[m, k] = code(x[m, k]) >= thr[m] (code: |x|'s bits with the sign cleared, which orders
-// like |x|), thr from the exact top-p rule of vllm_sparsity/rule.py (radix select over the codes,
-// float64 histograms of |x| mass: 2 levels of 8 + 7 bits for bf16/fp16, 4 for fp32);
-// y[m, n] = sum_k keep[m, k] * x[m, k] * Wt[k, n] (+ bias[n]), fp32 accumulation, output in x's
-// dtype. Edge cases as rule.py: zeros never kept, p >= 1 keeps every nonzero, a NaN row is kept
-// whole (thr = 0), +-Inf rows keep only their infinities, ties are kept together.
+// like |x|), thr from the exact top-p rule of vllm_sparsity/rule.py (top_p_select.h: the threshold
+// per row and the sparsify op); y[m, n] = sum_k keep[m, k] * x[m, k] * Wt[k, n] (+ bias[n]), fp32
+// accumulation, output in x's dtype. Edge cases as rule.py: zeros never kept, p >= 1 keeps every
+// nonzero, a NaN row is kept whole (thr = 0), +-Inf rows keep only their infinities, ties are kept
+// together.
 //
 // p: float64 on the CPU, one element for every row or one per row ([M] / [M, 1], contiguous: the
 // per-token p of requests that carry their own).
@@ -48,6 +48,8 @@
 #include <cstring>
 #include <vector>
 
+#include "top_p_select.h"  // threshold_code, the sparsify op, shared argument checks
+
 namespace {
 
 #if defined(__AVX512F__)
@@ -81,201 +83,6 @@ inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 #else
 #error "build with -mavx512f -mavx512bw -mavx512vl -mavx2 -mfma -mf16c, or -mavx2 -mfma -mf16c"
 #endif
-
-// ---------------------------------------------------------------------------------------------
-// Magnitude codes and the radix select of the top-p threshold (rule.top_p_threshold, per row).
-
-template <typename T> struct Code;
-template <> struct Code<c10::BFloat16> {
-  using U = uint16_t;
-  static constexpr int kBits = 15, kLevels = 2;
-  static constexpr int kDigits[4] = {8, 7, 0, 0};
-  static constexpr U kInf = 0x7F80;
-  static U of(const c10::BFloat16& v) { return v.x & 0x7FFF; }
-  static double mag(U c) {  // |x| from its code, exactly
-    uint32_t b = uint32_t(c) << 16;
-    float f;
-    std::memcpy(&f, &b, 4);
-    return f;
-  }
-  static c10::BFloat16 from_code(U c) { return c10::BFloat16(c, c10::BFloat16::from_bits()); }
-};
-template <> struct Code<c10::Half> {
-  using U = uint16_t;
-  static constexpr int kBits = 15, kLevels = 2;
-  static constexpr int kDigits[4] = {8, 7, 0, 0};
-  static constexpr U kInf = 0x7C00;
-  static U of(const c10::Half& v) { return v.x & 0x7FFF; }
-  static double mag(U c) { return float(c10::Half(c, c10::Half::from_bits())); }
-  static c10::Half from_code(U c) { return c10::Half(c, c10::Half::from_bits()); }
-};
-template <> struct Code<float> {
-  using U = uint32_t;
-  static constexpr int kBits = 31, kLevels = 4;
-  static constexpr int kDigits[4] = {8, 8, 8, 7};
-  static constexpr U kInf = 0x7F800000;
-  static U of(const float& v) {
-    uint32_t b;
-    std::memcpy(&b, &v, 4);
-    return b & 0x7FFFFFFF;
-  }
-  static double mag(U c) {
-    float f;
-    std::memcpy(&f, &c, 4);
-    return f;
-  }
-  static float from_code(U c) { return float(mag(c)); }
-};
-
-// Threshold code of one row x[0..K): entry k is kept iff code(x[k]) >= result; 0 keeps the whole
-// row (a NaN row). The same float64 operations as rule.top_p_threshold, level by level: histogram
-// of the mass per digit (summed along k, as scatter_add_ does), the row total times p as the
-// target, mass at or above each digit (summed from the top digit down, as flip-cumsum-flip does),
-// plus the mass above the bin found so far; the digit is the largest whose mass reaches the
-// target. The float64 sums are exact for bf16/fp16 rows (see rule.py), so the order of additions
-// cannot change the result there.
-template <typename T>
-uint32_t threshold_code(const T* x, int64_t K, double p) {
-  using C = Code<T>;
-  double hist[256];
-  double reach[256];
-  uint32_t prefix = 0;
-  double above = 0.0, target = 0.0;
-  int bits_left = C::kBits;
-  for (int level = 0; level < C::kLevels; ++level) {
-    const int bits = C::kDigits[level];
-    const int n_bins = 1 << bits;
-    bits_left -= bits;
-    std::fill(hist, hist + n_bins, 0.0);
-    for (int64_t k = 0; k < K; ++k) {
-      const uint32_t c = C::of(x[k]);
-      if (level == 0 || (c >> (bits_left + bits)) == prefix)
-        hist[(c >> bits_left) & (n_bins - 1)] += C::mag(c);
-    }
-    if (level == 0) {
-      double total = 0.0;
-      for (int d = 0; d < n_bins; ++d) total += hist[d];
-      target = total * p;
-      if (std::isnan(target)) return 0;  // a NaN in the row: keep it whole
-    }
-    double run = 0.0;
-    int count = 0;
-    for (int d = n_bins - 1; d >= 0; --d) {
-      run += hist[d];
-      reach[d] = run + above;
-      count += reach[d] >= target;
-    }
-    const int d = std::max(count - 1, 0);
-    if (d < n_bins - 1) above = reach[d + 1];
-    prefix = (prefix << bits) | uint32_t(d);
-  }
-  // Code 1 is the smallest positive magnitude: p >= 1 keeps every nonzero. An all-zero row ends at
-  // the top code (a NaN pattern): clamped to +Inf, which keeps nothing.
-  prefix = std::min<uint32_t>(std::max<uint32_t>(prefix, 1), C::kInf);
-  return p >= 1.0 ? 1 : prefix;
-}
-
-// Calls f(T()) for x's dtype T in {bf16, fp16, fp32} (check_x has refused the others).
-template <typename F>
-void dispatch_dtype(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kBFloat16: f(c10::BFloat16()); break;
-    case at::kHalf: f(c10::Half()); break;
-    case at::kFloat: f(float()); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", dtype);
-  }
-}
-
-// p of each row: one float64 for every row (stride 0) or one per row (stride 1: the per-token p
-// of requests that carry their own).
-struct RowP {
-  const double* ptr;
-  int64_t stride;
-  double operator()(int64_t m) const { return ptr[m * stride]; }
-};
-
-RowP read_p(const at::Tensor& p, int64_t M) {
-  TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kDouble,
-              "p must be a float64 tensor on the CPU, got ", p.scalar_type(), " on ", p.device());
-  const bool per_row = (p.dim() == 1 || (p.dim() == 2 && p.size(1) == 1)) && p.size(0) == M &&
-                       p.is_contiguous();
-  TORCH_CHECK(per_row || p.numel() == 1, "p must have one element or be contiguous [M] / [M, 1] "
-              "with M = ", M, " rows of x, got shape ", p.sizes());
-  return RowP{p.data_ptr<double>(), per_row ? 1 : 0};
-}
-
-void check_x(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU, got ", x.device());
-  TORCH_CHECK(x.dim() == 2, "x must be 2-D [M, K], got shape ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf ||
-                  x.scalar_type() == at::kFloat,
-              "x must be bfloat16, float16 or float32, got ", x.scalar_type());
-  TORCH_CHECK(x.stride(1) == 1 || x.size(1) <= 1, "x must have unit stride along K, got strides ",
-              x.strides());
-}
-
-// Rows of x per thread task of the row-parallel ops: each task reads at least this many entries,
-// as every fork-join costs the caller (a whole scheduler slice when the cores are oversubscribed).
-int64_t row_grain(int64_t K) {
-  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(K, 1));
-}
-
-// Threshold codes [M] of x's rows (rows in parallel when there is enough work).
-template <typename T>
-std::vector<uint32_t> row_thresholds(const at::Tensor& x, RowP p) {
-  const int64_t M = x.size(0), K = x.size(1), ld = x.stride(0);
-  const T* xp = x.data_ptr<T>();
-  std::vector<uint32_t> thr(M);
-  at::parallel_for(0, M, row_grain(K), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) thr[m] = threshold_code<T>(xp + m * ld, K, p(m));
-  });
-  return thr;
-}
-
-at::Tensor top_p_threshold(const at::Tensor& x, const at::Tensor& p) {
-  check_x(x);
-  const RowP pv = read_p(p, x.size(0));
-  at::Tensor t = at::empty({x.size(0), 1}, x.options());
-  dispatch_dtype(x.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    using C = Code<scalar_t>;
-    const auto thr = row_thresholds<scalar_t>(x, pv);
-    scalar_t* out = t.data_ptr<scalar_t>();
-    for (int64_t m = 0; m < x.size(0); ++m)
-      out[m] = thr[m] == 0 ? scalar_t(NAN) : C::from_code(typename C::U(thr[m]));
-  });
-  return t;
-}
-
-std::tuple<at::Tensor, at::Tensor> top_p_sparsify(const at::Tensor& x, const at::Tensor& p) {
-  check_x(x);
-  const RowP pv = read_p(p, x.size(0));
-  const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor y = at::empty({M, K}, x.options());
-  at::Tensor kept = at::empty({M}, x.options().dtype(at::kLong));
-  dispatch_dtype(x.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    using C = Code<scalar_t>;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    int64_t* kp = kept.data_ptr<int64_t>();
-    const int64_t ld = x.stride(0);
-    at::parallel_for(0, M, row_grain(K), [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) {
-        const scalar_t* xr = xp + m * ld;
-        const uint32_t thr = threshold_code<scalar_t>(xr, K, pv(m));
-        int64_t n = 0;
-        for (int64_t k = 0; k < K; ++k) {
-          const bool keep = C::of(xr[k]) >= thr;
-          yp[m * K + k] = keep ? xr[k] : scalar_t(0);
-          n += keep;
-        }
-        kp[m] = n;
-      }
-    });
-  });
-  return {y, kept};
-}
 
 // ---------------------------------------------------------------------------------------------
 // Input-sparse GEMV over a K-major weight.
