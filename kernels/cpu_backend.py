@@ -20,8 +20,9 @@ Same interface as the Triton backend (``kernels/triton_backend.py``):
   ``if M <= m_max`` would be evaluated once, at trace time; see ``kernels/triton_backend.py``).
 - ``crossover_of(layer)``: the layer's crossover as ``GET /v1/sparsity`` reports it.
 
-Batch policy. ``M <= layer.sparsity_m_max`` rows: ``cpu_input_sparse_gemv`` (threshold, union of the
-rows' kept weight rows read once, per-row masks). Above (prefill, large batches):
+Batch policy. ``M <= layer.sparsity_m_max`` rows, some row at p < 1: ``cpu_input_sparse_gemv``
+(threshold, union of the rows' kept weight rows read once, per-row masks). Above (prefill, large
+batches), or every row at p >= 1 (the plugin-off output bit for bit):
 ``cpu_top_p_sparsify`` (the same threshold, x with dropped entries zeroed) then the layer's own
 dense GEMM (``layer.cpu_linear``, as vLLM's ``cpu_unquantized_gemm`` calls it). ``sparsity_m_max``
 is the crossover ``prepare`` measures on this CPU for the layer's shape (``kernels/crossover.py``:

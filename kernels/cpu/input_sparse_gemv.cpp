@@ -14,7 +14,9 @@
 //   cpu_top_p_threshold(x, p) -> t [M, 1]: rule.top_p_threshold's contract (NaN: keep the row).
 //   cpu_top_p_sparsify(x, p) -> (x with dropped entries zeroed, kept int64 [M]): for prefill,
 //     followed by vLLM's own dense GEMM.
-//   cpu_input_sparse_gemv(x, p, wt, bias) -> (y [M, N], kept int64 [M], rows_read int64 [1]).
+//   cpu_input_sparse_gemv(x, p, wt, bias) -> (y [M, N], kept int64 [M], rows_read int64 [1]),
+//     M <= kMaxM (16) rows; the crossover (kernels/crossover.py) picks the M it serves.
+//   cpu_input_sparse_gemv_max_rows() -> kMaxM.
 //
 // GEMV layout: Wt [K, N] contiguous (K-major: row k holds the N weights that x[k] multiplies), so
 // a dropped input skips one whole contiguous row. The kept rows of all M rows (their union) are

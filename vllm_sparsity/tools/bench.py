@@ -2,13 +2,13 @@
 
 ``vllm-sparsity bench`` starts two offline ``vllm.LLM`` engines (prefix caching off), each in its
 own subprocess, one after the other: the plugin off, and the plugin on (``--backend``,
-``--target``), which serves every ``--p`` in turn, switching p at run time between measurements (the
+``--target``, ``--mode``), which serves every ``--p`` in turn, switching p at run time between measurements (the
 worker RPC behind ``POST /v1/sparsity``; p is a tensor the compiled graph reads, so nothing
 recompiles). Both stay alive. It then measures in rounds, one configuration at a time and never two
 at once, in an order that alternates from round to round, and prints the median of each
 configuration and the median of the per-round ratios to the plugin off, with their range. Why paired
-rounds: the speed of a shared or virtual machine drifts over minutes by more than the effects
-measured (``kernels/bench/results/cpu-avx2-2026-12-01/measurements.md``); configurations run minutes
+rounds: a machine's speed can drift over minutes (frequency scaling, other load) by more than the
+effects measured (``kernels/bench/results/cpu-avx2-2026-12-01/measurements.md``); configurations run minutes
 apart would compare the drift. A benchmark, not a test.
 
 - prefill: one prompt of ``--prefill-tokens`` token ids, ``max_tokens=1``.
@@ -22,8 +22,9 @@ apart would compare the drift. A benchmark, not a test.
 - sparsity: the plugin's own counters (``counters``, read with the worker RPC behind ``GET
   /v1/sparsity``) over the decode runs of each p: the share of each site's inputs zeroed, and
   (kernel backends) the share of weight rows read, means over the layers.
-- memory: resident set (RSS) and proportional set (PSS, shared pages split between processes)
-  of each engine's process tree (the LLM process, its engine core and workers), after warm-up.
+- memory: resident set (RSS, and its ratio to the first engine's) and proportional set (PSS,
+  shared pages split between processes) of each engine's process tree (the LLM process, its engine
+  core and workers), after warm-up.
 
 The engines are created with small ``max_num_batched_tokens`` / ``max_model_len`` /
 ``max_num_seqs``: vLLM-CPU warms up (compiles) every batch size up to them at start-up.
