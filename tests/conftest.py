@@ -4,8 +4,8 @@ vLLM start-up (Inductor compile included) takes minutes on this CPU, so the sess
 two servers, in parallel, on first use: ``sparse_server`` (plugin on, ``--sparsity-p 0.9``, the
 runtime-control route enabled, an API key set, ``usage.prompt_tokens_details.cached_tokens`` in
 replies) and ``dense_server`` (plugin off), each only if a selected test uses it.
-``sites_server`` (every site installed, eager) is started when first needed and stopped after its
-last user. Each is stopped at the end of the session, whatever happened (also after a test killed
+``sites_server`` (every site installed, eager) and ``max_p_server`` (the max-p rule) are started
+when first needed and stopped after their last user; their users run together, early. Each is stopped at the end of the session, whatever happened (also after a test killed
 one of its processes).
 Tests marked ``kills_server`` break ``sparse_server`` for good: they run after every other test
 (``pytest_collection_modifyitems``), and ``sparse_server`` keeps its API server up after its engine
@@ -155,12 +155,16 @@ def pytest_collection_modifyitems(config, items):
     # The users of a lazily stopped server run one after the other, at the first one's place, so
     # that the server is stopped after its last user (pytest_runtest_teardown) instead of living
     # beside the session's servers to the end.
-    for name in LAZY_SERVERS:
-        users = [item for item in items if name in getattr(item, "fixturenames", ())]
-        if users:
-            first = items.index(users[0])
-            rest = [item for item in items if name not in getattr(item, "fixturenames", ())]
-            items[:] = rest[:first] + users + rest[first:]
+    # The groups run one after the other, at the first group's place: early in the session, where
+    # the pytest process is still small (a third server later, beside what in-process tests have
+    # grown it to, got a worker OOM-killed on a 24 GiB machine).
+    groups = [[item for item in items if name in getattr(item, "fixturenames", ())]
+              for name in LAZY_SERVERS]
+    lazy = [item for group in groups for item in group]
+    if lazy:
+        first = min(items.index(item) for item in lazy)
+        rest = [item for item in items if item not in lazy]
+        items[:] = rest[:first] + lazy + rest[first:]
     config.stash[_NEEDED] = {name.removesuffix("_server") for item in items
                              for name in ("sparse_server", "dense_server")
                              if name in getattr(item, "fixturenames", ())}
@@ -223,7 +227,7 @@ def dense_server(_servers) -> Server:
 
 # Session servers stopped right after their last user (``pytest_runtest_teardown``), their users
 # grouped together (``pytest_collection_modifyitems``): fixture name -> the running server.
-LAZY_SERVERS: dict[str, Server | None] = {"sites_server": None}
+LAZY_SERVERS: dict[str, Server | None] = {"sites_server": None, "max_p_server": None}
 
 
 @pytest.fixture(scope="session")
@@ -239,6 +243,20 @@ def sites_server(tmp_path_factory, demo_model):
                           tmp_path_factory.mktemp("sites"), env={"VLLM_PLUGINS": "sparsity"},
                           api_key=API_KEY)
     LAZY_SERVERS["sites_server"] = server
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def max_p_server(tmp_path_factory, demo_model):
+    """The demo model under max-p at p = 0.5 (torch backend: auto's pick for max-p), the route on,
+    API key set (``test_rollback.py``). Stopped after its last user, as ``sites_server``."""
+    server = start_server("max-p", ["--sparsity-p", "0.5", "--sparsity-rule", "max-p"],
+                          tmp_path_factory.mktemp("max_p"), env={"VLLM_PLUGINS": "sparsity"},
+                          api_key=API_KEY)
+    LAZY_SERVERS["max_p_server"] = server
     try:
         yield server.wait_ready()
     finally:

@@ -1,30 +1,15 @@
-"""Served (uses ``dense_server`` and its own ``max_p_server``): a runtime rollback reaches the
-dense model under every rule. Under max-p, p = 1 keeps only each row's largest entries; its
+"""Served (``dense_server`` and ``max_p_server``, see conftest.py): a runtime rollback reaches
+the dense model under every rule. Under max-p, p = 1 keeps only each row's largest entries; its
 keep-everything p is 0 (``rule.KEEP_ALL_P``), which the route takes under max-p only. After
 ``POST {"p": 0}`` the greedy text and top logprobs equal the plugin-off server's (torch backend:
 the rule keeps every nonzero, then the layer's own GEMM)."""
 
 from __future__ import annotations
 
-import pytest
 import requests
-
-from conftest import API_KEY, start_server
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 MAX_TOKENS = 16
-
-
-@pytest.fixture(scope="module")
-def max_p_server(tmp_path_factory, demo_model):
-    """The demo model under max-p at p = 0.5 (torch backend: auto's pick for max-p), the route on."""
-    server = start_server("max-p", ["--sparsity-p", "0.5", "--sparsity-rule", "max-p"],
-                          tmp_path_factory.mktemp("max_p"), env={"VLLM_PLUGINS": "sparsity"},
-                          api_key=API_KEY)
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
 
 
 def test_max_p_rolls_back_to_the_dense_model_at_runtime(max_p_server, dense_server):
