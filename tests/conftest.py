@@ -253,7 +253,8 @@ def sites_server(tmp_path_factory, demo_model):
 def max_p_server(tmp_path_factory, demo_model):
     """The demo model under max-p at p = 0.5 (torch backend: auto's pick for max-p), the route on,
     API key set (``test_rollback.py``). Stopped after its last user, as ``sites_server``."""
-    server = start_server("max-p", ["--sparsity-p", "0.5", "--sparsity-rule", "max-p"],
+    server = start_server("max-p", ["--sparsity-p", "0.5", "--sparsity-rule", "max-p",
+                                    "--max-num-seqs", "8"],  # smaller warm-up: a third server
                           tmp_path_factory.mktemp("max_p"), env={"VLLM_PLUGINS": "sparsity"},
                           api_key=API_KEY)
     LAZY_SERVERS["max_p_server"] = server
