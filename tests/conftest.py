@@ -230,6 +230,18 @@ def dense_server(_servers) -> Server:
 LAZY_SERVERS: dict[str, Server | None] = {"sites_server": None, "max_p_server": None}
 
 
+def _lazy_server(fixture: str, name: str, args: list[str], tmp_path_factory):
+    """A ``LAZY_SERVERS`` server (plugin on, the routes on, API key set): started, recorded under
+    ``fixture`` so that ``pytest_runtest_teardown`` stops it after its last user, yielded ready."""
+    server = start_server(name, args, tmp_path_factory.mktemp(name),
+                          env={"VLLM_PLUGINS": "sparsity"}, api_key=API_KEY)
+    LAZY_SERVERS[fixture] = server
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def sites_server(tmp_path_factory, demo_model):
     """Plugin on at p = 1 with every site installed (``--sparsity-target input,gate,up,
@@ -238,30 +250,18 @@ def sites_server(tmp_path_factory, demo_model):
     one: beside the session's two servers it would not fit in a 24 GiB machine for long."""
     from vllm_sparsity.eval.analyze import ANALYSIS_SERVE_FLAGS
 
-    server = start_server("sites", ["--sparsity-p", "1.0", "--sparsity-target", ",".join(SITES),
-                                    "--max-num-seqs", "8", *ANALYSIS_SERVE_FLAGS],
-                          tmp_path_factory.mktemp("sites"), env={"VLLM_PLUGINS": "sparsity"},
-                          api_key=API_KEY)
-    LAZY_SERVERS["sites_server"] = server
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
+    yield from _lazy_server("sites_server", "sites", [
+        "--sparsity-p", "1.0", "--sparsity-target", ",".join(SITES), "--max-num-seqs", "8",
+        *ANALYSIS_SERVE_FLAGS], tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def max_p_server(tmp_path_factory, demo_model):
     """The demo model under max-p at p = 0.5 (torch backend: auto's pick for max-p), the route on,
     API key set (``test_rollback.py``). Stopped after its last user, as ``sites_server``."""
-    server = start_server("max-p", ["--sparsity-p", "0.5", "--sparsity-rule", "max-p",
-                                    "--max-num-seqs", "8"],  # smaller warm-up: a third server
-                          tmp_path_factory.mktemp("max_p"), env={"VLLM_PLUGINS": "sparsity"},
-                          api_key=API_KEY)
-    LAZY_SERVERS["max_p_server"] = server
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
+    yield from _lazy_server("max_p_server", "max_p", [
+        "--sparsity-p", "0.5", "--sparsity-rule", "max-p",
+        "--max-num-seqs", "8"], tmp_path_factory)  # a smaller warm-up: a third server
 
 
 def pytest_runtest_teardown(item, nextitem):

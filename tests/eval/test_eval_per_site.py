@@ -8,6 +8,7 @@ import json
 import threading
 from http.server import ThreadingHTTPServer
 from importlib.util import find_spec
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,6 +142,21 @@ CORRECT = {  # documents right at each point (of the first 40, the dense point's
     "input=0.9,intermediate=0.3": 39}
 
 
+def write_piqa_point(point: Path, docs) -> None:
+    """lm-eval's result and samples files of one point scoring piqa, as ``sweep`` reads them:
+    ``docs`` [n] 1 for a document answered right, 0 otherwise."""
+    run_dir = point / "lm_eval" / "m"
+    run_dir.mkdir(parents=True)
+    acc = float(docs.mean())
+    (run_dir / "results_2026-12-01T00-00-00.json").write_text(json.dumps({"results": {
+        "olmo_piqa": {"acc,none": acc, "acc_stderr,none": 0.1, "acc_norm,none": acc,
+                      "acc_norm_stderr,none": 0.1}}}))
+    (run_dir / "samples_olmo_piqa_2026-12-01T00-00-00.jsonl").write_text("".join(
+        json.dumps({"doc_id": d, "filter": "none", "acc": v, "acc_norm": v,
+                    "resps": [[[-1.0 - (1 - v), bool(v)]]]}) + "\n"
+        for d, v in enumerate(docs)))
+
+
 def fake_lm_eval(scored):
     """``sweep._score`` writing lm-eval's files for piqa: ``CORRECT`` documents right."""
     from vllm_sparsity.config import describe_p
@@ -151,16 +167,7 @@ def fake_lm_eval(scored):
             scored.append((describe_p(p), per_request))
             docs = np.zeros(N_DOCS)
             docs[:CORRECT[describe_p(p)]] = 1
-            run_dir = point_dir(out, p) / "lm_eval" / "m"
-            run_dir.mkdir(parents=True)
-            acc = float(docs.mean())
-            (run_dir / "results_2026-12-01T00-00-00.json").write_text(json.dumps({"results": {
-                "olmo_piqa": {"acc,none": acc, "acc_stderr,none": 0.1, "acc_norm,none": acc,
-                              "acc_norm_stderr,none": 0.1}}}))
-            (run_dir / "samples_olmo_piqa_2026-12-01T00-00-00.jsonl").write_text("".join(
-                json.dumps({"doc_id": d, "filter": "none", "acc": v, "acc_norm": v,
-                            "resps": [[[-1.0 - (1 - v), bool(v)]]]}) + "\n"
-                for d, v in enumerate(docs)))
+            write_piqa_point(point_dir(out, p), docs)
             walls.append(1.0)
         return walls
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from test_eval_errors import MODEL_ROOT, FakeVLLM, run
+from test_eval_per_site import write_piqa_point
 from vllm_sparsity import rule as rule_mod
 from vllm_sparsity.config import P_MIN
 from vllm_sparsity.eval import convert, search, stats
@@ -155,16 +156,7 @@ def fake_lm_eval(scored):
             scored.append((point_name(p), server.url, per_request))
             docs = np.zeros(50)
             docs[:RIGHT[point_name(p)]] = 1
-            run_dir = point_dir(out, p) / "lm_eval" / "m"
-            run_dir.mkdir(parents=True)
-            acc = float(docs.mean())
-            (run_dir / "results_2026-12-01T00-00-00.json").write_text(json.dumps({"results": {
-                "olmo_piqa": {"acc,none": acc, "acc_stderr,none": 0.1, "acc_norm,none": acc,
-                              "acc_norm_stderr,none": 0.1}}}))
-            (run_dir / "samples_olmo_piqa_2026-12-01T00-00-00.jsonl").write_text("".join(
-                json.dumps({"doc_id": d, "filter": "none", "acc": v, "acc_norm": v,
-                            "resps": [[[-1.0 - (1 - v), bool(v)]]]}) + "\n"
-                for d, v in enumerate(docs)))
+            write_piqa_point(point_dir(out, p), docs)
         return [1.0] * len(ps)
 
     return score
