@@ -113,6 +113,13 @@ class FakeRoute(FakeVLLM):
     GET counts 1000 activations per site, zeroing ``site_sparsity`` of them at the current p."""
 
     p, target, posts, counts = 1.0, "all_inputs", [], {}
+    # What a subclass (another rule's server) changes: the GET answer's fields, and the
+    # activations zeroed of every 1000 at p.
+    rule, request_p, extra = "top-p", {"applied": True, "counters": {}}, {"serving": SERVING}
+
+    @staticmethod
+    def zeroed(p: float) -> int:
+        return round(1000 * (1 - p))
 
     def do_GET(self):  # noqa: N802
         if self.path != "/v1/sparsity":
@@ -121,12 +128,11 @@ class FakeRoute(FakeVLLM):
         for site in ("input", "intermediate"):
             p = cls.p[site] if isinstance(cls.p, dict) else cls.p
             zeroed, total = cls.counts.get(site, (0, 0))
-            cls.counts[site] = (zeroed + round(1000 * (1 - p)), total + 1000)
+            cls.counts[site] = (zeroed + cls.zeroed(p), total + 1000)
         layers = [{"layer": 0, "site": s, "zeroed": z, "total": t}
                   for s, (z, t) in cls.counts.items()]
-        return self.reply(200, {"p": cls.p, "target": cls.target, "rule": "top-p", "q": None,
-                                "layers": layers, "request_p": {"applied": True, "counters": {}},
-                                "serving": SERVING})
+        return self.reply(200, {"p": cls.p, "target": cls.target, "rule": cls.rule, "q": None,
+                                "layers": layers, "request_p": cls.request_p, **cls.extra})
 
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))

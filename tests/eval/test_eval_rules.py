@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from test_eval_errors import MODEL_ROOT, FakeVLLM, run
-from test_eval_per_site import write_piqa_point
+from test_eval_per_site import FakeRoute, write_piqa_point
 from vllm_sparsity import rule as rule_mod
 from vllm_sparsity.config import P_MIN
 from vllm_sparsity.eval import convert, search, stats
@@ -122,30 +122,16 @@ def test_max_p_search_starts_dense_then_sparsest_and_brackets_the_grids_answer()
 RIGHT = {"dense": 40, "0.3": 40, "0.6": 40, "0.8": 36, "1": 20}  # of 50 documents
 
 
-class MaxPRoute(FakeVLLM):
+class MaxPRoute(FakeRoute):
     """A max-p server's control route: POST sets p; each GET counts 1000 activations per site and
     zeroes 900 * p of them (sparsity grows with p, as for max-p)."""
 
     p, target, posts, counts = 1.0, "all_inputs", [], {}
+    rule, request_p, extra = "max-p", {"applied": False}, {}
 
-    def do_GET(self):  # noqa: N802
-        if self.path != "/v1/sparsity":
-            return FakeVLLM.do_GET(self)
-        cls = type(self)
-        for site in ("input", "intermediate"):
-            zeroed, total = cls.counts.get(site, (0, 0))
-            cls.counts[site] = (zeroed + round(900 * cls.p), total + 1000)
-        layers = [{"layer": 0, "site": s, "zeroed": z, "total": t}
-                  for s, (z, t) in cls.counts.items()]
-        return self.reply(200, {"p": cls.p, "target": cls.target, "rule": "max-p", "q": None,
-                                "layers": layers, "request_p": {"applied": False}})
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-        cls = type(self)
-        cls.posts.append(body)
-        cls.p, cls.target = body["p"], body["target"]
-        return self.reply(200, {"p": cls.p, "target": cls.target, "layers": []})
+    @staticmethod
+    def zeroed(p: float) -> int:
+        return round(900 * p)
 
 
 def fake_lm_eval(scored):
