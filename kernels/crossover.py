@@ -13,8 +13,13 @@ no constant serves every machine. ``decide_for(wt, dense)`` finds it:
   supports make the union of kept rows grow as ``1 - s^M``, faster than real activations, whose
   heavy channels are shared by the rows: the measured sparse time is an upper bound there.
 - Timing: alternating rounds (dense then sparse, then sparse then dense, ...) of samples that each
-  loop calls for at least ``SAMPLE_S``; per M the median over ``ROUNDS`` of the per-round ratio
-  sparse / dense (paired, so that load from other processes cancels out).
+  sum calls for at least ``SAMPLE_S`` (at most ``SAMPLE_CALLS`` calls); per M the median over
+  ``ROUNDS`` of the per-round ratio sparse / dense (paired, so that load from other processes
+  cancels out). Every call starts with cold caches (``CacheEvictor``: a read of twice the
+  last-level cache, untimed), as in serving, where each layer's weights are evicted by the other
+  layers' before its next call. Called back to back on one weight, the sparse kernel's kept rows
+  (a share 1 - s of it) stay in a large L3 where the whole dense weight does not, which favoured
+  the sparse path by up to 1.5x on a 32 MB L3 and layer weights of 32-64 MB.
 - Decision: the largest M such that the sparse kernel was faster (median ratio < 1) at every
   M' <= M; 0 when it loses at M = 1. Timing stops at the first M where it loses: the op's policy
   is a prefix (``M <= m_max`` takes the sparse path), so a later win could not be used.
@@ -54,10 +59,11 @@ logger = logging.getLogger("vllm.vllm_sparsity")  # under vLLM's handler and for
 EXPECTED_SPARSITY = 0.5
 ROUNDS = 5  # timing rounds per M (odd: the median is one of them)
 SAMPLE_S = 0.005  # seconds of calls per timing sample (clock resolution, call overhead)
+SAMPLE_CALLS = 8  # at most this many calls per sample (each call pays an untimed cache eviction)
 ENV = "VLLM_SPARSITY_CPU_M_MAX"
 CACHE_FILE = "cpu_crossover.json"
 # Bump when the measurement changes (inputs, timing, decision): older entries then miss.
-METHOD = 1
+METHOD = 3
 # The kernels' sources (a change invalidates the cached decisions).
 SOURCES = sorted((Path(__file__).resolve().parent / "cpu").glob("*.[ch]*"))
 
@@ -122,16 +128,65 @@ def sparse_inputs(m: int, k: int, dtype: torch.dtype, sparsity: float,
     return x.to(dtype)
 
 
+def last_level_cache_bytes() -> int:
+    """Size in bytes of the largest CPU cache sysfs lists for CPU 0
+    (``/sys/devices/system/cpu/cpu0/cache/index*/size``, e.g. "32768K"); 0 where none is listed."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        m = re.fullmatch(r"(\d+)([KMG]?)", f.read_text().strip())
+        if m:
+            sizes.append(int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2)])
+    return max(sizes, default=0)
+
+
+class CacheEvictor:
+    """``evict()`` reads a buffer of twice the last-level cache (``last_level_cache_bytes``; 64 MiB
+    where sysfs lists none), which leaves mostly its own clean lines in the caches: the next call
+    reads its weights from memory, as in serving.
+
+    Not perfectly cold: on a Zen 5 with a 32 MB L3, a 1B-shaped gate_up_proj's kept rows (26 MB)
+    took 0.6-0.8 ms a call after one read, 0.83 ms rotating over four copies of the weight,
+    0.94-0.99 ms after two reads. Two reads were tried in the crossover and sent M = 2 of that
+    model's down_proj to the dense GEMM, where serving showed the sparse path paying (2 streams:
+    x1.12, against x1.28 with one read); the crossover's inputs are already conservative (s = 0.5
+    on random supports, below real sites' sparsity and overlap). Results:
+    kernels/bench/results/cpu-amd-epyc-zen5-avx512bf16-2026-12-08/."""
+
+    FALLBACK_BYTES = 32 << 20
+
+    def __init__(self) -> None:
+        llc = last_level_cache_bytes() or self.FALLBACK_BYTES
+        self.buffer = torch.ones(2 * llc // 4, dtype=torch.float32)
+
+    def evict(self) -> None:
+        self.buffer.sum()
+
+
+def timed_cold(fn: Callable[[], object], evictor: CacheEvictor, sample_s: float = SAMPLE_S,
+               max_calls: int = SAMPLE_CALLS) -> float:
+    """Seconds per call of ``fn``, each call after ``evictor.evict()`` (untimed): calls are summed
+    until ``sample_s`` or ``max_calls``."""
+    elapsed, calls = 0.0, 0
+    while elapsed < sample_s and calls < max_calls:
+        evictor.evict()
+        t0 = time.perf_counter()
+        fn()
+        elapsed += time.perf_counter() - t0
+        calls += 1
+    return elapsed / calls
+
+
 class LayerTimer:
     """The real ``Timer`` of one layer: ``cpu_input_sparse_gemv`` on its K-major copy ``wt`` [K, N]
-    against ``dense(x, None)``, on ``sparse_inputs`` at ``sparsity``. One call per path and M warms
-    up before its first sample."""
+    against ``dense(x, None)``, on ``sparse_inputs`` at ``sparsity``, with cold caches
+    (``timed_cold``). One call per path and M warms up before its first sample."""
 
     def __init__(self, wt: torch.Tensor, dense: Callable[[torch.Tensor, None], torch.Tensor],
                  sparsity: float = EXPECTED_SPARSITY, sample_s: float = SAMPLE_S):
         self.wt, self.dense, self.sparsity, self.sample_s = wt, dense, sparsity, sample_s
         self.p = torch.ones(1, dtype=torch.float64)  # keeps every nonzero: exactly 1 - s per row
         self.x: dict[int, torch.Tensor] = {}
+        self.evictor = CacheEvictor()
 
     def _fn(self, path: str, m: int) -> Callable[[], object]:
         if m not in self.x:
@@ -144,14 +199,7 @@ class LayerTimer:
         return lambda: torch.ops.vllm_sparsity.cpu_input_sparse_gemv(x, self.p, self.wt, None)
 
     def __call__(self, path: str, m: int) -> float:
-        fn = self._fn(path, m)
-        calls, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            calls += 1
-            elapsed = time.perf_counter() - t0
-            if elapsed >= self.sample_s:
-                return elapsed / calls
+        return timed_cold(self._fn(path, m), self.evictor, self.sample_s)
 
 
 def cpu_identity() -> tuple[str, str]:

@@ -198,6 +198,17 @@ def test_bad_arguments_are_named():
         ops.cpu_input_sparse_gemv(activations(17, K, torch.bfloat16), ptensor(0.5), wt, None)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kmajor_weight_is_the_transpose_in_2mib_aligned_memory(dtype):
+    w, _ = weights(dtype, n=N, k=K)
+    wt = ops.cpu_kmajor_weight(w[:, 1:])  # a strided view: the copy reads it through its strides
+    assert wt.dtype == dtype and wt.shape == (K - 1, N) and wt.is_contiguous()
+    assert torch.equal(wt, w[:, 1:].t())
+    assert wt.data_ptr() % (2 << 20) == 0  # huge-page aligned, what madvise needs
+    with pytest.raises(RuntimeError, match=r"w must be a 2-D weight \[N, K\]"):
+        ops.cpu_kmajor_weight(w[0])
+
+
 def prepared_layer(dtype, n=N, k=K):
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
@@ -213,6 +224,7 @@ def test_backend_both_batch_paths(dtype):
     layer, w = prepared_layer(dtype)
     # The K-major copy, beside vLLM's own dense weight (packed, or plain [N, K] for its fallback).
     assert layer.sparsity_wt.shape == (K, N) and layer.sparsity_wt.is_contiguous()
+    assert torch.equal(layer.sparsity_wt, w.t()) and layer.sparsity_wt.data_ptr() % (2 << 20) == 0
     assert layer.weight.numel() == 0 or layer.weight.stride() == (K, 1)
     x = edge_batch(M_MAX + 3, K, dtype, seed=7)
     for m in (1, M_MAX, M_MAX + 1, M_MAX + 3):  # sparse GEMV, then the rule + vLLM's dense GEMM

@@ -194,6 +194,33 @@ def test_real_measurement_returns_a_valid_m_and_caches_it(fresh_cache, monkeypat
     assert all(r > 0 for r in entry["ratios"].values())
 
 
+def test_every_timed_call_starts_after_an_eviction(monkeypatch):
+    events = []
+
+    class Evictor:
+        def evict(self):
+            events.append("evict")
+
+    ticks = iter(range(100))
+    monkeypatch.setattr(crossover.time, "perf_counter", lambda: next(ticks) * 1e-3)
+    per_call = crossover.timed_cold(lambda: events.append("call"), Evictor(), sample_s=1.0,
+                                    max_calls=3)
+    assert events == ["evict", "call"] * 3  # at most max_calls, each after its eviction
+    assert per_call == pytest.approx(1e-3)  # only the calls are timed (one tick each)
+    events.clear()
+    crossover.timed_cold(lambda: events.append("call"), Evictor(), sample_s=2.5e-3, max_calls=8)
+    assert events == ["evict", "call"] * 3  # stops once the sample lasts sample_s
+
+
+def test_the_evictor_reads_twice_the_last_level_cache():
+    llc = crossover.last_level_cache_bytes()
+    sizes = [f.read_text().strip() for f in
+             crossover.Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size")]
+    assert llc > 0, f"sysfs lists no cache sizes here ({sizes})"
+    assert f"{llc >> 10}K" in sizes or f"{llc >> 20}M" in sizes
+    assert crossover.CacheEvictor().buffer.nbytes == 2 * llc
+
+
 def test_the_backend_reports_how_each_layers_crossover_was_decided(monkeypatch):
     timer = lambda wt, dense, s: FakeTimer(lambda m: 0.5 if m <= 3 else 2.0)  # noqa: E731
     assert cpu_backend.crossover_of(prepared_layer(timer, monkeypatch)) == {
