@@ -129,14 +129,29 @@ def sparse_inputs(m: int, k: int, dtype: torch.dtype, sparsity: float,
 
 
 def last_level_cache_bytes() -> int:
-    """Size in bytes of the largest CPU cache sysfs lists for CPU 0
-    (``/sys/devices/system/cpu/cpu0/cache/index*/size``, e.g. "32768K"); 0 where none is listed."""
-    sizes = []
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        m = re.fullmatch(r"(\d+)([KMG]?)", f.read_text().strip())
-        if m:
-            sizes.append(int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2)])
-    return max(sizes, default=0)
+    """Bytes of last-level cache the CPUs this process may run on use: for each of them (its
+    affinity), the highest-level cache sysfs lists (``/sys/devices/system/cpu/cpuN/cache/index*/``
+    ``level``, ``size`` e.g. "32768K", ``shared_cpu_list``), summed once per distinct cache (a CPU
+    with several L3s, or sockets, spreads a multi-threaded read over all of them); 0 where sysfs
+    lists none."""
+    caches: dict[tuple[int, str], int] = {}
+    for cpu in sorted(os.sched_getaffinity(0)):
+        found = []
+        for d in Path(f"/sys/devices/system/cpu/cpu{cpu}/cache").glob("index*"):
+            try:
+                level = int((d / "level").read_text())
+                m = re.fullmatch(r"(\d+)([KMG]?)", (d / "size").read_text().strip())
+                shared = (d / "shared_cpu_list").read_text().strip()
+            except (OSError, ValueError):
+                continue
+            if m:
+                found.append((level, shared,
+                              int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2)]))
+        if found:
+            level, shared, size = max(found)
+            caches[(level, shared)] = size
+    top = max((level for level, _ in caches), default=0)
+    return sum(size for (level, _), size in caches.items() if level == top)
 
 
 class CacheEvictor:

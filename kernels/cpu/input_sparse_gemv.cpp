@@ -17,7 +17,8 @@
 //   cpu_input_sparse_gemv(x, p, wt, bias) -> (y [M, N], kept int64 [M], rows_read int64 [1]),
 //     M <= kMaxM (16) rows; the crossover (kernels/crossover.py) picks the M it serves.
 //   cpu_input_sparse_gemv_max_rows() -> kMaxM.
-//   cpu_kmajor_weight(w [N, K]) -> Wt [K, N]: the GEMV's weight layout (below), contiguous, in its
+//   cpu_kmajor_weight(w [N, K]) -> Wt [K, N] of w's dtype: the GEMV's weight layout (below),
+//     contiguous (w: any dense 2-D CPU tensor, else an error naming it), in its
 //     own 2 MiB-aligned allocation advised MADV_HUGEPAGE (a no-op where transparent huge pages are
 //     off: the copy is then in 4 KB pages).
 //
@@ -25,10 +26,10 @@
 // a dropped input skips one whole contiguous row. The kept rows of all M rows (their union) are
 // read once; each output row uses only its own kept entries (the others are multiplied as zeros).
 // Threads split N into equal column chunks (at::parallel_for); within a chunk the fp32
-// accumulators [M, chunk] stay in L1 and the kept weight rows stream through in groups of 8: every
-// group's slice is contiguous (1-16 KB per row), each weight vector is loaded and converted once
-// for all M rows; the current rows are prefetched a few lines ahead into L1 and the next group's
-// slice into L2 while the current one is summed.
+// accumulators [M, chunk] stay in L1 and the kept weight rows stream through in groups of 8:
+// every group's slice is contiguous (up to 16 KB per row in bf16/fp16, 32 KB in fp32), each
+// weight vector is loaded and converted once for all M rows; the current rows are prefetched a
+// few lines ahead into L1 and the next group's slice into L2 while the current one is summed.
 // Memory bandwidth bounds decode, so the time tracks the kept share of the rows. The K-major copy
 // lives in 2 MiB-aligned memory advised for transparent huge pages (cpu_kmajor_weight): kept rows
 // are scattered over the whole weight, and with 4 KB pages every few KB of a row starts on a page
@@ -58,6 +59,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -146,10 +148,12 @@ constexpr int64_t acc_index(int64_t q) {
 // each vector of weights is loaded and converted once, then FMA'd into all M rows (xg [kGroup, M]:
 // the inputs each row multiplies). Two prefetches per line read: the current rows kAhead lines
 // ahead into L1 (T0), and next, the following group's rows (nullptr when there is none), at the
-// same offset into L2 (T1: a group is kGroup rows of up to 16 KB ahead, more than L1 holds beside
-// the accumulators). With cold caches, as in serving, the pair took the kernel from about 70% to
-// 85-95% of the dense GEMM's bandwidth on one core (next group alone into L1 (NTA): the 70%; results:
-// kernels/bench/results/cpu-amd-epyc-zen5-avx512bf16-2026-12-08/).
+// same offset into L2 (T1: a group is kGroup rows of up to 16-32 KB ahead, more than L1 holds
+// beside the accumulators). With cold caches, as in serving, these prefetches and the huge pages of
+// the K-major copy (cpu_kmajor_weight) together took the kernel at M = 1 from 0.58 / 0.39 / 0.61 /
+// 0.58 of oneDNN's time to 0.40 / 0.27 / 0.50 / 0.53 on one Zen 5 core (Llama-3.2-1B gate_up_proj
+// and down_proj, Llama-3.1-8B's; the next group alone into L1 (NTA) was the first; each step's
+// share: kernels/bench/results/cpu-amd-epyc-zen5-avx512bf16-2026-12-08/README.md).
 template <typename T>
 inline void group_pass(float* acc, int64_t cols, const T* const* rows, const T* const* next,
                        const float* xg, int64_t M) {
@@ -276,9 +280,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_sparse_gemv(
     const int64_t padded = (nk + kGroup - 1) / kGroup * kGroup;
     std::fill(idx.begin() + nk, idx.end(), -1);  // slot nk may hold a dropped k
     if (M == 0 || N == 0) return;
-    // Column chunks: every thread gets the same number of equal chunks (a multiple of the vector
-    // width), each as wide as the accumulator budget allows, so that every kept weight row streams
-    // in runs of up to kAccFloats / M columns.
+    // Column chunks: every thread gets the same number of equal chunks (a multiple of kBlock
+    // columns), each as wide as the accumulator budget allows, so that every kept weight row
+    // streams in runs of up to kAccFloats / M columns.
     const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
                                                                    (N + kLanes - 1) / kLanes));
     const int64_t per_thread = (N + threads - 1) / threads;
@@ -303,16 +307,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_sparse_gemv(
 int64_t max_rows() { return kMaxM; }
 
 at::Tensor kmajor_weight(const at::Tensor& w) {
-  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2, "w must be a 2-D weight [N, K] on the CPU, got ",
-              w.sizes(), " on ", w.device());
+  TORCH_CHECK(w.device().is_cpu() && w.layout() == at::kStrided && w.dim() == 2,
+              "w must be a dense 2-D weight [N, K] on the CPU, got ", w.sizes(), " ", w.layout(),
+              " on ", w.device());
   constexpr size_t kHuge = size_t(2) << 20;  // x86-64's transparent huge page
   const size_t bytes = static_cast<size_t>(w.numel()) * w.element_size();
   const size_t padded = std::max<size_t>(1, (bytes + kHuge - 1) / kHuge) * kHuge;
-  void* mem = std::aligned_alloc(kHuge, padded);
+  std::unique_ptr<void, decltype(&std::free)> mem(std::aligned_alloc(kHuge, padded), &std::free);
   TORCH_CHECK(mem != nullptr, "cpu_kmajor_weight: out of memory allocating ", padded, " bytes");
-  madvise(mem, padded, MADV_HUGEPAGE);  // advice: refused (THP off) leaves 4 KB pages
-  at::Tensor wt = at::from_blob(mem, {w.size(1), w.size(0)}, [](void* q) { std::free(q); },
+  madvise(mem.get(), padded, MADV_HUGEPAGE);  // advice: refused (THP off) leaves 4 KB pages
+  at::Tensor wt = at::from_blob(mem.get(), {w.size(1), w.size(0)}, [](void* q) { std::free(q); },
                                 w.options());
+  mem.release();  // owned by wt's deleter from here
   wt.copy_(w.t());
   return wt;
 }

@@ -205,8 +205,10 @@ def test_kmajor_weight_is_the_transpose_in_2mib_aligned_memory(dtype):
     assert wt.dtype == dtype and wt.shape == (K - 1, N) and wt.is_contiguous()
     assert torch.equal(wt, w[:, 1:].t())
     assert wt.data_ptr() % (2 << 20) == 0  # huge-page aligned, what madvise needs
-    with pytest.raises(RuntimeError, match=r"w must be a 2-D weight \[N, K\]"):
+    with pytest.raises(RuntimeError, match=r"w must be a dense 2-D weight \[N, K\]"):
         ops.cpu_kmajor_weight(w[0])
+    with pytest.raises(RuntimeError, match=r"cpu_kmajor_weight.*SparseCPU"):  # the dispatcher
+        ops.cpu_kmajor_weight(w.to_sparse())
 
 
 def prepared_layer(dtype, n=N, k=K):

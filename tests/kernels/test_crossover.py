@@ -212,13 +212,41 @@ def test_every_timed_call_starts_after_an_eviction(monkeypatch):
     assert events == ["evict", "call"] * 3  # stops once the sample lasts sample_s
 
 
-def test_the_evictor_reads_twice_the_last_level_cache():
+def fake_cache(root, cpu, index, level, size, shared):
+    d = root / f"cpu{cpu}" / "cache" / f"index{index}"
+    d.mkdir(parents=True)
+    (d / "level").write_text(f"{level}\n")
+    (d / "size").write_text(f"{size}\n")
+    (d / "shared_cpu_list").write_text(f"{shared}\n")
+
+
+def test_the_last_level_caches_of_the_process_cpus_are_summed_once_each(tmp_path, monkeypatch):
+    # 4 CPUs, two L3s of 32 MiB (CPUs 0-1 and 2-3), private L2s: the process may run on 0, 1, 2.
+    for cpu in range(4):
+        fake_cache(tmp_path, cpu, 2, 2, "1024K", str(cpu))
+        fake_cache(tmp_path, cpu, 3, 3, "32768K", "0-1" if cpu < 2 else "2-3")
+    real_path = crossover.Path
+    monkeypatch.setattr(crossover, "Path", lambda p: real_path(
+        str(p).replace("/sys/devices/system/cpu", str(tmp_path))))
+    monkeypatch.setattr(crossover.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert crossover.last_level_cache_bytes() == 64 << 20
+    monkeypatch.setattr(crossover.os, "sched_getaffinity", lambda pid: {1})
+    assert crossover.last_level_cache_bytes() == 32 << 20
+    monkeypatch.setattr(crossover.os, "sched_getaffinity", lambda pid: {7})  # nothing listed
+    assert crossover.last_level_cache_bytes() == 0
+    assert crossover.CacheEvictor().buffer.nbytes == 2 * crossover.CacheEvictor.FALLBACK_BYTES
+
+
+def test_the_evictor_reads_twice_this_machines_last_level_cache():
     llc = crossover.last_level_cache_bytes()
-    sizes = [f.read_text().strip() for f in
-             crossover.Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size")]
-    assert llc > 0, f"sysfs lists no cache sizes here ({sizes})"
-    assert f"{llc >> 10}K" in sizes or f"{llc >> 20}M" in sizes
-    assert crossover.CacheEvictor().buffer.nbytes == 2 * llc
+    cpu0 = [f.read_text().strip() for f in
+            crossover.Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size")]
+    if llc == 0:  # sysfs lists no caches here: the fallback size, said by the assertion
+        assert cpu0 == [] and crossover.CacheEvictor().buffer.nbytes == \
+            2 * crossover.CacheEvictor.FALLBACK_BYTES
+    else:
+        assert llc >= max(int(s.rstrip("KM")) << (10 if s.endswith("K") else 20) for s in cpu0)
+        assert crossover.CacheEvictor().buffer.nbytes == 2 * llc
 
 
 def test_the_backend_reports_how_each_layers_crossover_was_decided(monkeypatch):
