@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import statistics
 import subprocess
@@ -110,13 +111,7 @@ def timed(fn, iters: int) -> float:
     now = clock if clock is not time.thread_time or torch.get_num_threads() == 1 else \
         time.process_time
     if evictor is not None:
-        total, calls = 0.0, min(iters, COLD_CALLS)
-        for _ in range(calls):
-            evictor.evict()
-            t0 = now()
-            fn()
-            total += now() - t0
-        return total / calls
+        return crossover.timed_cold(fn, evictor, math.inf, min(iters, COLD_CALLS), now)
     t0 = now()
     for _ in range(iters):
         fn()
